@@ -1,0 +1,152 @@
+"""Loading the base model and tokenizer, the way every stage does it.
+
+The base is loaded once per process: 4-bit NF4 with double quantisation (QLoRA) by default, or full precision
+with `model.quantization: none`. LoRA adapters train on top; nothing of the base is updated.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from align.recipe import DType, LoraConfig, ModelConfig, Quantization
+
+log = logging.getLogger(__name__)
+
+# For base models that ship no chat template: plain text, no new tokens (a base model has no trained
+# embeddings for tokens it never saw), and the assistant turn ends in the EOS token the model already knows
+# (nothing after it: a token after EOS is never generated, so training on it would only add noise).
+# The prompt rendered with add_generation_prompt is a token prefix of prompt + answer: the boundary falls
+# after "Assistant:", before the answer's leading space.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded as configured; the message names the setting to change."""
+
+
+def device() -> torch.device:
+    """This process's device under Accelerate (its GPU, or the CPU)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.compute_dtype != DType.auto:
+        return getattr(torch, cfg.compute_dtype.value)
+    if device().type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def precision_args(cfg: ModelConfig) -> dict[str, bool]:
+    """The trainer's mixed-precision flags, derived from the one compute dtype (TRL defaults bf16=True)."""
+    dtype = compute_dtype(cfg)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Tokenizer with a pad token and a chat template, so every stage renders prompts the same way."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if cfg.chat_template is not None:
+        template = Path(cfg.chat_template)
+        is_file = cfg.chat_template.endswith((".jinja", ".j2")) and template.is_file()
+        tokenizer.chat_template = template.read_text() if is_file else cfg.chat_template
+    elif tokenizer.chat_template is None:
+        log.info("%s has no chat template; using align's default User:/Assistant: template", cfg.name_or_path)
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        # Padding is masked out of attention and loss, so reusing EOS is safe; answers still end in a real EOS.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(cfg: ModelConfig):
+    """bitsandbytes NF4 config, or None for a full-precision base. Fails early, naming the setting to change."""
+    if cfg.quantization == Quantization.none:
+        return None
+    where = device().type
+    try:
+        import bitsandbytes  # noqa: F401  (only needed for 4-bit; importing align must not require it)
+    except ImportError as e:
+        raise ModelLoadError(
+            f"model.quantization=nf4 needs bitsandbytes, which cannot be imported here ({e}). "
+            "Install it (pip install bitsandbytes) or set model.quantization=none for a full-precision base."
+        ) from None
+    if where not in ("cuda", "cpu", "xpu"):
+        raise ModelLoadError(
+            f"4-bit NF4 is not available on this device ({where}). Set model.quantization=none to train on a "
+            "full-precision base."
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype(cfg),
+    )
+
+
+def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = False, model_class=None):
+    """The base model on this process's device, frozen and ready for LoRA (`prepare_model_for_kbit_training`
+    on 4-bit: norms in fp32, inputs that carry gradients through checkpointed layers)."""
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    quant = quantization_config(cfg)
+    kwargs = dict(
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=compute_dtype(cfg),
+        attn_implementation=cfg.attn_implementation,
+    )
+    if quant is not None:
+        # bitsandbytes quantises while loading, onto the device it is given: this process's device.
+        kwargs.update(quantization_config=quant, device_map={"": device()})
+    try:
+        model = model_class.from_pretrained(cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:  # not found / no access; a directory that is not a model
+        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from None
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.target_modules
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type=task_type,
+    )
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a prompt as every stage renders it: chat template plus the generation prompt."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)

@@ -1,0 +1,250 @@
+"""Recipe schema: one typed dataclass per section, loaded from YAML and `key=value` overrides by OmegaConf.
+
+A recipe file mirrors `Recipe` one to one. Every field carries its help text in `metadata["help"]`, which
+`align <stage> --help` prints. Stage sections hold the TRL config fields align sets defaults for (same names as
+in `trl.SFTConfig` etc., passed straight through by `trainer_kwargs`), a few align-only fields, and
+`trainer_args` for any other field of the TRL config class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A recipe or override that does not fit the schema; the message says where and how to fix it."""
+
+
+def doc(default: Any = MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with its help text; a list/dict/dataclass default is given as a factory."""
+    if callable(default) and not isinstance(default, Enum):
+        return field(default_factory=default, metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+class Quantization(Enum):
+    nf4 = "nf4"
+    none = "none"
+
+
+class DType(Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = doc(help="Hugging Face model id (e.g. Qwen/Qwen2.5-0.5B) or local model directory.")
+    revision: Optional[str] = doc(None, help="Hub revision (branch, tag or commit) to load; recorded in lineage.")
+    quantization: Quantization = doc(
+        Quantization.nf4,
+        help="nf4: 4-bit NormalFloat base with double quantisation (bitsandbytes; QLoRA). "
+        "none: full-precision base in compute_dtype.",
+    )
+    compute_dtype: DType = doc(
+        DType.auto,
+        help="Dtype of activations (and of the base weights when quantization=none). auto: bfloat16 on a GPU "
+        "that supports it, else float16 on GPU, float32 on CPU (CPUs without bf16 units run bf16 ~10x slower).",
+    )
+    attn_implementation: Optional[str] = doc(None, help="sdpa, eager, flash_attention_2, ...; None: transformers' default.")
+    chat_template: Optional[str] = doc(
+        None,
+        help="Jinja chat template (inline text or a .jinja file). None: the tokenizer's own, or align's plain "
+        "'User:/Assistant:' template when the base model has none.",
+    )
+    trust_remote_code: bool = doc(False, help="Allow model code from the hub repository to run.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = doc(16, help="Rank of the LoRA update; higher = more capacity and memory.")
+    alpha: int = doc(32, help="LoRA scaling numerator (update is scaled by alpha/r).")
+    dropout: float = doc(0.05, help="Dropout on the LoRA input.")
+    target_modules: str = doc(
+        "all-linear", help="'all-linear' (every linear layer but the output head) or comma-separated module names."
+    )
+
+
+@dataclass
+class Columns:
+    prompt: Optional[str] = doc(None, help="Column with the question/prompt. None: auto-detect (prompt, question, instruction, query).")
+    completion: Optional[str] = doc(None, help="Column with the answer. None: auto-detect (completion, answer, response, output).")
+    messages: Optional[str] = doc(None, help="Column with a conversation (list of {role, content}). None: auto-detect (messages, conversations).")
+
+
+@dataclass
+class DataFiles:
+    train: Optional[str] = doc(None, help="Training file: .jsonl, .json, .csv, .parquet, or a save_to_disk directory.")
+    eval: Optional[str] = doc(None, help="Held-out file in the same formats (optional; enables eval loss and answer accuracy).")
+
+
+@dataclass
+class DataConfig:
+    sft: DataFiles = doc(DataFiles, help="Question-answer pairs for the SFT stage.")
+    columns: Columns = doc(Columns, help="Which column holds which field; unset ones are auto-detected and logged.")
+    system_prompt: Optional[str] = doc(None, help="System message put before every prompt (same in every stage).")
+    skip_invalid: bool = doc(
+        False, help="Skip invalid or over-long rows (counted and logged by reason) instead of stopping at them."
+    )
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = doc(None, help="Run name; the run dir is <root>/<name>/<stage>. None: the recipe file's name.")
+    root: str = doc("runs", help="Directory that holds all runs.")
+    seed: int = doc(42, help="Seed for data order, LoRA init and sampling.")
+
+
+@dataclass
+class SFTStage:
+    # Optimisation (trl.SFTConfig fields)
+    learning_rate: float = doc(2e-4, help="Peak learning rate; LoRA tolerates ~10x the full fine-tuning rate.")
+    num_train_epochs: float = doc(1.0, help="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = doc(-1, help="Stop after this many optimizer steps; -1: run num_train_epochs.")
+    per_device_train_batch_size: int = doc(8, help="Sequences per device per forward pass.")
+    gradient_accumulation_steps: int = doc(1, help="Forward passes per optimizer step (effective batch = product).")
+    per_device_eval_batch_size: int = doc(16, help="Sequences per device per eval forward pass.")
+    lr_scheduler_type: str = doc("cosine", help="transformers scheduler name: cosine, linear, constant, ...")
+    warmup_steps: float = doc(0.03, help="Warm-up: a number of steps, or a fraction of all steps when < 1.")
+    weight_decay: float = doc(0.0, help="AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = doc(1.0, help="Gradient clipping norm.")
+    # Sequences
+    max_length: int = doc(
+        1024, help="Longest prompt+answer in tokens; longer rows are errors (or skipped and counted with data.skip_invalid)."
+    )
+    packing: bool = doc(False, help="Pack several examples into each max_length sequence (faster on short data).")
+    gradient_checkpointing: bool = doc(True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+    # Logging and saving
+    logging_steps: int = doc(10, help="Log loss and learning rate every N steps (metrics.jsonl, progress bar).")
+    eval_steps: Optional[int] = doc(None, help="Also evaluate every N steps; None: only before and after training.")
+    save_steps: int = doc(500, help="Write a resumable trainer checkpoint every N steps.")
+    save_total_limit: int = doc(2, help="Keep at most this many resumable trainer checkpoints.")
+    # align: greedy answers on held-out prompts, before and after training
+    eval_generations: int = doc(64, help="Held-out prompts answered greedily before and after training (0: none).")
+    max_new_tokens: int = doc(128, help="Longest generated answer in those evaluations.")
+    trainer_args: Dict[str, Any] = doc(dict, help="Any other trl.SFTConfig field, passed through (e.g. {neftune_noise_alpha: 5}).")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = doc(ModelConfig, help="Base model and how it is loaded.")
+    lora: LoraConfig = doc(LoraConfig, help="LoRA adapters trained on the frozen base.")
+    data: DataConfig = doc(DataConfig, help="Data files, column mapping and validation.")
+    run: RunConfig = doc(RunConfig, help="Where runs are written, and the seed.")
+    sft: Optional[SFTStage] = doc(None, help="Supervised fine-tuning stage (LoRA, loss on answers only).")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Recipe from a YAML file (or none: the schema's defaults) plus `key=value` overrides, type-checked."""
+    cfg = OmegaConf.structured(Recipe)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        cfg = _merge(cfg, lambda: OmegaConf.load(path), where=str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not key=value (e.g. sft.learning_rate=1e-4)")
+        cfg = _merge(cfg, lambda: OmegaConf.from_dotlist([item]), where=f"override {item!r}")
+    if cfg.run.name is None:
+        cfg.run.name = path.stem if path is not None else "align"
+    where = path or "command line"
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeError(
+            f"{where}: required value {missing[0]} is not set; add it to the recipe or pass {missing[0]}=..."
+        )
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:  # e.g. an interpolation that points nowhere
+        raise RecipeError(f"{where}: {e.full_key}: {e.msg}") from None
+
+
+def _merge(cfg, load, where: str):
+    try:
+        return OmegaConf.merge(cfg, load())
+    except ConfigKeyError as e:
+        hint = closest_key(e.full_key)
+        raise RecipeError(
+            f"{where}: unknown key '{e.full_key}'" + (f"; did you mean '{hint}'?" if hint else "")
+        ) from None
+    except MissingMandatoryValue as e:
+        raise RecipeError(f"{where}: {e.full_key}: {e.msg}") from None
+    except OmegaConfBaseException as e:
+        msg = getattr(e, "msg", str(e))
+        key = getattr(e, "full_key", None)
+        raise RecipeError(f"{where}: {key + ': ' if key else ''}{msg}") from None
+
+
+def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, dataclasses.Field, type | None]]:
+    """Every dotted key of the schema: (key, field, its dataclass type if it is a section), depth first."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        section = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+        keys.append((key, f, section))
+        if section is not None:
+            keys.extend(schema_keys(section, key + "."))
+    return keys
+
+
+def closest_key(key: str) -> str | None:
+    """The valid dotted key nearest to `key`, preferring keys under the same parent."""
+    valid = [k for k, _, _ in schema_keys()]
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = [k for k in valid if k.rsplit(".", 1)[0] == parent] if parent else valid
+    match = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6) or difflib.get_close_matches(
+        key, valid, n=1, cutoff=0.6
+    )
+    return match[0] if match else None
+
+
+def describe(section: str) -> str:
+    """Help text of one section's keys, for `align <stage> --help`."""
+    lines = []
+    for key, f, inner in schema_keys():
+        if key.split(".")[0] != section or inner is not None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required"
+        )
+        if isinstance(default, Enum):
+            default = default.value
+        lines.append(f"  {key} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def trainer_kwargs(stage: Any, trl_config_cls: type, **fixed: Any) -> dict[str, Any]:
+    """Keyword arguments for a TRL config class: the stage's fields that the class has (same names), then
+    `trainer_args`, then the values align itself must set (`fixed`), which `trainer_args` may not override."""
+    trl_fields = {f.name for f in dataclasses.fields(trl_config_cls)}
+    section = type(stage).__name__
+    kwargs = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.name in trl_fields}
+    for key, value in stage.trainer_args.items():
+        if key not in trl_fields:
+            hint = difflib.get_close_matches(key, sorted(trl_fields), n=1)
+            raise RecipeError(
+                f"{section}.trainer_args.{key}: not a field of {trl_config_cls.__name__}"
+                + (f"; did you mean '{hint[0]}'?" if hint else "")
+            )
+        if key in fixed:
+            raise RecipeError(f"{section}.trainer_args.{key}: align sets this itself; remove it from trainer_args")
+        kwargs[key] = value
+    kwargs.update(fixed)
+    return kwargs

@@ -1,0 +1,178 @@
+"""What every stage writes, in one place:
+
+    runs/<run>/<stage>/
+      config.yaml     the resolved recipe (file + overrides) the stage ran with
+      lineage.json    base model and its weights' identity, parent checkpoint, data files + sha256, git commit,
+                      package versions, seed, command, start and end time, final results
+      metrics.jsonl   one JSON object per logging step (the trainer's logs, plus align's own evaluations)
+      checkpoint/     the stage's output; it exists only once complete: written as checkpoint.tmp/, then renamed
+      trainer/        the trainer's resumable checkpoints
+
+Only the main process writes; the others only take part in saving the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from transformers import TrainerCallback
+
+from align.recipe import ModelConfig, Recipe, to_yaml
+
+PACKAGES = ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "omegaconf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(cfg: ModelConfig, model=None) -> dict[str, Any]:
+    """How to get these exact weights again: the sha256 of a local directory's weight files, or the hub
+    revision and the commit it resolved to."""
+    identity: dict[str, Any] = {"name_or_path": cfg.name_or_path, "revision": cfg.revision}
+    local = Path(cfg.name_or_path)
+    if local.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+            digest.update(sha256_of(file).encode())
+        identity["weights_sha256"] = digest.hexdigest()
+    elif model is not None:
+        identity["commit"] = getattr(model.config, "_commit_hash", None)
+    return identity
+
+
+def git_commit() -> dict[str, Any] | None:
+    """Commit of the align source that is running, and whether it had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True, check=True)  # noqa: E731
+        return {"commit": run("rev-parse", "HEAD").stdout.strip(), "dirty": bool(run("status", "--porcelain").stdout)}
+    except (OSError, subprocess.CalledProcessError):
+        return None  # installed from a wheel, or no git
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def complete_checkpoint(stage_dir: str | Path) -> Path | None:
+    """The stage's checkpoint if it was completed (renamed into place), else None."""
+    path = Path(stage_dir) / "checkpoint"
+    return path if path.is_dir() else None
+
+
+class RunDir:
+    def __init__(self, recipe: Recipe, stage: str):
+        self.recipe = recipe
+        self.stage = stage
+        self.path = Path(recipe.run.root) / recipe.run.name / stage
+        self.lineage: dict[str, Any] = {}
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    lineage_path = property(lambda self: self.path / "lineage.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    checkpoint_path = property(lambda self: self.path / "checkpoint")
+    trainer_dir = property(lambda self: self.path / "trainer")
+
+    def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None) -> None:
+        """Write config.yaml and the lineage known before training; a new run starts a new metrics.jsonl."""
+        if not _main_process():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(to_yaml(self.recipe))
+        self.metrics_path.write_text("")
+        for item in data:
+            item["sha256"] = sha256_of(item["path"])
+        self.lineage = {
+            "stage": self.stage,
+            "run": self.recipe.run.name,
+            "base_model": base_model,
+            "parent_checkpoint": parent,
+            "data": data,
+            "seed": self.recipe.run.seed,
+            "command": sys.argv,
+            "git": git_commit(),
+            "packages": package_versions(),
+            "start_time": _now(),
+            "end_time": None,
+        }
+        self._write_lineage()
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if _main_process():
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @contextlib.contextmanager
+    def checkpoint(self) -> Iterator[Path]:
+        """Yields a staging directory to save into; only if the block finishes is it renamed to checkpoint/.
+        A run killed while saving leaves checkpoint.tmp/, which nothing takes for a finished checkpoint."""
+        from accelerate import PartialState
+
+        staging = self.path / "checkpoint.tmp"
+        if _main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+        PartialState().wait_for_everyone()
+        yield staging
+        PartialState().wait_for_everyone()
+        if _main_process():
+            old = self.path / "checkpoint.old"
+            if self.checkpoint_path.exists():
+                self.checkpoint_path.rename(old)
+            staging.rename(self.checkpoint_path)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        if _main_process():
+            self.lineage.update(end_time=_now(), checkpoint=str(self.checkpoint_path), results=results)
+            self._write_lineage()
+
+    def _write_lineage(self) -> None:
+        self.lineage_path.write_text(json.dumps(self.lineage, indent=2) + "\n")
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every trainer log (loss, learning rate, eval metrics) to metrics.jsonl with its step."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})

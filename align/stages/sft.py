@@ -1,0 +1,146 @@
+"""Supervised fine-tuning: LoRA adapters on a frozen (4-bit NF4 by default) base, loss on the answers only.
+
+    align sft recipes/quickstart.yaml
+    align sft recipes/qwen2.5-0.5b.yaml sft.learning_rate=1e-4 lora.r=32
+    accelerate launch --config_file accelerate_config.yaml -m align sft recipes/quickstart.yaml
+
+TRL's SFTTrainer on conversational prompt-completion pairs: the chat template renders the prompt (with the
+generation prompt) and the answer, every prompt and template token gets label -100, and the loss is the mean NLL
+of the answer tokens, the end-of-turn EOS included. Before and after training the stage measures that loss on the
+held-out file and the exact-match accuracy of greedy answers (final number), and it writes the adapter and the
+tokenizer to runs/<run>/sft/checkpoint/, which loads with stock PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from align.data import load_qa
+from align.generation import generate
+from align.modeling import compute_dtype, load_model, load_tokenizer, lora_config, precision_args
+from align.recipe import Recipe, RecipeError, trainer_kwargs
+from align.rewards import final_answer_match
+from align.rundir import MetricsCallback, RunDir, model_identity
+
+log = logging.getLogger(__name__)
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Train, evaluate before and after, save; returns the results written to lineage.json."""
+    if recipe.sft is None:
+        raise RecipeError("the recipe has no sft section; add one (see recipes/quickstart.yaml)")
+    if recipe.data.sft.train is None:
+        raise RecipeError("data.sft.train is not set; point it at a file of question-answer pairs")
+    run_dir = RunDir(recipe, "sft")
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, reports = _load_data(recipe, tokenizer)
+    model = load_model(recipe.model, gradient_checkpointing=recipe.sft.gradient_checkpointing)
+    run_dir.start(base_model=model_identity(recipe.model, model), data=[r.summary() for r in reports])
+    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
+
+    before = _evaluate(trainer, held_out, recipe, "before")
+    train_output = trainer.train()
+    after = _evaluate(trainer, held_out, recipe, "after")
+
+    with run_dir.checkpoint() as staging:
+        trainer.save_model(str(staging))  # adapter (safetensors) + adapter_config.json + tokenizer
+    results = {"train_loss": train_output.training_loss, "before": before, "after": after,
+               "checkpoint": str(run_dir.checkpoint_path), "run_dir": str(run_dir.path)}
+    _write_samples(run_dir, before, after)
+    run_dir.finish(results)
+    return results
+
+
+def _load_data(recipe: Recipe, tokenizer):
+    """Validated train and held-out datasets (None when data.sft.eval is unset) and their reports."""
+    files = recipe.data.sft
+    train, report = load_qa(files.train, recipe.data, tokenizer, recipe.sft.max_length)
+    if files.eval is None:
+        return train, None, [report]
+    held_out, held_out_report = load_qa(files.eval, recipe.data, tokenizer, recipe.sft.max_length)
+    return train, held_out, [report, held_out_report]
+
+
+def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = recipe.sft
+    args = SFTConfig(
+        **trainer_kwargs(
+            cfg,
+            SFTConfig,
+            output_dir=str(run_dir.trainer_dir),
+            seed=recipe.run.seed,
+            data_seed=recipe.run.seed,
+            completion_only_loss=True,  # labels of prompt and template tokens are -100
+            eval_strategy="steps" if held_out is not None and cfg.eval_steps else "no",
+            save_strategy="steps",
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            report_to="none",
+            **precision_args(recipe.model),
+        )
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.lora),
+        callbacks=[MetricsCallback(run_dir)],
+    )
+    if compute_dtype(recipe.model) == torch.float32:
+        # TRL stores QLoRA adapters in bf16 (as the QLoRA paper does on GPUs). Where the compute dtype is fp32
+        # (CPUs, which lack bf16 units) that only costs speed and precision, so the adapters go back to fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def _evaluate(trainer, held_out, recipe: Recipe, when: str) -> dict[str, Any]:
+    """Answer-only loss on the held-out set and exact-match accuracy of greedy answers to its first prompts."""
+    if held_out is None:
+        return {}
+    cfg = recipe.sft
+    metrics = trainer.evaluate()
+    result: dict[str, Any] = {"answer_loss": metrics["eval_loss"]}
+    n = min(cfg.eval_generations, len(held_out))
+    if n:
+        rows = held_out.select(range(n))
+        answers = generate(
+            trainer.model,
+            trainer.processing_class,
+            rows["prompt"],
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.per_device_eval_batch_size,
+            desc=f"answering {n} held-out prompts ({when})",
+        )
+        references = [c[-1]["content"] for c in rows["completion"]]
+        correct = [final_answer_match(a, r) for a, r in zip(answers, references)]
+        result["answer_accuracy"] = sum(correct) / n
+        result["samples"] = [
+            {"prompt": p[-1]["content"], "reference": r, "answer": a, "correct": c}
+            for p, r, a, c in zip(rows["prompt"], references, answers, correct)
+        ]
+        trainer.log({"eval_answer_accuracy": result["answer_accuracy"]})
+    log.info("%s training: held-out answer loss %.4f%s", when, result["answer_loss"],
+             f", accuracy {result['answer_accuracy']:.1%} of {n}" if n else "")
+    return result
+
+
+def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
+    """Held-out answers before and after training, side by side, in samples.jsonl."""
+    if not after.get("samples"):
+        return
+    with (run_dir.path / "samples.jsonl").open("w") as f:
+        for b, a in zip(before["samples"], after["samples"]):
+            f.write(json.dumps({"prompt": a["prompt"], "reference": a["reference"], "before": b["answer"],
+                                "after": a["answer"], "correct_before": b["correct"], "correct_after": a["correct"]})
+                    + "\n")
+    for stage_result in (before, after):
+        stage_result["samples"] = stage_result["samples"][:3]  # lineage keeps a few; samples.jsonl has all

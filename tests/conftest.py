@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Tests never reach the Hugging Face Hub: every model and tokenizer is local.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BASE = ROOT / "data" / "tiny-base"
+QA_TRAIN = ROOT / "data" / "arithmetic" / "sft_train.jsonl"
+QA_HELDOUT = ROOT / "data" / "arithmetic" / "sft_heldout.jsonl"
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Writes a recipe YAML under tmp_path (runs go to tmp_path/runs) and returns its path."""
+
+    def write(name: str = "test", **sections) -> Path:
+        recipe = {"model": {"name_or_path": str(TINY_BASE)}, "run": {"root": str(tmp_path / "runs")}}
+        for key, value in sections.items():
+            recipe[key] = {**recipe.get(key, {}), **value}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
+
+
+def sft_section(**overrides):
+    """A few seconds of SFT on the tiny base."""
+    return {
+        "learning_rate": 3e-3,
+        "max_steps": 40,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 64,
+        "max_length": 128,
+        "gradient_checkpointing": False,
+        "logging_steps": 10,
+        "eval_generations": 16,
+        "max_new_tokens": 24,
+        **overrides,
+    }

@@ -1,0 +1,74 @@
+"""The `align` command as a user runs it: help, the SFT stage, data check, errors, and accelerate launch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+
+from align.cli import main
+
+
+def align(*args, launcher=(sys.executable, "-m", "align")):
+    env = {**os.environ, "COLUMNS": "250"}  # rich wraps at 80 columns when not on a terminal
+    return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("command", [[], ["sft"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
+                                     ["tiny", "data"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: align" in capsys.readouterr().out
+
+
+def test_sft_help_explains_the_recipe_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    out = capsys.readouterr().out
+    assert "sft.learning_rate = 0.0002" in out and "model.quantization = 'nf4'" in out and "data.skip_invalid" in out
+
+
+def test_sft_command_full_precision_prints_before_and_after(write_recipe, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN), "eval": str(held_out)}},
+                          sft=sft_section(max_steps=5, eval_generations=4))
+    result = align("sft", recipe, "model.quantization=none", "run.name=cli")
+    assert result.returncode == 0, result.stderr
+    assert "answer loss" in result.stdout and "answer accuracy" in result.stdout
+    assert f"run dir: {tmp_path / 'runs' / 'cli' / 'sft'}" in result.stdout
+    lineage = json.loads((tmp_path / "runs" / "cli" / "sft" / "lineage.json").read_text())
+    assert "model.quantization=none" in lineage["command"]
+
+
+def test_sft_under_accelerate_launch(write_recipe, tmp_path):
+    recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(max_steps=2))
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
+                "-m", "align")
+    result = align("sft", recipe, "run.name=launched", launcher=launcher)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs" / "launched" / "sft" / "checkpoint" / "adapter_model.safetensors").exists()
+
+
+def test_bad_override_is_a_one_line_error(write_recipe):
+    result = align("sft", write_recipe(sft={}), "sft.lerning_rate=1")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("did you mean 'sft.learning_rate'?") and "Traceback" not in result.stderr
+
+
+def test_data_check_on_the_quickstart_recipe():
+    result = align("data", "check", ROOT / "recipes" / "quickstart.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "sft_train.jsonl" in result.stdout and "2000" in result.stdout and "p50/p90/p99/max" in result.stdout
+
+
+def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_text('q,a\n"What is 1 + 1?","2"\n"What is 2 + 2?",""\n')
+    result = align("data", "check", path, "data.columns.prompt=q", "data.columns.completion=a")
+    assert result.returncode == 1
+    assert "empty=1" in result.stdout and f"{path}:3: field 'a' is empty" in result.stdout

@@ -1,0 +1,158 @@
+"""Reading the user's QA data: every format, column mapping, and errors that point at file, line and field."""
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY_BASE
+from datasets import Dataset, DatasetDict
+
+from align.data import DataError, load_qa
+from align.recipe import Columns, DataConfig, ModelConfig
+from align.modeling import load_tokenizer
+
+ROWS = [
+    {"question": "What is 12 + 30?", "answer": "12 + 30 = 42. The answer is 42."},
+    {"question": "What is 20 + 22?", "answer": "20 + 22 = 42. The answer is 42."},
+    {"question": "Add 11 and 11.", "answer": "11 + 11 = 22. The answer is 22."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE)))
+
+
+def write(path, rows):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        path.write_text("question,answer\n" + "".join(f'"{r["question"]}","{r["answer"]}"\n' for r in rows))
+    elif path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def load(path, tokenizer, max_length=128, **data):
+    return load_qa(str(path), DataConfig(**data), tokenizer, max_length)
+
+
+@pytest.mark.parametrize("name", ["qa.jsonl", "qa.json", "qa.csv", "qa.parquet", "qa_saved"])
+def test_every_format_gives_the_same_conversational_pairs(tmp_path, tokenizer, name):
+    dataset, report = load(write(tmp_path / name, ROWS), tokenizer)
+    assert report.rows == report.kept == 3
+    assert report.columns == {"prompt": "question", "completion": "answer"}
+    assert report.detected == ["prompt", "completion"]
+    assert dataset[0] == {
+        "prompt": [{"role": "user", "content": "What is 12 + 30?"}],
+        "completion": [{"role": "assistant", "content": "12 + 30 = 42. The answer is 42."}],
+    }
+    assert report.lengths["total"][0] == report.lengths["prompt"][0] + report.lengths["completion"][0]
+
+
+def test_auto_detection_is_logged(tmp_path, tokenizer, caplog):
+    with caplog.at_level(logging.INFO):
+        load(write(tmp_path / "qa.jsonl", ROWS), tokenizer)
+    assert "prompt <- 'question', completion <- 'answer' (auto-detected" in caplog.text
+
+
+def test_mapped_columns_and_system_prompt(tmp_path, tokenizer):
+    rows = [{"q": r["question"], "a": r["answer"], "response": "decoy"} for r in ROWS]
+    dataset, report = load(write(tmp_path / "qa.jsonl", rows), tokenizer,
+                           columns=Columns(prompt="q", completion="a"), system_prompt="Be brief.")
+    assert report.columns == {"prompt": "q", "completion": "a"} and report.detected == []
+    assert dataset[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert dataset[0]["completion"][0]["content"] == ROWS[0]["answer"]
+
+
+def test_messages_become_prompt_and_final_answer(tmp_path, tokenizer):
+    conversation = [{"role": "user", "content": "Hi, what is 1 + 1?"}, {"role": "assistant", "content": "It is 2."},
+                    {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]
+    dataset, report = load(write(tmp_path / "chat.jsonl", [{"messages": conversation}]), tokenizer)
+    assert report.columns == {"messages": "messages"}
+    assert dataset[0]["prompt"] == conversation[:-1]
+    assert dataset[0]["completion"] == conversation[-1:]
+
+
+def test_mapping_to_a_missing_column_suggests_the_closest(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"data.columns.prompt is 'questoin', but the file has no such column .*did you mean 'question'"):
+        load(write(tmp_path / "qa.jsonl", ROWS), tokenizer, columns=Columns(prompt="questoin"))
+
+
+def test_undetectable_columns_say_which_keys_to_set(tmp_path, tokenizer):
+    path = write(tmp_path / "qa.jsonl", [{"text": "a", "label": "b"}])
+    with pytest.raises(DataError, match=r"cannot tell which column holds the prompt and the completion.*set data.columns.prompt=<column>"):
+        load(path, tokenizer)
+
+
+BAD_ROWS = [
+    ({"question": "What is 1 + 1?", "answer": "  "}, "empty", "field 'answer' is empty"),
+    ({"question": "What is 1 + 1?"}, "missing_field", "field 'answer' is missing"),
+    ({"question": "What is 1 + 1?", "answer": 2}, "wrong_type", "field 'answer' is int 2, expected text"),
+    ({"question": "What is 1 + 1?", "answer": "2 " * 200}, "too_long", r"row is \d+ tokens, longer than max_length=128"),
+]
+
+
+@pytest.mark.parametrize("bad,reason,message", BAD_ROWS, ids=[b[1] for b in BAD_ROWS])
+def test_bad_row_error_names_file_line_field_and_fix(tmp_path, tokenizer, bad, reason, message):
+    path = write(tmp_path / "qa.jsonl", ROWS[:2] + [bad] + ROWS[2:])
+    fix = "raise the stage's max_length" if reason == "too_long" else "fix the row"
+    with pytest.raises(DataError, match=rf"^{path}:3: {message} — {fix} or set data.skip_invalid=true$"):
+        load(path, tokenizer)
+
+
+def test_bad_json_line_is_located(tmp_path, tokenizer):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"question": "x", "answer": \n')
+    with pytest.raises(DataError, match=rf"^{path}:3: not valid JSON"):
+        load(path, tokenizer)
+
+
+def test_csv_errors_carry_the_file_line(tmp_path, tokenizer):
+    path = tmp_path / "qa.csv"
+    path.write_text('question,answer\n"What is 1 + 1?","1 + 1 = 2."\n"What is 2 + 2?",""\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: field 'answer' is empty"):
+        load(path, tokenizer)
+
+
+def test_bad_conversation_is_explained(tmp_path, tokenizer):
+    path = write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    with pytest.raises(DataError, match=rf"{path}:1: field 'messages' must hold a user turn and end with the assistant's answer"):
+        load(path, tokenizer)
+
+
+def test_skip_invalid_counts_and_logs_every_reason(tmp_path, tokenizer, caplog):
+    rows = ROWS + [b for b, _, _ in BAD_ROWS] + [{"question": "", "answer": "x"}]
+    with caplog.at_level(logging.WARNING):
+        dataset, report = load(write(tmp_path / "qa.jsonl", rows), tokenizer, skip_invalid=True)
+    assert len(dataset) == report.kept == 3 and report.rows == 8
+    assert report.skipped == {"empty": 2, "missing_field": 1, "wrong_type": 1, "too_long": 1}
+    assert "skipped 5 of 8 rows (empty=2" in caplog.text
+    assert f"{tmp_path / 'qa.jsonl'}:4: field 'answer' is empty" in caplog.text
+
+
+def test_without_skip_the_error_counts_the_other_bad_rows(tmp_path, tokenizer):
+    rows = ROWS + [b for b, _, _ in BAD_ROWS]
+    with pytest.raises(DataError, match=r"\(3 more invalid rows: .*too_long=1"):
+        load(write(tmp_path / "qa.jsonl", rows), tokenizer)
+
+
+def test_dataset_dict_directory_asks_for_a_split(tmp_path, tokenizer):
+    DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"holds several splits \(train, test\); point at one of them, e.g. .*dd/train"):
+        load(tmp_path / "dd", tokenizer)
+    assert load(tmp_path / "dd" / "train", tokenizer)[1].kept == 3
+
+
+def test_unsupported_and_missing_files(tmp_path, tokenizer):
+    (tmp_path / "qa.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"unsupported format '.txt'; use .jsonl"):
+        load(tmp_path / "qa.txt", tokenizer)
+    with pytest.raises(DataError, match="file not found"):
+        load(tmp_path / "nope.jsonl", tokenizer)

@@ -1,0 +1,76 @@
+"""The recipe schema: typed YAML, key=value overrides, and errors that say where and what to fix."""
+
+import pytest
+from conftest import ROOT
+from trl import SFTConfig
+
+from align.recipe import Quantization, RecipeError, SFTStage, load_recipe, trainer_kwargs
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
+    assert recipes, "no recipes found"
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.model.name_or_path
+        assert recipe.run.name == path.stem
+
+
+def test_overrides_reach_nested_keys_with_their_types(write_recipe):
+    path = write_recipe(sft={"learning_rate": 1e-3})
+    recipe = load_recipe(path, ["sft.learning_rate=1e-4", "lora.r=4", "data.columns.prompt=question",
+                                "model.quantization=none", "data.sft.train=x.jsonl"])
+    assert recipe.sft.learning_rate == pytest.approx(1e-4)
+    assert recipe.lora.r == 4 and isinstance(recipe.lora.r, int)
+    assert recipe.data.columns.prompt == "question"
+    assert recipe.model.quantization is Quantization.none
+    assert recipe.data.sft.train == "x.jsonl"
+
+
+def test_unknown_key_in_file_names_file_and_suggests(write_recipe):
+    path = write_recipe(sft={"lerning_rate": 1e-3})
+    with pytest.raises(RecipeError, match=rf"{path}: unknown key 'sft.lerning_rate'; did you mean 'sft.learning_rate'"):
+        load_recipe(path)
+
+
+def test_unknown_override_suggests_closest_key(write_recipe):
+    with pytest.raises(RecipeError, match=r"override 'lora.rank=8': unknown key 'lora.rank'; did you mean 'lora.r'"):
+        load_recipe(write_recipe(), ["lora.rank=8"])
+
+
+def test_wrong_type_names_key(write_recipe):
+    with pytest.raises(RecipeError, match=r"sft.max_steps: Value 'many'.*could not be converted to Integer"):
+        load_recipe(write_recipe(sft={}), ["sft.max_steps=many"])
+
+
+def test_invalid_choice_lists_the_valid_ones(write_recipe):
+    with pytest.raises(RecipeError, match=r"model.quantization: Invalid value 'int8', expected one of \[nf4, none\]"):
+        load_recipe(write_recipe(), ["model.quantization=int8"])
+
+
+def test_missing_required_value_names_key_and_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("sft: {max_steps: 3}\n")
+    with pytest.raises(RecipeError, match=rf"{path}: required value model.name_or_path is not set"):
+        load_recipe(path)
+
+
+def test_override_without_equals_is_an_error(write_recipe):
+    with pytest.raises(RecipeError, match="not key=value"):
+        load_recipe(write_recipe(), ["sft.max_steps"])
+
+
+def test_stage_fields_pass_through_to_trl_config():
+    stage = SFTStage(learning_rate=5e-4, trainer_args={"weight_decay": 0.1, "neftune_noise_alpha": 5.0})
+    kwargs = trainer_kwargs(stage, SFTConfig, output_dir="out", bf16=False)
+    assert kwargs["learning_rate"] == 5e-4 and kwargs["neftune_noise_alpha"] == 5.0
+    assert "eval_generations" not in kwargs  # align-only fields stay in align
+    config = SFTConfig(**kwargs)
+    assert config.weight_decay == 0.1 and config.output_dir == "out"
+
+
+def test_trainer_args_are_checked_against_trl():
+    with pytest.raises(RecipeError, match=r"trainer_args.neftune_alpha: not a field of SFTConfig; did you mean 'neftune_noise_alpha'"):
+        trainer_kwargs(SFTStage(trainer_args={"neftune_alpha": 5}), SFTConfig)
+    with pytest.raises(RecipeError, match="align sets this itself"):
+        trainer_kwargs(SFTStage(trainer_args={"output_dir": "x"}), SFTConfig, output_dir="runs/x")

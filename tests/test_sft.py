@@ -1,0 +1,105 @@
+"""The SFT stage on the shipped tiny base, 4-bit NF4 on CPU: real TRL trainer, real files, real checkpoint."""
+
+import json
+
+import pytest
+import torch
+from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, sft_section
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from align.modeling import load_model, load_tokenizer, prompt_ids, quantization_config
+from align.recipe import load_recipe
+from align.rundir import RunDir
+from align.stages import sft
+
+DATA = {"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}}
+
+
+def test_labels_cover_the_answer_only(write_recipe):
+    recipe = load_recipe(write_recipe(data=DATA, sft=sft_section()))
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, _ = sft._load_data(recipe, tokenizer)
+    trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
+    for i in range(4):
+        row, example = trainer.train_dataset[i], None
+        # The trainer shuffles; find the source row by its tokens.
+        for candidate in train:
+            ids = prompt_ids(tokenizer, candidate["prompt"])
+            if row["input_ids"][: len(ids)] == ids:
+                example = candidate
+                break
+        assert example is not None
+        n_prompt = len(prompt_ids(tokenizer, example["prompt"]))
+        assert all(label == -100 for label in row["labels"][:n_prompt])  # prompt and template tokens ignored
+        assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]  # every answer token counts, EOS included
+        assert row["labels"][-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(row["labels"][n_prompt:], skip_special_tokens=True).strip() == (
+            example["completion"][0]["content"]
+        )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding ignored too
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One SFT run of the quickstart data through `sft.run`, keeping the in-memory trainer for comparison."""
+    tmp = tmp_path_factory.mktemp("sft")
+    recipe_path = tmp / "r.yaml"
+    recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE)}, "data": DATA,
+                                       "run": {"root": str(tmp / "runs")}, "sft": sft_section(max_steps=60)}))
+    recipe = load_recipe(recipe_path)
+    captured = {}
+    build = sft._trainer
+
+    def keep(*args, **kwargs):
+        captured["trainer"] = build(*args, **kwargs)
+        return captured["trainer"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft, "_trainer", keep)
+        results = sft.run(recipe)
+    return recipe, results, captured["trainer"]
+
+
+def test_sft_lowers_held_out_answer_loss(trained):
+    _, results, _ = trained
+    before, after = results["before"], results["after"]
+    assert after["answer_loss"] < 0.6 * before["answer_loss"]
+    assert 0 <= before["answer_accuracy"] <= after["answer_accuracy"] <= 1
+
+
+def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
+    recipe, results, _ = trained
+    run = RunDir(recipe, "sft")
+    assert load_recipe(run.config_path).sft.max_steps == 60  # the resolved config reloads as a recipe
+    lineage = json.loads(run.lineage_path.read_text())
+    assert lineage["base_model"]["weights_sha256"] and lineage["parent_checkpoint"] is None
+    assert [d["kept"] for d in lineage["data"]] == [2000, 200]
+    assert lineage["end_time"] and lineage["results"]["after"]["answer_loss"] == results["after"]["answer_loss"]
+    metrics = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 60]  # before and after training
+    saved = {p.name for p in run.checkpoint_path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= saved
+    assert len((run.path / "samples.jsonl").read_text().splitlines()) == 16
+
+
+def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained):
+    recipe, results, trainer = trained
+    tokenizer = load_tokenizer(recipe.model)
+    ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": "What is 31 + 47?"}])])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(
+        str(TINY_BASE), quantization_config=quantization_config(recipe.model), device_map="cpu"
+    )
+    reloaded = PeftModel.from_pretrained(base, results["checkpoint"]).eval()
+    with torch.no_grad():
+        actual = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), reloaded.disable_adapter():
+        without_adapter = reloaded(input_ids=ids).logits
+    assert (without_adapter - expected).abs().max() > 0.1  # the adapter is what makes the difference
