@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from align.data import DataError
-    from align.modeling import ModelLoadError
 
     try:
         if args.command == "sft":
@@ -81,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
         write_data(args.out)
         return 0
-    except (RecipeError, DataError, ModelLoadError) as e:
+    except (RecipeError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__name__ != "ModelLoadError":  # align.modeling (and torch) may not even be imported yet
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -91,9 +95,11 @@ def _sft(args) -> int:
     from rich.table import Table
 
     from align.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
     from align.stages import sft
 
-    results = sft.run(load_recipe(args.recipe, args.overrides))
+    results = sft.run(recipe)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:

@@ -120,6 +120,7 @@ def _read_csv(path: Path) -> list[Record]:
     records = []
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
+        reader.fieldnames  # reads the header, so that line_num points at it
         line_no = reader.line_num + 1
         for row in reader:
             records.append(Record(f"{path}:{line_no}", {k: v for k, v in row.items() if k is not None}))

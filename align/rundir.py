@@ -56,9 +56,9 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def model_identity(cfg: ModelConfig, model=None) -> dict[str, Any]:
-    """How to get these exact weights again: the sha256 of a local directory's weight files, or the hub
-    revision and the commit it resolved to."""
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """How to get these exact weights again: the sha256 of a local directory's weight files, or the hub commit
+    that the revision resolved to (from the local cache when offline; None if it cannot be resolved)."""
     identity: dict[str, Any] = {"name_or_path": cfg.name_or_path, "revision": cfg.revision}
     local = Path(cfg.name_or_path)
     if local.is_dir():
@@ -66,8 +66,10 @@ def model_identity(cfg: ModelConfig, model=None) -> dict[str, Any]:
         for file in sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES):
             digest.update(sha256_of(file).encode())
         identity["weights_sha256"] = digest.hexdigest()
-    elif model is not None:
-        identity["commit"] = getattr(model.config, "_commit_hash", None)
+    else:
+        from transformers.utils.hub import resolve_revision
+
+        identity["commit"] = getattr(resolve_revision(cfg.name_or_path, cfg.revision), "resolved", None)
     return identity
 
 

@@ -116,8 +116,14 @@ def test_bad_json_line_is_located(tmp_path, tokenizer):
 
 def test_csv_errors_carry_the_file_line(tmp_path, tokenizer):
     path = tmp_path / "qa.csv"
-    path.write_text('question,answer\n"What is 1 + 1?","1 + 1 = 2."\n"What is 2 + 2?",""\n')
-    with pytest.raises(DataError, match=rf"^{path}:3: field 'answer' is empty"):
+    path.write_text('question,answer\n"What is 1 + 1?",""\n"What is 2 + 2?","2 + 2\n= 4"\n"What is 3 + 3?",""\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'answer' is empty .*1 more invalid"):
+        load(path, tokenizer)
+    _, report = load(path, tokenizer, skip_invalid=True)
+    assert report.first_skipped["empty"].startswith(f"{path}:2:")
+    assert report.kept == 1
+    path.write_text('question,answer\n"What is 2 + 2?","2 + 2\n= 4"\n"What is 3 + 3?",""\n')
+    with pytest.raises(DataError, match=rf"^{path}:4: field 'answer' is empty"):  # after a two-line quoted field
         load(path, tokenizer)
 
 

@@ -70,7 +70,7 @@ def test_stage_fields_pass_through_to_trl_config():
 
 
 def test_trainer_args_are_checked_against_trl():
-    with pytest.raises(RecipeError, match=r"trainer_args.neftune_alpha: not a field of SFTConfig; did you mean 'neftune_noise_alpha'"):
+    with pytest.raises(RecipeError, match=r"^sft.trainer_args.neftune_alpha: not a field of SFTConfig; did you mean 'neftune_noise_alpha'"):
         trainer_kwargs(SFTStage(trainer_args={"neftune_alpha": 5}), SFTConfig)
     with pytest.raises(RecipeError, match="align sets this itself"):
         trainer_kwargs(SFTStage(trainer_args={"output_dir": "x"}), SFTConfig, output_dir="runs/x")

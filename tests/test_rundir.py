@@ -56,3 +56,16 @@ def test_directory_hash_covers_names_and_contents(tmp_path):
     first = sha256_of(tmp_path / "a")
     (tmp_path / "a" / "x").write_text("2")
     assert sha256_of(tmp_path / "a") != first
+
+
+def test_model_identity_hashes_local_weights_and_resolves_hub_ids_offline(tmp_path):
+    from align.recipe import ModelConfig
+    from align.rundir import model_identity
+
+    (tmp_path / "model.safetensors").write_bytes(b"w1")
+    first = model_identity(ModelConfig(name_or_path=str(tmp_path)))["weights_sha256"]
+    (tmp_path / "model.safetensors").write_bytes(b"w2")
+    assert model_identity(ModelConfig(name_or_path=str(tmp_path)))["weights_sha256"] != first
+    # Offline and not in the cache: recorded as unknown rather than failing the run.
+    assert model_identity(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B")) == {
+        "name_or_path": "Qwen/Qwen2.5-0.5B", "revision": None, "commit": None}

@@ -37,3 +37,20 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     for name in ("model.safetensors", "tokenizer.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     assert not (tmp_path / "a.tmp").exists() and not (tmp_path / "a.work").exists()
+
+
+def test_shipped_data_is_what_the_seeded_script_writes(tmp_path):
+    from align.arithmetic import main as write_data
+
+    write_data(tmp_path)
+    for name in ("corpus.txt", "arithmetic/sft_train.jsonl", "arithmetic/sft_heldout.jsonl"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
+
+
+def test_splits_are_disjoint_in_both_orders():
+    splits = split_pairs()
+    for a in splits:
+        for b in splits:
+            if a != b:
+                assert not set(splits[a]) & set(splits[b])
+    assert all((y, x) in set(pairs) for pairs in splits.values() for x, y in pairs)

@@ -35,10 +35,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if recipe.data.sft.train is None:
         raise RecipeError("data.sft.train is not set; point it at a file of question-answer pairs")
     run_dir = RunDir(recipe, "sft")
+    # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = _load_data(recipe, tokenizer)
     model = load_model(recipe.model, gradient_checkpointing=recipe.sft.gradient_checkpointing)
-    run_dir.start(base_model=model_identity(recipe.model, model), data=[r.summary() for r in reports])
+    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports])
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
     before = _evaluate(trainer, held_out, recipe, "before")
@@ -73,6 +74,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         **trainer_kwargs(
             cfg,
             SFTConfig,
+            defaults={"dataloader_pin_memory": torch.cuda.is_available()},
             output_dir=str(run_dir.trainer_dir),
             seed=recipe.run.seed,
             data_seed=recipe.run.seed,
