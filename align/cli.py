@@ -7,7 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from align.recipe import RecipeError, describe
+from align.errors import AlignError
+from align.recipe import describe
 
 TINY_BASE = "data/tiny-base"
 
@@ -54,18 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("tiny", help="the built-in tiny base model and its data").add_subparsers(
         dest="action", required=True
     )
-    pretrain = tiny.add_parser("pretrain", help="pretrain the tiny base model from scratch (about 5 minutes on CPU)")
+    pretrain = tiny.add_parser(
+        "pretrain", help="pretrain the tiny base model from scratch (12-18 minutes on 2 CPU cores)",
+        description="Train the tokenizer and the ~1M-parameter Llama from scratch on the corpus; with the defaults "
+        "this remakes data/tiny-base/. Around step 1000 the loss drops from ~0.90 to ~0.79: that is where it learns "
+        "to add; fewer steps give a base that mostly cannot.",
+    )
     pretrain.add_argument("--out", type=Path, default=Path(TINY_BASE), help="output model directory")
     pretrain.add_argument("--corpus", type=Path, default=Path("data/corpus.txt"), help="text corpus, one document per line")
-    pretrain.add_argument("--steps", type=int, default=800, help="optimizer steps (batch 32 x 128 tokens)")
-    pretrain.add_argument("--seed", type=int, default=0, help="seed for tokenizer-independent randomness")
+    pretrain.add_argument("--steps", type=int, default=2000, help="optimizer steps (batch 32 x 128 tokens)")
+    pretrain.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order")
     tiny_data = tiny.add_parser("data", help="regenerate data/corpus.txt and data/arithmetic/ (seeded)")
     tiny_data.add_argument("--out", type=Path, default=Path("data"), help="data directory")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from align.data import DataError
-
     try:
         if args.command == "sft":
             return _sft(args)
@@ -80,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_data(args.out)
         return 0
-    except (RecipeError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        if type(e).__name__ != "ModelLoadError":  # align.modeling (and torch) may not even be imported yet
-            raise
+    except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -117,7 +116,7 @@ def _sft(args) -> int:
     if after:
         console.print(table)
         for sample in after.get("samples", []):
-            console.print(f"  [dim]{sample['prompt']}[/dim] -> {sample['answer']!r}", soft_wrap=True)
+            console.print(f"  [dim]{sample['prompt']}[/dim] -> {sample['answer'].strip()!r}", soft_wrap=True)
     else:
         console.print("no held-out file (data.sft.eval), so no before/after evaluation")
     console.print(f"train loss {results['train_loss']:.4f}; checkpoint: {results['checkpoint']}", soft_wrap=True)

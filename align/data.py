@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.errors import AlignError
 from align.recipe import Columns, DataConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ AUTO_COLUMNS = {
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(AlignError, ValueError):
     """Data that cannot be used as it is; the message names the file, the row, the field and the fix."""
 
 

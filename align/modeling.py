@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from align.errors import AlignError
 from align.recipe import DType, LoraConfig, ModelConfig, Quantization
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(AlignError, RuntimeError):
     """The model cannot be loaded as configured; the message names the setting to change."""
 
 
@@ -60,8 +61,8 @@ def load_tokenizer(cfg: ModelConfig):
     """Tokenizer with a pad token and a chat template, so every stage renders prompts the same way."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    tokenizer = _from_pretrained(
+        AutoTokenizer, cfg, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     if cfg.chat_template is not None:
         template = Path(cfg.chat_template)
@@ -119,10 +120,7 @@ def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = False, model_
     if quant is not None:
         # bitsandbytes quantises while loading, onto the device it is given: this process's device.
         kwargs.update(quantization_config=quant, device_map={"": device()})
-    try:
-        model = model_class.from_pretrained(cfg.name_or_path, **kwargs)
-    except (OSError, ValueError) as e:  # not found / no access; a directory that is not a model
-        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from None
+    model = _from_pretrained(model_class, cfg, **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -132,6 +130,13 @@ def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = False, model_
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
+
+
+def _from_pretrained(auto_class, cfg: ModelConfig, **kwargs):
+    try:
+        return auto_class.from_pretrained(cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:  # not found, no access, no network; a directory that is not a model
+        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from None
 
 
 def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):

@@ -19,8 +19,10 @@ from typing import Any, Dict, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from align.errors import AlignError
 
-class RecipeError(ValueError):
+
+class RecipeError(AlignError, ValueError):
     """A recipe or override that does not fit the schema; the message says where and how to fix it."""
 
 

@@ -2,7 +2,7 @@
 data/corpus.txt so that it continues text about sums. It is what the quickstart and the tests align, and it
 loads like any hub model: `AutoModelForCausalLM.from_pretrained("data/tiny-base")`.
 
-    align tiny pretrain                       # rewrites data/tiny-base/ (about 3 minutes on 2 CPU cores)
+    align tiny pretrain                       # rewrites data/tiny-base/ (12-18 minutes on 2 CPU cores)
     align tiny pretrain --steps 20 --out /tmp/tb
 
 Pretraining is plain causal language modelling with TRL's SFTTrainer (packed text), full fine-tuning of a
@@ -68,7 +68,7 @@ def build_model(tokenizer, seed: int):
 def pretrain(
     out: Path = Path("data/tiny-base"),
     corpus: Path = Path("data/corpus.txt"),
-    steps: int = 1500,
+    steps: int = 2000,
     seed: int = 0,
 ) -> Path:
     """Train tokenizer and model from scratch and write a Hugging Face model dir to `out` (replacing it)."""
