@@ -1,21 +1,23 @@
-"""The quickstart task: sums of two numbers, small enough for a CPU and rewardable by rule.
+"""The quickstart task: sums of two- and three-digit numbers, small enough for a CPU and rewardable by rule.
 
-    python -m align.arithmetic            # rewrites data/corpus.txt and data/arithmetic/*.jsonl
+    align tiny data            # rewrites data/corpus.txt and data/arithmetic/*.jsonl (python -m align.arithmetic)
 
-Every (a, b) pair lands in exactly one split, with its mirror (b, a) in the same split, so the held-out
-questions are sums the tiny base never read during pretraining and SFT never trained on. The corpus states
-sums in prose (that is what the base model "knows"); the QA pairs teach the assistant format
+Each operand has two or three digits (even odds), so questions range from easy (23 + 45) to hard (487 + 365),
+which leaves the RL stages room above the SFT policy. Every unordered pair {a, b} belongs to one split (a seeded
+hash decides), so held-out and RL questions are sums the tiny base never read during pretraining and SFT never
+trained on. The corpus states sums in prose (what the base "knows"); the QA pairs teach the assistant format
 "17 + 25 = 42. The answer is 42." that the rule rewards check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
 
-LOW, HIGH = 10, 99  # operands are two-digit numbers
-SPLITS = {"heldout": 0.1, "rl": 0.1}  # the rest is "train" (corpus and SFT)
+DIGITS = (2, 3)
+SPLITS = {"heldout": 0.05, "rl": 0.05}  # the rest is "train" (corpus and SFT)
 SEED = 1234
 
 QUESTION_FORMS = [
@@ -45,41 +47,46 @@ def answer(a: int, b: int) -> str:
     return f"{a} + {b} = {a + b}. The answer is {a + b}."
 
 
-def split_pairs(seed: int = SEED) -> dict[str, list[tuple[int, int]]]:
-    """Every unordered pair {a, b} goes to one split; both orders of it go there."""
-    rng = random.Random(seed)
-    unordered = [(a, b) for a in range(LOW, HIGH + 1) for b in range(a, HIGH + 1)]
-    rng.shuffle(unordered)
-    splits: dict[str, list[tuple[int, int]]] = {}
-    start = 0
+def split_of(a: int, b: int, seed: int = SEED) -> str:
+    """The split of the unordered pair {a, b}: the same for (a, b) and (b, a), fixed by the seed."""
+    key = f"{seed}:{min(a, b)}:{max(a, b)}".encode()
+    u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
     for name, fraction in SPLITS.items():
-        count = int(len(unordered) * fraction)
-        splits[name] = unordered[start : start + count]
-        start += count
-    splits["train"] = unordered[start:]
-    return {
-        name: sorted({p for a, b in pairs for p in ((a, b), (b, a))}) for name, pairs in splits.items()
-    }
+        if u < fraction:
+            return name
+        u -= fraction
+    return "train"
 
 
-def corpus(pairs: list[tuple[int, int]], rng: random.Random, documents: int) -> list[str]:
-    """Short documents of sums stated in prose; one document per line."""
+def sample_pair(rng: random.Random, split: str) -> tuple[int, int]:
+    """A random pair of the split; each operand first draws its number of digits."""
+    while True:
+        a, b = (rng.randrange(10 ** (d - 1), 10**d) for d in (rng.choice(DIGITS), rng.choice(DIGITS)))
+        if split_of(a, b) == split:
+            return a, b
+
+
+def corpus(rng: random.Random, documents: int) -> list[str]:
+    """Short documents of training-split sums stated in prose; one document per line."""
     docs = []
     for _ in range(documents):
         sentences = []
         for _ in range(rng.randint(3, 6)):
-            a, b = rng.choice(pairs)
+            a, b = sample_pair(rng, "train")
             form = rng.choice(CORPUS_FORMS)
             sentences.append(form.format(a=a, b=b, s=a + b, name=rng.choice(NAMES), things=rng.choice(THINGS)))
         docs.append(" ".join(sentences))
     return docs
 
 
-def qa_rows(pairs: list[tuple[int, int]], rng: random.Random, count: int) -> list[dict]:
-    chosen = rng.sample(pairs, min(count, len(pairs)))
-    return [
-        {"question": rng.choice(QUESTION_FORMS).format(a=a, b=b), "answer": answer(a, b)} for a, b in chosen
-    ]
+def qa_rows(rng: random.Random, split: str, count: int) -> list[dict]:
+    rows, seen = [], set()
+    while len(rows) < count:
+        a, b = sample_pair(rng, split)
+        if (a, b) not in seen:
+            seen.add((a, b))
+            rows.append({"question": rng.choice(QUESTION_FORMS).format(a=a, b=b), "answer": answer(a, b)})
+    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -91,12 +98,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(out: Path = Path("data"), seed: int = SEED) -> None:
     rng = random.Random(seed)
-    splits = split_pairs(seed)
-    (out / "corpus.txt").write_text("\n".join(corpus(splits["train"], rng, documents=6000)) + "\n")
-    write_jsonl(out / "arithmetic" / "sft_train.jsonl", qa_rows(splits["train"], rng, count=2000))
-    write_jsonl(out / "arithmetic" / "sft_heldout.jsonl", qa_rows(splits["heldout"], rng, count=200))
-    print(f"wrote {out}/corpus.txt and {out}/arithmetic/ (pairs per split: "
-          + ", ".join(f"{k}={len(v)}" for k, v in splits.items()) + ")")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "corpus.txt").write_text("\n".join(corpus(rng, documents=8000)) + "\n")
+    write_jsonl(out / "arithmetic" / "sft_train.jsonl", qa_rows(rng, "train", count=2000))
+    write_jsonl(out / "arithmetic" / "sft_heldout.jsonl", qa_rows(rng, "heldout", count=200))
+    print(f"wrote {out}/corpus.txt and {out}/arithmetic/")
 
 
 if __name__ == "__main__":

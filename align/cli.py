@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         dest="action", required=True
     )
     pretrain = tiny.add_parser(
-        "pretrain", help="pretrain the tiny base model from scratch (12-18 minutes on 2 CPU cores)",
-        description="Train the tokenizer and the ~1M-parameter Llama from scratch on the corpus; with the defaults "
-        "this remakes data/tiny-base/. Around step 1000 the loss drops from ~0.90 to ~0.79: that is where it learns "
-        "to add; fewer steps give a base that mostly cannot.",
+        "pretrain", help="pretrain the tiny base model from scratch (about 13 minutes on 2 CPU cores)",
+        description="Train the tokenizer and the ~1M-parameter Llama from scratch on the corpus (causal language "
+        "modelling, TRL's SFTTrainer); with the defaults this remakes data/tiny-base/.",
     )
     pretrain.add_argument("--out", type=Path, default=Path(TINY_BASE), help="output model directory")
     pretrain.add_argument("--corpus", type=Path, default=Path("data/corpus.txt"), help="text corpus, one document per line")

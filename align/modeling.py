@@ -104,7 +104,7 @@ def quantization_config(cfg: ModelConfig):
     )
 
 
-def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = False, model_class=None):
+def load_model(cfg: ModelConfig, *, activation_checkpointing: bool = False, model_class=None):
     """The base model on this process's device, frozen and ready for LoRA (`prepare_model_for_kbit_training`
     on 4-bit: norms in fp32, inputs that carry gradients through checkpointed layers)."""
     from transformers import AutoModelForCausalLM
@@ -126,7 +126,7 @@ def load_model(cfg: ModelConfig, *, gradient_checkpointing: bool = False, model_
 
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
+            use_gradient_checkpointing=activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model

@@ -126,7 +126,9 @@ class SFTStage:
         1024, help="Longest prompt+answer in tokens; longer rows are errors (or skipped and counted with data.skip_invalid)."
     )
     packing: bool = doc(False, help="Pack several examples into each max_length sequence (faster on short data).")
-    gradient_checkpointing: bool = doc(True, help="Recompute activations in the backward pass: less memory, ~30% slower.")
+    activation_checkpointing: bool = doc(
+        True, help="Gradient (activation) checkpointing: recompute activations in the backward pass; less memory, slower."
+    )
     # Logging and saving
     logging_steps: int = doc(10, help="Log loss and learning rate every N steps (metrics.jsonl, progress bar).")
     eval_steps: Optional[int] = doc(None, help="Also evaluate every N steps; None: only before and after training.")

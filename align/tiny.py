@@ -2,7 +2,7 @@
 data/corpus.txt so that it continues text about sums. It is what the quickstart and the tests align, and it
 loads like any hub model: `AutoModelForCausalLM.from_pretrained("data/tiny-base")`.
 
-    align tiny pretrain                       # rewrites data/tiny-base/ (12-18 minutes on 2 CPU cores)
+    align tiny pretrain                       # rewrites data/tiny-base/ (about 13 minutes on 2 CPU cores)
     align tiny pretrain --steps 20 --out /tmp/tb
 
 Pretraining is plain causal language modelling with TRL's SFTTrainer (packed text), full fine-tuning of a
@@ -90,7 +90,7 @@ def pretrain(
         max_length=128,
         packing=True,
         packing_strategy="wrapped",  # pretraining: documents run into each other, separated by EOS
-        gradient_checkpointing=False,  # a 1M-parameter model fits anywhere; checkpointing only slows it
+        activation_checkpointing=False,  # a 1M-parameter model fits anywhere; checkpointing only slows it
         bf16=False,
         use_cpu=True,  # the tiny model trains fastest on the CPU; results do not depend on a GPU being present
         logging_steps=50,

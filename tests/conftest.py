@@ -38,7 +38,7 @@ def sft_section(**overrides):
         "per_device_train_batch_size": 16,
         "per_device_eval_batch_size": 64,
         "max_length": 128,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "logging_steps": 10,
         "eval_generations": 16,
         "max_new_tokens": 24,

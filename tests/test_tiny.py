@@ -1,10 +1,15 @@
 """The built-in tiny base: shipped in Hugging Face format, a real text continuer, reproducible from its seed."""
 
+import json
+import math
+import random
+import re
+
 import torch
 from conftest import ROOT, TINY_BASE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align.arithmetic import split_pairs
+from align.arithmetic import DIGITS, SPLITS, sample_pair, split_of
 from align.tiny import pretrain
 
 
@@ -16,17 +21,21 @@ def test_shipped_base_is_small_and_complete():
     assert 5e5 < model.num_parameters() < 5e6
 
 
-def test_shipped_base_continues_held_out_sums():
+def test_shipped_base_continues_text_in_its_corpus_style():
     tokenizer = AutoTokenizer.from_pretrained(TINY_BASE)
     model = AutoModelForCausalLM.from_pretrained(TINY_BASE).eval()
-    pairs = split_pairs()["heldout"][:100]  # sums it never read
-    tokenizer.padding_side = "left"
-    batch = tokenizer([f"{a} + {b} =" for a, b in pairs], return_tensors="pt", padding=True)
+    rng = random.Random(0)
+    pairs = [sample_pair(rng, "heldout") for _ in range(32)]  # sums it never read
+    sentences = [f"There are {a} coins in one box and {b} in another: {a + b} coins in all." for a, b in pairs]
+    batch = tokenizer(sentences, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    correct = sum(text.strip().startswith(str(a + b)) for (a, b), text in zip(pairs, texts))
-    assert correct >= 50, texts[:5]
+        nll = model(**batch, labels=labels).loss.item()
+    assert nll < 0.35 * math.log(len(tokenizer))  # far below a uniform guess over the vocabulary
+    prompt = tokenizer(f"There are {pairs[0][0]} coins in one box and {pairs[0][1]} in another:", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert re.match(r"^ \d+ [a-z]+ in all\.", continuation), continuation  # the noun it copies is not always right
 
 
 def test_pretraining_is_reproducible_from_its_seed(tmp_path):
@@ -47,10 +56,17 @@ def test_shipped_data_is_what_the_seeded_script_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
 
 
-def test_splits_are_disjoint_in_both_orders():
-    splits = split_pairs()
-    for a in splits:
-        for b in splits:
-            if a != b:
-                assert not set(splits[a]) & set(splits[b])
-    assert all((y, x) in set(pairs) for pairs in splits.values() for x, y in pairs)
+def test_every_pair_has_one_split_in_both_orders():
+    rng = random.Random(0)
+    pairs = [(rng.randrange(10, 1000), rng.randrange(10, 1000)) for _ in range(20000)]
+    assert all(split_of(a, b) == split_of(b, a) for a, b in pairs)
+    for name, fraction in SPLITS.items():
+        share = sum(split_of(a, b) == name for a, b in pairs) / len(pairs)
+        assert abs(share - fraction) < 0.01, (name, share)
+
+
+def test_shipped_qa_files_hold_their_own_split():
+    for file, split in (("sft_train.jsonl", "train"), ("sft_heldout.jsonl", "heldout")):
+        for line in (ROOT / "data" / "arithmetic" / file).read_text().splitlines():
+            a, b = map(int, re.findall(r"\d+", json.loads(line)["answer"])[:2])
+            assert split_of(a, b) == split and {len(str(a)), len(str(b))} <= set(DIGITS)

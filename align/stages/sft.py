@@ -38,7 +38,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = _load_data(recipe, tokenizer)
-    model = load_model(recipe.model, gradient_checkpointing=recipe.sft.gradient_checkpointing)
+    model = load_model(recipe.model, activation_checkpointing=recipe.sft.activation_checkpointing)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports])
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
@@ -81,7 +81,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
             completion_only_loss=True,  # labels of prompt and template tokens are -100
             eval_strategy="steps" if held_out is not None and cfg.eval_steps else "no",
             save_strategy="steps",
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            activation_checkpointing_kwargs={"use_reentrant": False},
             report_to="none",
             **precision_args(recipe.model),
         )
