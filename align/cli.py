@@ -115,7 +115,8 @@ def _sft(args) -> int:
     if after:
         console.print(table)
         for sample in after.get("samples", []):
-            console.print(f"  [dim]{sample['prompt']}[/dim] -> {sample['answer'].strip()!r}", soft_wrap=True)
+            mark = "[green]right[/green]" if sample["correct"] else "[red]wrong[/red]"
+            console.print(f"  {mark} {sample['prompt']} -> {sample['answer'].strip()!r}", soft_wrap=True)
     else:
         console.print("no held-out file (data.sft.eval), so no before/after evaluation")
     console.print(f"train loss {results['train_loss']:.4f}; checkpoint: {results['checkpoint']}", soft_wrap=True)

@@ -144,5 +144,6 @@ def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
             f.write(json.dumps({"prompt": a["prompt"], "reference": a["reference"], "before": b["answer"],
                                 "after": a["answer"], "correct_before": b["correct"], "correct_after": a["correct"]})
                     + "\n")
-    for stage_result in (before, after):
-        stage_result["samples"] = stage_result["samples"][:3]  # lineage keeps a few; samples.jsonl has all
+    for stage_result in (before, after):  # lineage keeps two right and two wrong; samples.jsonl has all
+        samples = stage_result["samples"]
+        stage_result["samples"] = [s for s in samples if s["correct"]][:2] + [s for s in samples if not s["correct"]][:2]
