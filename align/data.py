@@ -255,6 +255,8 @@ def load_qa(path: str, cfg: DataConfig, tokenizer, max_length: int):
     from datasets import Dataset
 
     records = read_records(path)
+    if not records:
+        raise DataError(f"{path}: the file has no rows")
     available = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
     report = DataReport(path=str(path), rows=len(records))
     columns, report.detected = qa_columns(str(path), available, cfg.columns)
@@ -263,22 +265,24 @@ def load_qa(path: str, cfg: DataConfig, tokenizer, max_length: int):
         log.info("%s: using %s (auto-detected; set data.columns.<field> to choose others)", path,
                  ", ".join(f"{n} <- '{columns[n]}'" for n in report.detected))
 
-    examples, wheres, problems = [], [], []
-    for record in records:
+    examples, rows_of_examples, problems = [], [], []  # problems: (row index, where, Invalid)
+    for row, record in enumerate(records):
         try:
             if isinstance(record.values, Invalid):
                 raise record.values
             examples.append(qa_example(record.values, columns, cfg.system_prompt))
-            wheres.append(record.where)
+            rows_of_examples.append(row)
         except Invalid as bad:
-            problems.append((record.where, bad))
+            problems.append((row, record.where, bad))
     lengths = token_lengths(tokenizer, examples) if examples else {"prompt": [], "completion": [], "total": []}
     keep = []
-    for i, (where, total) in enumerate(zip(wheres, lengths["total"])):
+    for i, (row, total) in enumerate(zip(rows_of_examples, lengths["total"])):
         if total > max_length:
-            problems.append((where, Invalid("too_long", f"row is {total} tokens, longer than max_length={max_length}")))
+            message = f"row is {total} tokens, longer than max_length={max_length}"
+            problems.append((row, records[row].where, Invalid("too_long", message)))
         else:
             keep.append(i)
+    problems = [(where, bad) for _, where, bad in sorted(problems, key=lambda p: p[0])]  # in file order
 
     for where, bad in problems:
         report.skipped[bad.reason] += 1

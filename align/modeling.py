@@ -89,10 +89,10 @@ def quantization_config(cfg: ModelConfig):
             f"model.quantization=nf4 needs bitsandbytes, which cannot be imported here ({e}). "
             "Install it (pip install bitsandbytes) or set model.quantization=none for a full-precision base."
         ) from None
-    if where not in ("cuda", "cpu", "xpu"):
+    if where not in ("cuda", "cpu"):  # the devices align's 4-bit path is tested on
         raise ModelLoadError(
-            f"4-bit NF4 is not available on this device ({where}). Set model.quantization=none to train on a "
-            "full-precision base."
+            f"4-bit NF4 is not available on this device ({where}); align runs it on CUDA GPUs and CPUs. "
+            "Set model.quantization=none to train on a full-precision base."
         )
     from transformers import BitsAndBytesConfig
 

@@ -16,8 +16,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from align.errors import AlignError
 
@@ -26,11 +27,11 @@ class RecipeError(AlignError, ValueError):
     """A recipe or override that does not fit the schema; the message says where and how to fix it."""
 
 
-def doc(default: Any = MISSING, help: str = "", **kwargs) -> Any:
+def doc(default: Any = MISSING, help: str = "") -> Any:
     """A dataclass field with its help text; a list/dict/dataclass default is given as a factory."""
     if callable(default) and not isinstance(default, Enum):
-        return field(default_factory=default, metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 class Quantization(Enum):
@@ -183,8 +184,10 @@ def _merge(cfg, load, where: str):
         raise RecipeError(
             f"{where}: unknown key '{e.full_key}'" + (f"; did you mean '{hint}'?" if hint else "")
         ) from None
-    except MissingMandatoryValue as e:
-        raise RecipeError(f"{where}: {e.full_key}: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     except OmegaConfBaseException as e:
         msg = getattr(e, "msg", str(e))
         key = getattr(e, "full_key", None)

@@ -143,10 +143,16 @@ def test_skip_invalid_counts_and_logs_every_reason(tmp_path, tokenizer, caplog):
     assert f"{tmp_path / 'qa.jsonl'}:4: field 'answer' is empty" in caplog.text
 
 
-def test_without_skip_the_error_counts_the_other_bad_rows(tmp_path, tokenizer):
-    rows = ROWS + [b for b, _, _ in BAD_ROWS]
-    with pytest.raises(DataError, match=r"\(3 more invalid rows: .*too_long=1"):
+def test_without_skip_the_error_cites_the_first_bad_row_and_counts_the_others(tmp_path, tokenizer):
+    rows = ROWS + [b for b, _, _ in reversed(BAD_ROWS)]  # the over-long row comes first
+    with pytest.raises(DataError, match=r":4: row is \d+ tokens.*\(3 more invalid rows: .*empty=1"):
         load(write(tmp_path / "qa.jsonl", rows), tokenizer)
+
+
+def test_empty_file_says_so(tmp_path, tokenizer):
+    (tmp_path / "qa.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="the file has no rows"):
+        load(tmp_path / "qa.jsonl", tokenizer)
 
 
 def test_dataset_dict_directory_asks_for_a_split(tmp_path, tokenizer):

@@ -30,6 +30,14 @@ def test_missing_bitsandbytes_names_the_setting(monkeypatch):
         load_model(ModelConfig(name_or_path=str(TINY_BASE)))
 
 
+def test_device_without_4bit_names_the_setting(monkeypatch):
+    import align.modeling
+
+    monkeypatch.setattr(align.modeling, "device", lambda: torch.device("mps"))
+    with pytest.raises(ModelLoadError, match=r"not available on this device \(mps\).*Set model.quantization=none"):
+        load_model(ModelConfig(name_or_path=str(TINY_BASE)))
+
+
 def test_unloadable_model_names_the_key(tmp_path):
     with pytest.raises(ModelLoadError, match="model.name_or_path="):
         load_model(ModelConfig(name_or_path=str(tmp_path), quantization=Quantization.none))

@@ -55,6 +55,13 @@ def test_missing_required_value_names_key_and_file(tmp_path):
         load_recipe(path)
 
 
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  name_or_path: x\nsft: {max_steps: 3\n")
+    with pytest.raises(RecipeError, match=rf"^{path}:4: not valid YAML"):
+        load_recipe(path)
+
+
 def test_override_without_equals_is_an_error(write_recipe):
     with pytest.raises(RecipeError, match="not key=value"):
         load_recipe(write_recipe(), ["sft.max_steps"])
