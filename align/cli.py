@@ -103,16 +103,15 @@ def _sft(args) -> int:
     if not PartialState().is_main_process:
         return 0
     before, after = results["before"], results["after"]
-    table = Table(title="SFT on held-out data")
-    for column in ("", "before", "after"):
-        table.add_column(column)
-    if after:
-        table.add_row("answer loss", f"{before['answer_loss']:.4f}", f"{after['answer_loss']:.4f}")
-    if "answer_accuracy" in after:
-        table.add_row("answer accuracy (greedy, final number)", f"{before['answer_accuracy']:.1%}",
-                      f"{after['answer_accuracy']:.1%}")
     console = Console()
     if after:
+        table = Table(title="SFT on held-out data")
+        for column in ("", "before", "after"):
+            table.add_column(column)
+        table.add_row("answer loss", f"{before['answer_loss']:.4f}", f"{after['answer_loss']:.4f}")
+        if "answer_accuracy" in after:
+            table.add_row("answer accuracy (greedy, final number)", f"{before['answer_accuracy']:.1%}",
+                          f"{after['answer_accuracy']:.1%}")
         console.print(table)
         for sample in after.get("samples", []):
             mark = "[green]right[/green]" if sample["correct"] else "[red]wrong[/red]"

@@ -113,10 +113,13 @@ class RunDir:
     trainer_dir = property(lambda self: self.path / "trainer")
 
     def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None) -> None:
-        """Write config.yaml and the lineage known before training; a new run starts a new metrics.jsonl."""
+        """Write config.yaml and the lineage known before training. A new run starts from nothing: the previous
+        run's metrics, samples and trainer checkpoints go; its finished checkpoint stays until replaced."""
         if not _main_process():
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.trainer_dir, ignore_errors=True)
+        (self.path / "samples.jsonl").unlink(missing_ok=True)
         self.config_path.write_text(to_yaml(self.recipe))
         self.metrics_path.write_text("")
         for item in data:

@@ -50,6 +50,18 @@ def test_start_and_finish_write_config_and_lineage(write_recipe, tmp_path):
     assert [json.loads(line) for line in run.metrics_path.read_text().splitlines()] == [{"step": 1, "loss": 2.0}]
 
 
+def test_a_new_run_starts_clean_but_keeps_the_finished_checkpoint_until_replaced(write_recipe):
+    run = RunDir(load_recipe(write_recipe()), "sft")
+    run.start(base_model={}, data=[])
+    run.log_metrics({"step": 1})
+    (run.trainer_dir / "checkpoint-5").mkdir(parents=True)
+    with run.checkpoint() as staging:
+        staging.mkdir()
+    run.start(base_model={}, data=[])
+    assert run.metrics_path.read_text() == "" and not run.trainer_dir.exists()
+    assert complete_checkpoint(run.path) == run.checkpoint_path
+
+
 def test_directory_hash_covers_names_and_contents(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("1")
