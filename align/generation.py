@@ -16,10 +16,9 @@ def generate(
     *,
     max_new_tokens: int,
     batch_size: int = 32,
-    temperature: float = 0.0,
     desc: str = "generating",
 ) -> list[str]:
-    """One answer per prompt (greedy when temperature is 0), decoded without special tokens."""
+    """One greedy answer per prompt, decoded without special tokens."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -31,14 +30,13 @@ def generate(
         # Left padding, so that every prompt ends where generation starts.
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
-            **sampling,
+            do_sample=False,
         )
         answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
     model.train(was_training)
