@@ -103,3 +103,15 @@ def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained
     with torch.no_grad(), reloaded.disable_adapter():
         without_adapter = reloaded(input_ids=ids).logits
     assert (without_adapter - expected).abs().max() > 0.1  # the adapter is what makes the difference
+
+
+def test_packing_keeps_the_answer_only_loss(write_recipe):
+    recipe = load_recipe(write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(packing=True, max_steps=3)))
+    tokenizer = load_tokenizer(recipe.model)
+    train, _, _ = sft._load_data(recipe, tokenizer)
+    trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, None, RunDir(recipe, "sft"))
+    row = trainer.train_dataset[0]
+    assert len(row["seq_lengths"]) >= 2 and sum(row["seq_lengths"]) == len(row["input_ids"]) <= 128  # shared row
+    masked = sum(label == -100 for label in row["labels"])
+    assert 0 < masked < len(row["labels"])  # each example's prompt still masked, its answer still counted
+    assert trainer.train().training_loss > 0
