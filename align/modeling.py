@@ -132,6 +132,16 @@ def load_model(cfg: ModelConfig, *, activation_checkpointing: bool = False, mode
     return model
 
 
+def trainable_in_compute_dtype(model, cfg: ModelConfig) -> None:
+    """Call after building a TRL trainer. TRL stores the trainable weights of a quantized model (LoRA, heads) in
+    bf16, as the QLoRA paper does on GPUs. Where the compute dtype is fp32 (CPUs, which lack bf16 units) that only
+    costs speed and precision, so they go back to fp32."""
+    if compute_dtype(cfg) == torch.float32:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
 def _from_pretrained(auto_class, cfg: ModelConfig, **kwargs):
     try:
         return auto_class.from_pretrained(cfg.name_or_path, **kwargs)

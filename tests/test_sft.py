@@ -39,6 +39,8 @@ def test_labels_cover_the_answer_only(write_recipe):
         )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding ignored too
+    # TRL casts QLoRA adapters to bf16; on a CPU (fp32 compute) align keeps them in fp32.
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
 
 
 @pytest.fixture(scope="module")

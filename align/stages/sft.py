@@ -20,7 +20,7 @@ from typing import Any
 
 from align.data import load_qa
 from align.generation import generate
-from align.modeling import compute_dtype, load_model, load_tokenizer, lora_config, precision_args
+from align.modeling import load_model, load_tokenizer, lora_config, precision_args, trainable_in_compute_dtype
 from align.recipe import Recipe, RecipeError, trainer_kwargs
 from align.rewards import final_answer_match
 from align.rundir import MetricsCallback, RunDir, model_identity
@@ -95,12 +95,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         peft_config=lora_config(recipe.lora),
         callbacks=[MetricsCallback(run_dir)],
     )
-    if compute_dtype(recipe.model) == torch.float32:
-        # TRL stores QLoRA adapters in bf16 (as the QLoRA paper does on GPUs). Where the compute dtype is fp32
-        # (CPUs, which lack bf16 units) that only costs speed and precision, so the adapters go back to fp32.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+    trainable_in_compute_dtype(trainer.model, recipe.model)
     return trainer
 
 
