@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("target", help="a recipe (.yaml) or a data file (.jsonl, .json, .csv, .parquet, saved dir)")
     check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.columns.prompt=q")
     check.add_argument("--model", default=None, help=f"tokenizer for a bare data file (default: {TINY_BASE})")
-    check.add_argument("--max-length", type=int, default=None, help="token limit for a bare data file (default: 1024)")
+    check.add_argument("--max-length", type=int, default=None, help="token limit (default: the recipe's sft.max_length)")
 
     tiny = commands.add_parser("tiny", help="the built-in tiny base model and its data").add_subparsers(
         dest="action", required=True
@@ -129,7 +129,7 @@ def _data_check(args) -> int:
 
     from align.data import load_qa, percentiles
     from align.modeling import load_tokenizer
-    from align.recipe import load_recipe
+    from align.recipe import SFTStage, load_recipe
 
     is_recipe = args.target.endswith((".yaml", ".yml"))
     overrides = list(args.overrides) + ["data.skip_invalid=true"]  # count every problem instead of stopping
@@ -140,7 +140,7 @@ def _data_check(args) -> int:
         base = [f"model.name_or_path={args.model or TINY_BASE}"]
         recipe = load_recipe(None, base + overrides)
         files = [args.target]
-    max_length = args.max_length or (recipe.sft.max_length if recipe.sft else 1024)
+    max_length = args.max_length or (recipe.sft or SFTStage()).max_length
     tokenizer = load_tokenizer(recipe.model)
 
     table = Table(title=f"data check (tokens by {recipe.model.name_or_path}, max_length {max_length})")

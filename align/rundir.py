@@ -93,6 +93,17 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put a fully written `staging` directory at `target`, replacing what was there. The old target stays whole
+    until the new one has its name, so `target` is never a half-written directory."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def complete_checkpoint(stage_dir: str | Path) -> Path | None:
     """The stage's checkpoint if it was completed (renamed into place), else None."""
     path = Path(stage_dir) / "checkpoint"
@@ -110,6 +121,7 @@ class RunDir:
     lineage_path = property(lambda self: self.path / "lineage.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     checkpoint_path = property(lambda self: self.path / "checkpoint")
+    samples_path = property(lambda self: self.path / "samples.jsonl")
     trainer_dir = property(lambda self: self.path / "trainer")
 
     def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None) -> None:
@@ -119,7 +131,7 @@ class RunDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.trainer_dir, ignore_errors=True)
-        (self.path / "samples.jsonl").unlink(missing_ok=True)
+        self.samples_path.unlink(missing_ok=True)
         self.config_path.write_text(to_yaml(self.recipe))
         self.metrics_path.write_text("")
         for item in data:
@@ -157,11 +169,7 @@ class RunDir:
         yield staging
         PartialState().wait_for_everyone()
         if _main_process():
-            old = self.path / "checkpoint.old"
-            if self.checkpoint_path.exists():
-                self.checkpoint_path.rename(old)
-            staging.rename(self.checkpoint_path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(staging, self.checkpoint_path)
 
     def finish(self, results: dict[str, Any]) -> None:
         if _main_process():
@@ -179,5 +187,5 @@ class MetricsCallback(TrainerCallback):
         self.run = run
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        if logs:  # log_metrics writes on the main process only
             self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})

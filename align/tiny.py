@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from align.modeling import DEFAULT_CHAT_TEMPLATE
+from align.rundir import replace_dir
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 VOCAB_SIZE = 512
@@ -110,7 +111,6 @@ def pretrain(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    replace_dir(staging, out)
     shutil.rmtree(work, ignore_errors=True)
     return out

@@ -134,7 +134,7 @@ def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
     """Held-out answers before and after training, side by side, in samples.jsonl."""
     if not after.get("samples"):
         return
-    with (run_dir.path / "samples.jsonl").open("w") as f:
+    with run_dir.samples_path.open("w") as f:
         for b, a in zip(before["samples"], after["samples"]):
             f.write(json.dumps({"prompt": a["prompt"], "reference": a["reference"], "before": b["answer"],
                                 "after": a["answer"], "correct_before": b["correct"], "correct_after": a["correct"]})
