@@ -7,6 +7,12 @@ which leaves the RL stages room above the SFT policy. Every unordered pair {a, b
 hash decides), so held-out and RL questions are sums the tiny base never read during pretraining and SFT never
 trained on. The corpus states sums in prose (what the base "knows"); the QA pairs teach the assistant format
 "17 + 25 = 42. The answer is 42." that the rule rewards check.
+
+Preference pairs for the reward model: chosen is that answer; rejected is, in proportions 2:1:1, a wrong number
+in the same form (one digit changed, a lost or extra carry, off by one), a malformed answer with the right
+number (cut short, bare, or without the answer sentence: always shorter), or a rambling one with the right
+number (filler and repetition: always longer). Lengths thus point to the chosen answer as often as away from
+it, and half the pairs differ only in the arithmetic: a reward model must add to rank them (`cues` measures it).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 DIGITS = (2, 3)
@@ -89,6 +96,63 @@ def qa_rows(rng: random.Random, split: str, count: int) -> list[dict]:
     return rows
 
 
+def wrong_number(rng: random.Random, s: int) -> int:
+    """A plausible slip: one digit changed, a carry lost or added, or off by one."""
+    while True:
+        kind = rng.choice(("digit", "carry", "one"))
+        if kind == "digit":
+            digits = list(str(s))
+            i = rng.randrange(len(digits))
+            digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0")])
+            w = int("".join(digits))
+        elif kind == "carry":
+            w = s + rng.choice((-1, 1)) * rng.choice((10, 100))
+        else:
+            w = s + rng.choice((-1, 1))
+        if w > 0 and w != s:
+            return w
+
+
+MALFORMED = ["{s}", "{a} + {b} = {s}", "{a} + {b} = {s}. The answer", "answer {s}", "= {s}. {s}"]
+RAMBLING = [
+    "Let me think. {a} plus {b}. Hmm, {a} and {b}. {a} + {b} = {s}. The answer is {s}. The answer is {s}.",
+    "Well, well. Adding {b} to {a}, let me see, let me see. {a} + {b} = {s}. So, so, the answer is {s}.",
+    "{a} + {b} = {s}. The answer is {s}. I am sure the answer is {s}, yes, {s}, the answer is {s}.",
+    "{a} + {b}, that is a sum. A sum of {a} and {b}. {a} + {b} = {s}. The answer is {s}, the answer.",
+]
+
+
+def preference_rows(rng: random.Random, split: str, count: int) -> list[dict]:
+    """{question, chosen, rejected, kind}: kind says how the rejected answer is worse."""
+    rows, seen = [], set()
+    while len(rows) < count:
+        a, b = sample_pair(rng, split)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        kind = rng.choice(("wrong_number", "wrong_number", "malformed", "rambling"))
+        if kind == "wrong_number":
+            rejected = answer(a, b).replace(str(a + b), str(wrong_number(rng, a + b)))
+        else:
+            rejected = rng.choice(MALFORMED if kind == "malformed" else RAMBLING).format(a=a, b=b, s=a + b)
+        question = rng.choice(QUESTION_FORMS).format(a=a, b=b)
+        rows.append({"question": question, "chosen": answer(a, b), "rejected": rejected, "kind": kind})
+    return rows
+
+
+def cues(rows: list[dict]) -> dict[str, float]:
+    """Pairwise accuracy of rankers that do not add: by length (either way) and by the answer's form."""
+    def accuracy(key):  # the higher key wins; a tie is a coin flip
+        return sum(1.0 if key(r["chosen"]) > key(r["rejected"]) else 0.5 if key(r["chosen"]) == key(r["rejected"])
+                   else 0.0 for r in rows) / len(rows)
+
+    return {
+        "shorter_wins": accuracy(lambda t: -len(t)),
+        "longer_wins": accuracy(len),
+        "well_formed_wins": accuracy(lambda t: re.fullmatch(r"\d+ \+ \d+ = \d+\. The answer is \d+\.", t) is not None),
+    }
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
@@ -102,7 +166,14 @@ def main(out: Path = Path("data"), seed: int = SEED) -> None:
     (out / "corpus.txt").write_text("\n".join(corpus(rng, documents=8000)) + "\n")
     write_jsonl(out / "arithmetic" / "sft_train.jsonl", qa_rows(rng, "train", count=2000))
     write_jsonl(out / "arithmetic" / "sft_heldout.jsonl", qa_rows(rng, "heldout", count=200))
+    rng = random.Random(seed + 1)  # its own stream: adding preference data left the files above unchanged
+    train, held_out = preference_rows(rng, "train", count=3000), preference_rows(rng, "heldout", count=200)
+    write_jsonl(out / "arithmetic" / "preference_train.jsonl", train)
+    write_jsonl(out / "arithmetic" / "preference_heldout.jsonl", held_out)
     print(f"wrote {out}/corpus.txt and {out}/arithmetic/")
+    for name, rows in (("train", train), ("held-out", held_out)):
+        print(f"preference {name}: accuracy of rankers that do not add: "
+              + ", ".join(f"{k} {v:.1%}" for k, v in cues(rows).items()))
 
 
 if __name__ == "__main__":

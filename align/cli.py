@@ -34,23 +34,41 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_recipe_keys("model", "lora", "data", "run", "sft"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sft.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. sft.learning_rate=1e-4")
+    reward = commands.add_parser(
+        "reward",
+        help="train a pairwise reward model (LoRA + score head) on preference data",
+        description="Train a reward model on chosen/rejected pairs (or rated responses) with TRL's RewardTrainer: "
+        "the recipe's base model with a LoRA adapter (from the SFT stage's by default) and a one-output score "
+        "head. Reports held-out pairwise accuracy, mean margin and reward mean/std before and after. Writes "
+        "runs/<run>/reward/ (config.yaml, lineage.json, metrics.jsonl, samples.jsonl, checkpoint/).",
+        epilog=_recipe_keys("model", "lora", "data", "run", "reward"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for stage in (sft, reward):
+        stage.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
+        stage.add_argument("overrides", nargs="*", metavar="key=value",
+                           help=f"recipe overrides, e.g. {stage.prog.split()[-1]}.learning_rate=1e-4")
 
     data = commands.add_parser("data", help="inspect data files").add_subparsers(dest="action", required=True)
     check = data.add_parser(
         "check",
         help="validate data files and print a summary",
-        description="Validate a recipe's data files (or one file) without training: rows, columns found, rows "
-        "that would be skipped and why, and token-length percentiles. Exits 1 if any row is invalid.",
+        description="Validate a recipe's data files (or one file) without training: rows, columns found, QA "
+        "or preference pairs formed, rows that would be skipped and why, and token-length percentiles. Exits 1 "
+        "if any row is invalid.",
         epilog="examples:\n  align data check recipes/quickstart.yaml\n"
-        "  align data check my_qa.csv data.columns.prompt=q data.columns.completion=a --model Qwen/Qwen2.5-0.5B",
+        "  align data check my_qa.csv data.columns.prompt=q data.columns.completion=a --model Qwen/Qwen2.5-0.5B\n"
+        "  align data check prefs.csv data.columns.chosen=better_answer data.columns.rejected=worse_answer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("target", help="a recipe (.yaml) or a data file (.jsonl, .json, .csv, .parquet, saved dir)")
     check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.columns.prompt=q")
     check.add_argument("--model", default=None, help=f"tokenizer for a bare data file (default: {TINY_BASE})")
-    check.add_argument("--max-length", type=int, default=None, help="token limit (default: the recipe's sft.max_length)")
+    check.add_argument("--max-length", type=int, default=None,
+                       help="token limit (default: the recipe's sft.max_length or reward.max_length)")
+    check.add_argument("--kind", choices=("auto", "qa", "preference"), default="auto",
+                       help="what a bare data file holds (default auto: preference if it has chosen/rejected or "
+                       "responses/scores columns)")
 
     tiny = commands.add_parser("tiny", help="the built-in tiny base model and its data").add_subparsers(
         dest="action", required=True
@@ -70,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "sft":
-            return _sft(args)
+        if args.command in ("sft", "reward"):
+            return _stage(args)
         if args.command == "data":
             return _data_check(args)
         if args.action == "pretrain":
@@ -88,74 +106,118 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _sft(args) -> int:
+def _stage(args) -> int:
+    import importlib
+
     from rich.console import Console
-    from rich.table import Table
 
     from align.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
-    from align.stages import sft
-
-    results = sft.run(recipe)
+    results = importlib.import_module(f"align.stages.{args.command}").run(recipe)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
-    before, after = results["before"], results["after"]
     console = Console()
-    if after:
-        table = Table(title="SFT on held-out data")
-        for column in ("", "before", "after"):
-            table.add_column(column)
-        table.add_row("answer loss", f"{before['answer_loss']:.4f}", f"{after['answer_loss']:.4f}")
-        if "answer_accuracy" in after:
-            table.add_row("answer accuracy (greedy, final number)", f"{before['answer_accuracy']:.1%}",
-                          f"{after['answer_accuracy']:.1%}")
-        console.print(table)
-        for sample in after.get("samples", []):
-            mark = "[green]right[/green]" if sample["correct"] else "[red]wrong[/red]"
-            console.print(f"  {mark} {sample['prompt']} -> {sample['answer'].strip()!r}", soft_wrap=True)
-    else:
-        console.print("no held-out file (data.sft.eval), so no before/after evaluation")
+    {"sft": _print_sft, "reward": _print_reward}[args.command](console, results)
     console.print(f"train loss {results['train_loss']:.4f}; checkpoint: {results['checkpoint']}", soft_wrap=True)
     console.print(f"run dir: {results['run_dir']}", soft_wrap=True)
     return 0
+
+
+def _before_after(title: str, rows: list[tuple[str, str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("", "before", "after"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _print_sft(console, results: dict) -> None:
+    before, after = results["before"], results["after"]
+    if not after:
+        console.print("no held-out file (data.sft.eval), so no before/after evaluation")
+        return
+    rows = [("answer loss", f"{before['answer_loss']:.4f}", f"{after['answer_loss']:.4f}")]
+    if "answer_accuracy" in after:
+        rows.append(("answer accuracy (greedy, final number)", f"{before['answer_accuracy']:.1%}",
+                     f"{after['answer_accuracy']:.1%}"))
+    console.print(_before_after("SFT on held-out data", rows))
+    for sample in after.get("samples", []):
+        mark = "[green]right[/green]" if sample["correct"] else "[red]wrong[/red]"
+        console.print(f"  {mark} {sample['prompt']} -> {sample['answer'].strip()!r}", soft_wrap=True)
+
+
+def _print_reward(console, results: dict) -> None:
+    before, after = results["before"], results["after"]
+    console.print(f"reward model LoRA initialised from: {results['init_from'] or 'fresh (reward.init_from=base)'}",
+                  soft_wrap=True)
+    if not after:
+        console.print("no held-out file (data.preference.eval), so no before/after evaluation")
+        return
+    rows = [("pairwise accuracy (chosen > rejected)", f"{before['pair_accuracy']:.1%}", f"{after['pair_accuracy']:.1%}")]
+    rows += [(label, f"{before[key]:.3f}", f"{after[key]:.3f}") for label, key in (
+        ("mean margin (chosen - rejected)", "margin_mean"), ("reward mean", "reward_mean"),
+        ("reward std", "reward_std"), ("loss", "loss"))]
+    console.print(_before_after(f"reward model on {after['pairs']} held-out pairs", rows))
 
 
 def _data_check(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from align.data import load_qa, percentiles
+    from align.data import load_preferences, load_qa, percentiles
     from align.modeling import load_tokenizer
-    from align.recipe import SFTStage, load_recipe
+    from align.recipe import RewardStage, SFTStage, load_recipe
 
-    is_recipe = args.target.endswith((".yaml", ".yml"))
     overrides = list(args.overrides) + ["data.skip_invalid=true"]  # count every problem instead of stopping
-    if is_recipe:
+    if args.target.endswith((".yaml", ".yml")):
         recipe = load_recipe(args.target, overrides)
-        files = [f for f in (recipe.data.sft.train, recipe.data.sft.eval) if f]
+        files = [(f, "qa") for f in (recipe.data.sft.train, recipe.data.sft.eval) if f]
+        files += [(f, "preference") for f in (recipe.data.preference.train, recipe.data.preference.eval) if f]
     else:
-        base = [f"model.name_or_path={args.model or TINY_BASE}"]
-        recipe = load_recipe(None, base + overrides)
-        files = [args.target]
-    max_length = args.max_length or (recipe.sft or SFTStage()).max_length
+        recipe = load_recipe(None, [f"model.name_or_path={args.model or TINY_BASE}"] + overrides)
+        files = [(args.target, args.kind if args.kind != "auto" else _kind(args.target, recipe))]
+    limits = {"qa": (recipe.sft or SFTStage()).max_length, "preference": (recipe.reward or RewardStage()).max_length}
+    loaders = {"qa": load_qa, "preference": load_preferences}
     tokenizer = load_tokenizer(recipe.model)
 
-    table = Table(title=f"data check (tokens by {recipe.model.name_or_path}, max_length {max_length})")
-    for column in ("file", "rows", "kept", "columns", "skipped", "tokens p50/p90/p99/max"):
+    table = Table(title=f"data check (tokens by {recipe.model.name_or_path})")
+    for column in ("file", "kind", "rows", "examples", "columns", "skipped", "tokens p50/p90/p99/max"):
         table.add_column(column)
-    problems = []
-    for path in files:
-        _, report = load_qa(path, recipe.data, tokenizer, max_length)
+    notes, invalid = [], False
+    for path, kind in files:
+        max_length = args.max_length or limits[kind]
+        _, report = loaders[kind](path, recipe.data, tokenizer, max_length)
         lengths = "\n".join(f"{k}: {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items())
         columns = ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())
         skipped = ", ".join(f"{k}={n}" for k, n in report.skipped.most_common()) or "none"
-        table.add_row(path, str(report.rows), str(report.kept), columns, skipped, lengths)
-        problems.extend(report.first_skipped.values())
+        table.add_row(path, f"{kind}\nmax_length {max_length}", str(report.rows), str(report.examples), columns,
+                      skipped, lengths)
+        notes.extend(f"first {reason}: {problem}" for reason, problem in report.first_skipped.items())
+        invalid = invalid or bool(report.skipped)
+        if report.pairing:
+            notes.append(f"{path}: rated responses paired by {report.pairing['rule']}: "
+                         + ", ".join(f"{k}={v}" for k, v in report.pairing.items() if k != "rule"))
     console = Console()
     console.print(table)
-    for problem in problems:
-        console.print(f"  first of its kind: {problem}", soft_wrap=True)
-    return 1 if problems else 0
+    for note in notes:
+        console.print(f"  {note}", soft_wrap=True)
+    return 1 if invalid else 0
+
+
+def _kind(path: str, recipe) -> str:
+    """'preference' if the file's columns are preference columns (mapped or by their usual names), else 'qa'."""
+    from align.data import DataError, preference_columns, read_records
+
+    records = read_records(path)
+    columns = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
+    try:
+        preference_columns(path, columns, recipe.data.columns)
+        return "preference"
+    except DataError:
+        return "qa"

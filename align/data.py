@@ -8,6 +8,10 @@ skipped, counted by reason and logged; nothing is dropped silently.
 QA pairs come as prompt + completion columns or as a conversation (`messages`: a list of {role, content} ending
 in the assistant's answer). Both become TRL's conversational prompt-completion form, so the chat template renders
 every stage's prompts the same way and the loss falls on the answer only.
+
+Preference data comes in three shapes (docs/data.md), all turned into one pair format, {prompt, chosen,
+rejected} as messages: explicit prompt + chosen + rejected; chosen/rejected conversations whose common start is
+the prompt; and rated responses (several per prompt, each with a score), paired by `data.pair_rule`.
 """
 
 from __future__ import annotations
@@ -16,22 +20,30 @@ import csv
 import difflib
 import json
 import logging
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from align.errors import AlignError
-from align.recipe import Columns, DataConfig
+from align.modeling import conversation_ids
+from align.recipe import Columns, DataConfig, DataFiles, PairRule
 
 log = logging.getLogger(__name__)
 
-FORMATS = ".jsonl, .json, .csv, .parquet or a save_to_disk directory"
+FORMATS = ".jsonl, .json, .csv, .parquet, a save_to_disk directory or a hub dataset id (owner/name[:split])"
 AUTO_COLUMNS = {
     "prompt": ("prompt", "question", "instruction", "query"),
     "completion": ("completion", "answer", "response", "output"),
     "messages": ("messages", "conversations", "conversation"),
+    "chosen": ("chosen", "preferred", "accepted"),
+    "rejected": ("rejected", "dispreferred"),
+    "responses": ("responses", "completions", "response", "completion"),
+    "scores": ("scores", "ratings", "score", "rating"),
 }
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
 ROLES = ("system", "user", "assistant")
 
 
@@ -47,38 +59,40 @@ class Record:
 
 @dataclass
 class Invalid(Exception):
-    reason: str  # short counter key: empty, missing_field, wrong_type, bad_messages, bad_json, too_long
+    reason: str  # counter key: empty, missing_field, wrong_type, bad_messages, bad_json, not_a_number, identical, too_long
     message: str
 
 
 @dataclass
 class DataReport:
-    """What was read from one file: counts, the columns used, skips by reason, token lengths of kept rows."""
+    """What was read from one file: counts, the columns used, skips by reason, token lengths of what was kept.
+    QA data gives one example per row; preference data one pair per row, or several per prompt when rated."""
 
     path: str
     rows: int = 0
+    examples: int = 0  # QA pairs or preference pairs kept
     columns: dict[str, str] = field(default_factory=dict)  # field -> column
     detected: list[str] = field(default_factory=list)  # fields whose column was auto-detected
-    skipped: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows (or pairs: identical, too_long) skipped
     first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> "where: message"
-    lengths: dict[str, list[int]] = field(default_factory=dict)  # prompt/completion/total -> tokens per kept row
-
-    @property
-    def kept(self) -> int:
-        return self.rows - sum(self.skipped.values())
+    pairing: dict[str, Any] = field(default_factory=dict)  # rated data: the rule and what it dropped
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # prompt/completion/... -> tokens per example
 
     def summary(self) -> dict[str, Any]:
-        return {"path": self.path, "rows": self.rows, "kept": self.kept, "columns": self.columns,
-                "skipped": dict(self.skipped)}
+        summary = {"path": self.path, "rows": self.rows, "examples": self.examples, "columns": self.columns,
+                   "skipped": dict(self.skipped)}
+        return summary | ({"pairing": self.pairing} if self.pairing else {})
 
 
 # -- reading ------------------------------------------------------------------------------------------------
 
 
 def read_records(path: str | Path) -> list[Record]:
+    if not Path(path).exists() and HUB_ID.match(str(path)):
+        return _read_hub(str(path))
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found (nor a hub dataset id such as owner/name or owner/name:test)")
     if path.is_dir():
         return _read_saved_dataset(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -149,6 +163,19 @@ def _read_saved_dataset(path: Path) -> list[Record]:
     return [Record(f"{path} row {i}", row) for i, row in enumerate(ds, start=1)]
 
 
+def _read_hub(spec: str) -> list[Record]:
+    from datasets import load_dataset
+
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001  (no network, no such dataset or split: datasets raises many types)
+        raise DataError(f"{spec}: not a local file, and loading it as hub dataset {name!r} split {split!r} failed: "
+                        f"{type(e).__name__}: {e}") from None
+    return [Record(f"{spec} row {i}", row) for i, row in enumerate(ds, start=1)]
+
+
 # -- columns ------------------------------------------------------------------------------------------------
 
 
@@ -192,7 +219,7 @@ def qa_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[
     return columns, [name for name in columns if name not in explicit]
 
 
-# -- validation ---------------------------------------------------------------------------------------------
+# -- fields -------------------------------------------------------------------------------------------------
 
 
 def _text(values: dict, column: str) -> str:
@@ -206,45 +233,87 @@ def _text(values: dict, column: str) -> str:
     return value
 
 
-def _messages(values: dict, column: str) -> list[dict]:
-    if column not in values or values[column] is None:
+def _messages(value: Any, column: str) -> list[dict]:
+    """A validated list of {role, content} messages (only those two keys kept)."""
+    if value is None:
         raise Invalid("missing_field", f"field '{column}' is missing")
-    messages = values[column]
-    if not isinstance(messages, list) or not messages:
-        raise Invalid("wrong_type", f"field '{column}' is {type(messages).__name__}, expected a non-empty list of "
+    if not isinstance(value, list) or not value:
+        raise Invalid("wrong_type", f"field '{column}' is {type(value).__name__}, expected a non-empty list of "
                       "{role, content} messages")
     clean = []
-    for i, m in enumerate(messages, start=1):
+    for i, m in enumerate(value, start=1):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
             raise Invalid("bad_messages", f"field '{column}' message {i} is not {{role: system|user|assistant, "
                           f"content: text}}: {m!r}")
         if not m["content"].strip():
             raise Invalid("empty", f"field '{column}' message {i} ({m['role']}) is empty")
         clean.append({"role": m["role"], "content": m["content"]})
-    if clean[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in clean):
-        raise Invalid("bad_messages", f"field '{column}' must hold a user turn and end with the assistant's answer")
     return clean
+
+
+def _prompt(values: dict, column: str) -> list[dict]:
+    """A prompt given as text (one user turn) or as messages that end with a user turn."""
+    if isinstance(values.get(column), list):
+        prompt = _messages(values[column], column)
+        if prompt[-1]["role"] != "user":
+            raise Invalid("bad_messages", f"field '{column}' must end with a user turn (the prompt to answer)")
+        return prompt
+    return [{"role": "user", "content": _text(values, column)}]
+
+
+def _answer(value: Any, column: str) -> list[dict]:
+    """An answer given as text or as assistant messages."""
+    if isinstance(value, list):
+        answer = _messages(value, column)
+        if any(m["role"] != "assistant" for m in answer):
+            raise Invalid("bad_messages", f"field '{column}' holds a {answer[0]['role']} turn where an answer "
+                          "(assistant turns only) belongs")
+        return answer
+    return [{"role": "assistant", "content": _text({column: value}, column)}]
+
+
+def _score(value: Any, column: str) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise Invalid("missing_field", f"field '{column}' is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise Invalid("wrong_type", f"field '{column}' is {type(value).__name__} {value!r}, expected a number")
+    try:
+        score = float(value)
+    except ValueError:
+        raise Invalid("not_a_number", f"field '{column}' is {value!r}, not a number") from None
+    if not math.isfinite(score):
+        raise Invalid("not_a_number", f"field '{column}' is {value!r}, not a finite number")
+    return score
+
+
+def _with_system(prompt: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *prompt]
+    return prompt
+
+
+# -- QA pairs -----------------------------------------------------------------------------------------------
 
 
 def qa_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, list[dict]]:
     """One row as TRL's conversational prompt-completion example; raises Invalid with the reason."""
     if "messages" in columns:
-        messages = _messages(values, columns["messages"])
+        column = columns["messages"]
+        messages = _messages(values.get(column), column)
+        if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
+            raise Invalid("bad_messages", f"field '{column}' must hold a user turn and end with the assistant's answer")
         prompt, completion = messages[:-1], messages[-1:]
     else:
         prompt = [{"role": "user", "content": _text(values, columns["prompt"])}]
         completion = [{"role": "assistant", "content": _text(values, columns["completion"])}]
-    if system_prompt and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": system_prompt}, *prompt]
-    return {"prompt": prompt, "completion": completion}
+    return {"prompt": _with_system(prompt, system_prompt), "completion": completion}
 
 
 def token_lengths(tokenizer, examples: list[dict]) -> dict[str, list[int]]:
     """Prompt, completion and total tokens per example, rendered with the chat template exactly as TRL trains."""
     prompts = tokenizer.apply_chat_template([e["prompt"] for e in examples], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template([e["prompt"] + e["completion"] for e in examples], tokenize=False)
-    encode = lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # noqa: E731
-    prompt_len, total = encode(prompts), encode(full)
+    prompt_len = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    total = [len(ids) for ids in conversation_ids(tokenizer, [e["prompt"] + e["completion"] for e in examples])]
     return {"prompt": prompt_len, "completion": [t - p for t, p in zip(total, prompt_len)], "total": total}
 
 
@@ -254,51 +323,250 @@ def load_qa(path: str, cfg: DataConfig, tokenizer, max_length: int):
     count as invalid ('too_long') rather than being truncated."""
     from datasets import Dataset
 
+    records, report = _open(path)
+    report.columns, report.detected = qa_columns(str(path), _available(records), cfg.columns)
+    _log_detected(report)
+    items = [(row, record.where, _attempt(qa_example, record, report.columns, cfg.system_prompt))
+             for row, record in enumerate(records)]
+    examples = _validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)
+    return Dataset.from_list(examples), report
+
+
+# -- preference pairs ---------------------------------------------------------------------------------------
+
+
+def preference_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[str, str], list[str]]:
+    """Chosen + rejected (+ prompt, optional for conversations), or prompt + responses + scores (rated data)."""
+    found = resolve_columns(path, available, mapping, ("prompt", "chosen", "rejected", "responses", "scores"))
+    explicit = {name for name in found if getattr(mapping, name) is not None}
+    if {"chosen", "rejected"} <= found.keys():
+        columns = {name: found[name] for name in ("prompt", "chosen", "rejected") if name in found}
+    elif {"prompt", "responses", "scores"} <= found.keys():
+        columns = {name: found[name] for name in ("prompt", "responses", "scores")}
+    else:
+        raise DataError(
+            f"{path}: cannot tell which columns hold the preferences (columns: {', '.join(available)}); pairs need "
+            "data.columns.chosen and data.columns.rejected (and data.columns.prompt unless they are conversations), "
+            "rated data needs data.columns.prompt, data.columns.responses and data.columns.scores"
+        )
+    return columns, [name for name in columns if name not in explicit]
+
+
+def pair_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, list[dict]]:
+    """One chosen/rejected row as {prompt, chosen, rejected} messages. Without a prompt column, chosen and
+    rejected must be conversations, and the turns they share at the start are the prompt."""
+    chosen_col, rejected_col = columns["chosen"], columns["rejected"]
+    if "prompt" in columns:
+        prompt = _prompt(values, columns["prompt"])
+        chosen, rejected = _answer(values.get(chosen_col), chosen_col), _answer(values.get(rejected_col), rejected_col)
+    else:
+        if not all(isinstance(values.get(c), list) for c in (chosen_col, rejected_col)):
+            raise Invalid("missing_field", f"no prompt column, so '{chosen_col}' and '{rejected_col}' must be "
+                          "conversations (lists of messages) that start with the same prompt; set "
+                          "data.columns.prompt=<column> if the prompt is in a column of its own")
+        whole_chosen = _messages(values[chosen_col], chosen_col)
+        whole_rejected = _messages(values[rejected_col], rejected_col)
+        shared = 0
+        while (shared < min(len(whole_chosen), len(whole_rejected))
+               and whole_chosen[shared] == whole_rejected[shared] and whole_chosen[shared]["role"] != "assistant"):
+            shared += 1
+        prompt, chosen, rejected = whole_chosen[:shared], whole_chosen[shared:], whole_rejected[shared:]
+        if not prompt or prompt[-1]["role"] != "user":
+            raise Invalid("bad_messages", f"'{chosen_col}' and '{rejected_col}' do not start with the same prompt "
+                          "(turns up to a user turn)")
+        chosen, rejected = _answer(chosen or None, chosen_col), _answer(rejected or None, rejected_col)
+    if chosen == rejected:
+        raise Invalid("identical", f"fields '{chosen_col}' and '{rejected_col}' hold the same answer")
+    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
+
+
+@dataclass
+class Rated:
+    """The responses to one prompt, each with its score and where it was read."""
+
+    prompt: list[dict]
+    responses: list[tuple[list[dict], float, int, str]] = field(default_factory=list)  # (answer, score, row, where)
+
+
+def _rated_prompts(records: list[Record], columns: dict[str, str], system_prompt: str | None):
+    """Rated rows grouped by prompt, and the rows that could not be read: a row holds either lists of responses
+    and scores, or one response and its score (rows with the same prompt are then one group)."""
+    groups: dict[str, Rated] = {}
+    problems = []
+    for row, record in enumerate(records):
+        try:
+            values = _values(record)
+            prompt = _with_system(_prompt(values, columns["prompt"]), system_prompt)
+            responses, scores = values.get(columns["responses"]), values.get(columns["scores"])
+            if isinstance(responses, list) and responses and not isinstance(responses[0], dict):
+                if not isinstance(scores, list) or len(scores) != len(responses):
+                    raise Invalid("wrong_type", f"field '{columns['scores']}' must be a list with one score per "
+                                  f"response ({len(responses)}), found {scores!r}")
+                items = [(_answer(r, columns["responses"]), _score(x, columns["scores"])) for r, x in zip(responses, scores)]
+            else:
+                items = [(_answer(responses, columns["responses"]), _score(scores, columns["scores"]))]
+        except Invalid as bad:
+            problems.append((row, record.where, bad))
+            continue
+        group = groups.setdefault(json.dumps(prompt), Rated(prompt))
+        group.responses.extend((answer, score, row, record.where) for answer, score in items)
+    return list(groups.values()), problems
+
+
+def rated_pairs(group: Rated, rule: PairRule, pairing: Counter):
+    """Pairs of one prompt's responses by `rule`, as (row, where, example or Invalid). The best-scored response
+    (the first, if several share the top score) is chosen; responses tied with it are dropped and counted."""
+    if len(group.responses) < 2:
+        pairing["single_response"] += 1
+        return []
+    best = max(group.responses, key=lambda r: r[1])  # the first of the top score
+    ties = [r for r in group.responses if r[1] == best[1] and r is not best]
+    pairing["tied_with_best"] += len(ties)
+    worse = [r for r in group.responses if r[1] < best[1]]  # file order
+    if rule == PairRule.best_vs_worst and worse:
+        worse = [min(worse, key=lambda r: r[1])]
+    pairs = []
+    for answer, _, row, where in worse:
+        example = {"prompt": group.prompt, "chosen": best[0], "rejected": answer}
+        if answer == best[0]:
+            example = Invalid("identical", f"response scored {best[1]:g} ({best[3]}) and this one hold the same text")
+        pairs.append((row, where, example))
+    return pairs
+
+
+def pair_token_ids(tokenizer, examples: list[dict]) -> dict[str, list]:
+    """Token ids of every pair's chosen and rejected conversation (as the reward model sees them) and the
+    token lengths of prompt, chosen and rejected answers."""
+    prompts = tokenizer.apply_chat_template([e["prompt"] for e in examples], add_generation_prompt=True, tokenize=False)
+    prompt_len = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    chosen = conversation_ids(tokenizer, [e["prompt"] + e["chosen"] for e in examples])
+    rejected = conversation_ids(tokenizer, [e["prompt"] + e["rejected"] for e in examples])
+    return {
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "prompt": prompt_len,
+        "chosen": [len(c) - p for c, p in zip(chosen, prompt_len)],
+        "rejected": [len(r) - p for r, p in zip(rejected, prompt_len)],
+        "total": [max(len(c), len(r)) for c, r in zip(chosen, rejected)],
+    }
+
+
+def load_preferences(path: str, cfg: DataConfig, tokenizer, max_length: int):
+    """Preference pairs from `path` as a `datasets.Dataset` of {prompt, chosen, rejected} messages plus their
+    token ids (chosen_ids, rejected_ids; TRL's RewardTrainer trains on these as they are), and its DataReport.
+    Errors and skips as in `load_qa`; a pair whose longer side exceeds `max_length` tokens is 'too_long'."""
+    from datasets import Dataset
+
+    records, report = _open(path)
+    report.columns, report.detected = preference_columns(str(path), _available(records), cfg.columns)
+    _log_detected(report)
+    if "scores" in report.columns:
+        groups, items = _rated_prompts(records, report.columns, cfg.system_prompt)
+        pairing = Counter()
+        for group in groups:
+            items.extend(rated_pairs(group, cfg.pair_rule, pairing))
+        report.pairing = {"rule": cfg.pair_rule.value, "prompts": len(groups), **pairing}
+        log.info("%s: %d prompts with rated responses -> pairs by %s; dropped: %d responses tied with the best, "
+                 "%d prompts with a single response", path, len(groups), cfg.pair_rule.value,
+                 pairing["tied_with_best"], pairing["single_response"])
+    else:
+        items = [(row, record.where, _attempt(pair_example, record, report.columns, cfg.system_prompt))
+                 for row, record in enumerate(records)]
+    token_ids: dict[str, list] = {}
+
+    def lengths(examples):
+        token_ids.update(pair_token_ids(tokenizer, examples))
+        return {k: token_ids[k] for k in ("prompt", "chosen", "rejected", "total")}
+
+    examples = _validated(items, lengths, max_length, cfg, report, ids=token_ids)
+    return Dataset.from_list(examples), report
+
+
+def load_train_eval(files: DataFiles, load, cfg: DataConfig, tokenizer, max_length: int, *, what: str):
+    """A stage's train and held-out data through `load` (load_qa, load_preferences): (train, held-out or None,
+    reports). `what` names the recipe key for the error when no training file is set."""
+    if files.train is None:
+        raise DataError(f"data.{what}.train is not set; point it at a file (see docs/data.md)")
+    train, report = load(files.train, cfg, tokenizer, max_length)
+    if files.eval is None:
+        return train, None, [report]
+    held_out, held_out_report = load(files.eval, cfg, tokenizer, max_length)
+    return train, held_out, [report, held_out_report]
+
+
+# -- shared by every loader ---------------------------------------------------------------------------------
+
+
+def _open(path: str) -> tuple[list[Record], DataReport]:
     records = read_records(path)
     if not records:
         raise DataError(f"{path}: the file has no rows")
-    available = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
-    report = DataReport(path=str(path), rows=len(records))
-    columns, report.detected = qa_columns(str(path), available, cfg.columns)
-    report.columns = columns
-    if report.detected:
-        log.info("%s: using %s (auto-detected; set data.columns.<field> to choose others)", path,
-                 ", ".join(f"{n} <- '{columns[n]}'" for n in report.detected))
+    return records, DataReport(path=str(path), rows=len(records))
 
-    examples, rows_of_examples, problems = [], [], []  # problems: (row index, where, Invalid)
-    for row, record in enumerate(records):
-        try:
-            if isinstance(record.values, Invalid):
-                raise record.values
-            examples.append(qa_example(record.values, columns, cfg.system_prompt))
-            rows_of_examples.append(row)
-        except Invalid as bad:
-            problems.append((row, record.where, bad))
-    lengths = token_lengths(tokenizer, examples) if examples else {"prompt": [], "completion": [], "total": []}
+
+def _available(records: list[Record]) -> list[str]:
+    return list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
+
+
+def _log_detected(report: DataReport) -> None:
+    if report.detected:
+        log.info("%s: using %s (auto-detected; set data.columns.<field> to choose others)", report.path,
+                 ", ".join(f"{n} <- '{report.columns[n]}'" for n in report.detected))
+
+
+def _values(record: Record) -> dict:
+    if isinstance(record.values, Invalid):
+        raise record.values
+    return record.values
+
+
+def _attempt(convert, record: Record, *args):
+    """convert(values, *args), or the Invalid it raised."""
+    try:
+        return convert(_values(record), *args)
+    except Invalid as bad:
+        return bad
+
+
+def _validated(items, lengths_of, max_length: int, cfg: DataConfig, report: DataReport, ids: dict | None = None):
+    """The valid examples of `items` ((row, where, example or Invalid), any order) that fit in `max_length`
+    tokens. Fills the report (skips by reason, token lengths of what is kept); raises DataError at the first
+    problem in file order unless `cfg.skip_invalid`. `ids`, filled by `lengths_of`, holds per-example token ids
+    to attach to the kept examples."""
+    valid = [(row, where, ex) for row, where, ex in items if not isinstance(ex, Invalid)]
+    problems = [(row, where, ex) for row, where, ex in items if isinstance(ex, Invalid)]
+    lengths = lengths_of([ex for _, _, ex in valid]) if valid else {}
     keep = []
-    for i, (row, total) in enumerate(zip(rows_of_examples, lengths["total"])):
+    for i, (row, where, _) in enumerate(valid):
+        total = lengths["total"][i]
         if total > max_length:
-            message = f"row is {total} tokens, longer than max_length={max_length}"
-            problems.append((row, records[row].where, Invalid("too_long", message)))
+            problems.append((row, where, Invalid("too_long", f"row is {total} tokens, longer than max_length={max_length}")))
         else:
             keep.append(i)
-    problems = [(where, bad) for _, where, bad in sorted(problems, key=lambda p: p[0])]  # in file order
+    problems.sort(key=lambda p: p[0])  # file order
 
-    for where, bad in problems:
+    for _, where, bad in problems:
         report.skipped[bad.reason] += 1
         report.first_skipped.setdefault(bad.reason, f"{where}: {bad.message}")
     if problems and not cfg.skip_invalid:
-        where, bad = problems[0]
+        _, where, bad = problems[0]
         fix = "raise the stage's max_length" if bad.reason == "too_long" else "fix the row"
-        more = f" ({len(problems) - 1} more invalid rows: {_counts(report.skipped)})" if len(problems) > 1 else ""
+        more = f" ({len(problems) - 1} more problems: {_counts(report.skipped)})" if len(problems) > 1 else ""
         raise DataError(f"{where}: {bad.message} — {fix} or set data.skip_invalid=true{more}")
     if problems:
-        log.warning("%s: skipped %d of %d rows (%s); first of each: %s", path, len(problems), report.rows,
+        log.warning("%s: skipped %d of %d rows (%s); first of each: %s", report.path, len(problems), report.rows,
                     _counts(report.skipped), "; ".join(report.first_skipped.values()))
     if not keep:
-        raise DataError(f"{path}: no usable rows ({report.rows} read, {_counts(report.skipped) or 'file is empty'})")
+        raise DataError(f"{report.path}: nothing usable ({report.rows} rows read, "
+                        f"{_counts(report.skipped) or 'no pairs formed'})")
+    report.examples = len(keep)
     report.lengths = {k: [v[i] for i in keep] for k, v in lengths.items()}
-    return Dataset.from_list([examples[i] for i in keep]), report
+    examples = [valid[i][2] for i in keep]
+    for key, values in (ids or {}).items():
+        if key.endswith("_ids"):
+            for example, i in zip(examples, keep):
+                example[key] = values[i]
+    return examples
 
 
 def _counts(counter: Counter) -> str:

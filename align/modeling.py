@@ -104,12 +104,15 @@ def quantization_config(cfg: ModelConfig):
     )
 
 
-def load_model(cfg: ModelConfig, *, activation_checkpointing: bool = False, model_class=None):
+def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: bool = False):
     """The base model on this process's device, frozen and ready for LoRA (`prepare_model_for_kbit_training`
-    on 4-bit: norms in fp32, inputs that carry gradients through checkpointed layers)."""
-    from transformers import AutoModelForCausalLM
+    on 4-bit: norms in fp32, inputs that carry gradients through checkpointed layers). head="lm": the causal LM;
+    head="score": the same body with a fresh one-output linear head (a reward model; the LM head is dropped)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model_class = model_class or AutoModelForCausalLM
+    if head not in ("lm", "score"):
+        raise ValueError(f"head must be 'lm' or 'score', not {head!r}")
+    model_class = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
     quant = quantization_config(cfg)
     kwargs = dict(
         revision=cfg.revision,
@@ -120,7 +123,13 @@ def load_model(cfg: ModelConfig, *, activation_checkpointing: bool = False, mode
     if quant is not None:
         # bitsandbytes quantises while loading, onto the device it is given: this process's device.
         kwargs.update(quantization_config=quant, device_map={"": device()})
-    model = _from_pretrained(model_class, cfg, **kwargs)
+    if head == "score":
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+        with suppress_seqcls_warning():  # "score.weight missing, lm_head unexpected" is what a new head means
+            model = _from_pretrained(model_class, cfg, num_labels=1, **kwargs)
+    else:
+        model = _from_pretrained(model_class, cfg, **kwargs)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -150,6 +159,8 @@ def _from_pretrained(auto_class, cfg: ModelConfig, **kwargs):
 
 
 def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
+    """PEFT's LoRA config. For a reward model (SEQ_CLS) the score head is trained in full and saved with the
+    adapter (`modules_to_save`); without it a reloaded reward model would get a random head."""
     from peft import LoraConfig as PeftLoraConfig
 
     targets = cfg.target_modules
@@ -159,7 +170,36 @@ def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
         lora_dropout=cfg.dropout,
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
         task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
+
+
+def load_adapter_weights(model, adapter_dir: str | Path) -> None:
+    """Copy a saved LoRA adapter's weights into `model`'s adapter (e.g. the SFT adapter into a reward model on
+    the same base): every saved LoRA weight must find its place, or the adapter was made for another model."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors; expected a LoRA adapter directory")
+    current, saved = get_peft_model_state_dict(model), load_file(weights)
+    no_place = sorted(saved.keys() - current.keys())
+    not_saved = sorted(k for k in current.keys() - saved.keys() if "lora_" in k)
+    if no_place or not_saved:
+        raise ModelLoadError(
+            f"{adapter_dir}: the adapter does not fit this model ({len(no_place)} of its weights have no place, "
+            f"e.g. {(no_place or ['-'])[0]}; {len(not_saved)} LoRA weights missing, e.g. {(not_saved or ['-'])[0]}); "
+            "was it trained on another base model or with other lora.target_modules?"
+        )
+    set_peft_model_state_dict(model, {**current, **saved})  # what the adapter lacks (a new head) stays as it is
+
+
+def conversation_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Token ids of whole conversations (prompt + answer, no generation prompt): what the reward model is trained
+    and scored on, and what TRL's trainers tokenize (the template's text, no special tokens added)."""
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

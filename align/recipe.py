@@ -84,18 +84,38 @@ class Columns:
     prompt: Optional[str] = doc(None, help="Column with the question/prompt. None: auto-detect (prompt, question, instruction, query).")
     completion: Optional[str] = doc(None, help="Column with the answer. None: auto-detect (completion, answer, response, output).")
     messages: Optional[str] = doc(None, help="Column with a conversation (list of {role, content}). None: auto-detect (messages, conversations).")
+    chosen: Optional[str] = doc(None, help="Preference data: the better answer (text or messages). None: auto-detect (chosen, preferred, accepted).")
+    rejected: Optional[str] = doc(None, help="Preference data: the worse answer (text or messages). None: auto-detect (rejected, dispreferred).")
+    responses: Optional[str] = doc(
+        None, help="Rated preference data: the responses, a list per row or one per row (rows grouped by prompt). "
+        "None: auto-detect (responses, completions, response, completion).")
+    scores: Optional[str] = doc(
+        None, help="Rated preference data: numeric score of each response (higher is better), a list per row or "
+        "one per row. None: auto-detect (scores, ratings, score, rating).")
 
 
 @dataclass
 class DataFiles:
-    train: Optional[str] = doc(None, help="Training file: .jsonl, .json, .csv, .parquet, or a save_to_disk directory.")
-    eval: Optional[str] = doc(None, help="Held-out file in the same formats (optional; enables eval loss and answer accuracy).")
+    train: Optional[str] = doc(None, help="Training data: .jsonl, .json, .csv, .parquet, a save_to_disk directory, or a hub dataset id 'owner/name' (split: 'owner/name:test'; default train).")
+    eval: Optional[str] = doc(None, help="Held-out data in the same forms (optional; enables the before/after evaluation).")
+
+
+class PairRule(Enum):
+    best_vs_rest = "best_vs_rest"
+    best_vs_worst = "best_vs_worst"
 
 
 @dataclass
 class DataConfig:
     sft: DataFiles = doc(DataFiles, help="Question-answer pairs for the SFT stage.")
+    preference: DataFiles = doc(
+        DataFiles, help="Preference data for the reward stage: chosen/rejected pairs (text or conversations), or "
+        "rated responses (see docs/data.md).")
     columns: Columns = doc(Columns, help="Which column holds which field; unset ones are auto-detected and logged.")
+    pair_rule: PairRule = doc(
+        PairRule.best_vs_rest,
+        help="How rated responses become pairs: best_vs_rest pairs the best-scored response with each lower-scored "
+        "one; best_vs_worst makes one pair per prompt. Responses tied with the best are dropped and counted.")
     system_prompt: Optional[str] = doc(None, help="System message put before every prompt (same in every stage).")
     skip_invalid: bool = doc(
         False, help="Skip invalid or over-long rows (counted and logged by reason) instead of stopping at them."
@@ -110,14 +130,16 @@ class RunConfig:
 
 
 @dataclass
-class SFTStage:
-    # Optimisation (trl.SFTConfig fields)
+class TrainingStage:
+    """Fields every trained stage shares, named as in TRL's configs (passed straight through)."""
+
+    # Optimisation
     learning_rate: float = doc(2e-4, help="Peak learning rate; LoRA tolerates ~10x the full fine-tuning rate.")
     num_train_epochs: float = doc(1.0, help="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = doc(-1, help="Stop after this many optimizer steps; -1: run num_train_epochs.")
-    per_device_train_batch_size: int = doc(8, help="Sequences per device per forward pass.")
+    per_device_train_batch_size: int = doc(8, help="Examples per device per forward pass.")
     gradient_accumulation_steps: int = doc(1, help="Forward passes per optimizer step (effective batch = product).")
-    per_device_eval_batch_size: int = doc(16, help="Sequences per device per eval forward pass.")
+    per_device_eval_batch_size: int = doc(16, help="Examples per device per eval forward pass.")
     lr_scheduler_type: str = doc("cosine", help="transformers scheduler name: cosine, linear, constant, ...")
     warmup_steps: float = doc(0.03, help="Warm-up: a number of steps, or a fraction of all steps when < 1.")
     weight_decay: float = doc(0.0, help="AdamW weight decay on the LoRA weights.")
@@ -126,7 +148,6 @@ class SFTStage:
     max_length: int = doc(
         1024, help="Longest prompt+answer in tokens; longer rows are errors (or skipped and counted with data.skip_invalid)."
     )
-    packing: bool = doc(False, help="Pack several examples into each max_length sequence (faster on short data).")
     activation_checkpointing: bool = doc(
         True, help="Gradient (activation) checkpointing: recompute activations in the backward pass; less memory, slower."
     )
@@ -135,10 +156,32 @@ class SFTStage:
     eval_steps: Optional[int] = doc(None, help="Also evaluate every N steps; None: only before and after training.")
     save_steps: int = doc(500, help="Write a resumable trainer checkpoint every N steps.")
     save_total_limit: int = doc(2, help="Keep at most this many resumable trainer checkpoints.")
+    trainer_args: Dict[str, Any] = doc(
+        dict, help="Any other field of the stage's TRL config (trl.SFTConfig, trl.RewardConfig), passed through "
+        "(e.g. {neftune_noise_alpha: 5})."
+    )
+
+
+@dataclass
+class SFTStage(TrainingStage):
+    packing: bool = doc(False, help="Pack several examples into each max_length sequence (faster on short data).")
     # align: greedy answers on held-out prompts, before and after training
     eval_generations: int = doc(64, help="Held-out prompts answered greedily before and after training (0: none).")
     max_new_tokens: int = doc(128, help="Longest generated answer in those evaluations.")
-    trainer_args: Dict[str, Any] = doc(dict, help="Any other trl.SFTConfig field, passed through (e.g. {neftune_noise_alpha: 5}).")
+
+
+@dataclass
+class RewardStage(TrainingStage):
+    learning_rate: float = doc(1e-4, help="Peak learning rate (TRL's RewardConfig default).")
+    center_rewards_coefficient: Optional[float] = doc(
+        None, help="Pull the mean reward towards 0 (Eisenstein et al. 2023, eq. 2; 0.01 is usual). None: off."
+    )
+    init_from: str = doc(
+        "auto",
+        help="Where the reward model's LoRA starts. auto: the SFT stage's adapter when the recipe has an sft "
+        "section, else fresh; sft: the SFT adapter (required); base: a fresh adapter; or a path to a LoRA adapter "
+        "directory. The score head always starts fresh.",
+    )
 
 
 @dataclass
@@ -148,6 +191,7 @@ class Recipe:
     data: DataConfig = doc(DataConfig, help="Data files, column mapping and validation.")
     run: RunConfig = doc(RunConfig, help="Where runs are written, and the seed.")
     sft: Optional[SFTStage] = doc(None, help="Supervised fine-tuning stage (LoRA, loss on answers only).")
+    reward: Optional[RewardStage] = doc(None, help="Reward model stage (pairwise, LoRA + score head).")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -242,7 +286,7 @@ def trainer_kwargs(stage: Any, trl_config_cls: type, *, defaults: dict[str, Any]
     the class has (same names), `trainer_args`, and the values align itself must set (`fixed`), which
     `trainer_args` may not override."""
     trl_fields = {f.name for f in dataclasses.fields(trl_config_cls)}
-    section = type(stage).__name__.removesuffix("Stage").lower()  # SFTStage -> sft, the recipe key
+    section = type(stage).__name__.removesuffix("Stage").lower()  # SFTStage -> sft, RewardStage -> reward
     kwargs = dict(defaults)
     kwargs.update({f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.name in trl_fields})
     for key, value in stage.trainer_args.items():

@@ -156,6 +156,11 @@ class RunDir:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def write_samples(self, rows: list[dict[str, Any]]) -> None:
+        """samples.jsonl: the stage's held-out examples with its outputs, one JSON object per line."""
+        if _main_process():
+            self.samples_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path]:
         """Yields a staging directory to save into; only if the block finishes is it renamed to checkpoint/.

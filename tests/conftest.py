@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_BASE = ROOT / "data" / "tiny-base"
 QA_TRAIN = ROOT / "data" / "arithmetic" / "sft_train.jsonl"
 QA_HELDOUT = ROOT / "data" / "arithmetic" / "sft_heldout.jsonl"
+PREF_TRAIN = ROOT / "data" / "arithmetic" / "preference_train.jsonl"
+PREF_HELDOUT = ROOT / "data" / "arithmetic" / "preference_heldout.jsonl"
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def load(path, tokenizer, max_length=128, **data):
 @pytest.mark.parametrize("name", ["qa.jsonl", "qa.json", "qa.csv", "qa.parquet", "qa_saved"])
 def test_every_format_gives_the_same_conversational_pairs(tmp_path, tokenizer, name):
     dataset, report = load(write(tmp_path / name, ROWS), tokenizer)
-    assert report.rows == report.kept == 3
+    assert report.rows == report.examples == 3
     assert report.columns == {"prompt": "question", "completion": "answer"}
     assert report.detected == ["prompt", "completion"]
     assert dataset[0] == {
@@ -117,11 +117,11 @@ def test_bad_json_line_is_located(tmp_path, tokenizer):
 def test_csv_errors_carry_the_file_line(tmp_path, tokenizer):
     path = tmp_path / "qa.csv"
     path.write_text('question,answer\n"What is 1 + 1?",""\n"What is 2 + 2?","2 + 2\n= 4"\n"What is 3 + 3?",""\n')
-    with pytest.raises(DataError, match=rf"^{path}:2: field 'answer' is empty .*1 more invalid"):
+    with pytest.raises(DataError, match=rf"^{path}:2: field 'answer' is empty .*1 more problems"):
         load(path, tokenizer)
     _, report = load(path, tokenizer, skip_invalid=True)
     assert report.first_skipped["empty"].startswith(f"{path}:2:")
-    assert report.kept == 1
+    assert report.examples == 1
     path.write_text('question,answer\n"What is 2 + 2?","2 + 2\n= 4"\n"What is 3 + 3?",""\n')
     with pytest.raises(DataError, match=rf"^{path}:4: field 'answer' is empty"):  # after a two-line quoted field
         load(path, tokenizer)
@@ -137,7 +137,7 @@ def test_skip_invalid_counts_and_logs_every_reason(tmp_path, tokenizer, caplog):
     rows = ROWS + [b for b, _, _ in BAD_ROWS] + [{"question": "", "answer": "x"}]
     with caplog.at_level(logging.WARNING):
         dataset, report = load(write(tmp_path / "qa.jsonl", rows), tokenizer, skip_invalid=True)
-    assert len(dataset) == report.kept == 3 and report.rows == 8
+    assert len(dataset) == report.examples == 3 and report.rows == 8
     assert report.skipped == {"empty": 2, "missing_field": 1, "wrong_type": 1, "too_long": 1}
     assert "skipped 5 of 8 rows (empty=2" in caplog.text
     assert f"{tmp_path / 'qa.jsonl'}:4: field 'answer' is empty" in caplog.text
@@ -145,7 +145,7 @@ def test_skip_invalid_counts_and_logs_every_reason(tmp_path, tokenizer, caplog):
 
 def test_without_skip_the_error_cites_the_first_bad_row_and_counts_the_others(tmp_path, tokenizer):
     rows = ROWS + [b for b, _, _ in reversed(BAD_ROWS)]  # the over-long row comes first
-    with pytest.raises(DataError, match=r":4: row is \d+ tokens.*\(3 more invalid rows: .*empty=1"):
+    with pytest.raises(DataError, match=r":4: row is \d+ tokens.*\(3 more problems: .*empty=1"):
         load(write(tmp_path / "qa.jsonl", rows), tokenizer)
 
 
@@ -159,7 +159,7 @@ def test_dataset_dict_directory_asks_for_a_split(tmp_path, tokenizer):
     DatasetDict({"train": Dataset.from_list(ROWS), "test": Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"holds several splits \(train, test\); point at one of them, e.g. .*dd/train"):
         load(tmp_path / "dd", tokenizer)
-    assert load(tmp_path / "dd" / "train", tokenizer)[1].kept == 3
+    assert load(tmp_path / "dd" / "train", tokenizer)[1].examples == 3
 
 
 def test_unsupported_and_missing_files(tmp_path, tokenizer):

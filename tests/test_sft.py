@@ -77,7 +77,7 @@ def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     assert load_recipe(run.config_path).sft.max_steps == 60  # the resolved config reloads as a recipe
     lineage = json.loads(run.lineage_path.read_text())
     assert lineage["base_model"]["weights_sha256"] and lineage["parent_checkpoint"] is None
-    assert [d["kept"] for d in lineage["data"]] == [2000, 200]
+    assert [d["examples"] for d in lineage["data"]] == [2000, 200]
     assert lineage["end_time"] and lineage["results"]["after"]["answer_loss"] == results["after"]["answer_loss"]
     metrics = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]

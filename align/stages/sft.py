@@ -13,12 +13,11 @@ tokenizer to runs/<run>/sft/checkpoint/, which loads with stock PEFT.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from align.data import load_qa
+from align.data import load_qa, load_train_eval
 from align.generation import generate
 from align.modeling import load_model, load_tokenizer, lora_config, precision_args, trainable_in_compute_dtype
 from align.recipe import Recipe, RecipeError, trainer_kwargs
@@ -32,8 +31,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json."""
     if recipe.sft is None:
         raise RecipeError("the recipe has no sft section; add one (see recipes/quickstart.yaml)")
-    if recipe.data.sft.train is None:
-        raise RecipeError("data.sft.train is not set; point it at a file of question-answer pairs")
     run_dir = RunDir(recipe, "sft")
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
@@ -56,13 +53,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 
 def _load_data(recipe: Recipe, tokenizer):
-    """Validated train and held-out datasets (None when data.sft.eval is unset) and their reports."""
-    files = recipe.data.sft
-    train, report = load_qa(files.train, recipe.data, tokenizer, recipe.sft.max_length)
-    if files.eval is None:
-        return train, None, [report]
-    held_out, held_out_report = load_qa(files.eval, recipe.data, tokenizer, recipe.sft.max_length)
-    return train, held_out, [report, held_out_report]
+    """Validated train and held-out QA pairs (held-out None when data.sft.eval is unset) and their reports."""
+    return load_train_eval(recipe.data.sft, load_qa, recipe.data, tokenizer, recipe.sft.max_length, what="sft")
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
@@ -134,11 +126,11 @@ def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
     """Held-out answers before and after training, side by side, in samples.jsonl."""
     if not after.get("samples"):
         return
-    with run_dir.samples_path.open("w") as f:
-        for b, a in zip(before["samples"], after["samples"]):
-            f.write(json.dumps({"prompt": a["prompt"], "reference": a["reference"], "before": b["answer"],
-                                "after": a["answer"], "correct_before": b["correct"], "correct_after": a["correct"]})
-                    + "\n")
+    run_dir.write_samples([
+        {"prompt": a["prompt"], "reference": a["reference"], "before": b["answer"], "after": a["answer"],
+         "correct_before": b["correct"], "correct_after": a["correct"]}
+        for b, a in zip(before["samples"], after["samples"])
+    ])
     for stage_result in (before, after):  # lineage keeps two right and two wrong; samples.jsonl has all
         samples = stage_result["samples"]
         stage_result["samples"] = [s for s in samples if s["correct"]][:2] + [s for s in samples if not s["correct"]][:2]

@@ -1,0 +1,192 @@
+"""Reward model: a pairwise scorer on the same (4-bit NF4 by default) base, a LoRA adapter plus a score head.
+
+    align reward recipes/quickstart.yaml
+    align reward recipes/quickstart.yaml reward.init_from=base reward.max_steps=100
+
+TRL's RewardTrainer with the Bradley-Terry loss -log sigmoid(r(prompt, chosen) - r(prompt, rejected)), where r is
+a one-output linear head (`AutoModelForSequenceClassification`, num_labels=1) read at the last non-pad token of
+the chat-formatted conversation. The LoRA adapter starts from the SFT stage's adapter when the recipe has one
+(`reward.init_from`), the score head from random; both are trained, and both are saved (the head through PEFT's
+`modules_to_save`). Pairs are tokenized by align (`data.load_preferences`) with the same function the
+`RewardModelScorer` uses, so RL and compare score exactly what the trainer saw. TRL disables dropout in reward
+models by default (`reward.trainer_args.disable_dropout`). Before and after training the stage scores the
+held-out pairs: pairwise accuracy, mean margin, reward mean and std.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from align.data import load_preferences, load_train_eval
+from align.modeling import (
+    ModelLoadError,
+    load_adapter_weights,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    precision_args,
+    trainable_in_compute_dtype,
+)
+from align.recipe import Recipe, RecipeError, trainer_kwargs
+from align.rewards import score_conversations
+from align.rundir import MetricsCallback, RunDir, complete_checkpoint, model_identity
+
+log = logging.getLogger(__name__)
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Train, evaluate before and after, save; returns the results written to lineage.json."""
+    if recipe.reward is None:
+        raise RecipeError("the recipe has no reward section; add one (see recipes/quickstart.yaml)")
+    run_dir = RunDir(recipe, "reward")
+    init = init_adapter(recipe)  # a missing SFT checkpoint should fail before anything loads
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, reports = _load_data(recipe, tokenizer)
+    model = _model(recipe, init)
+    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
+                  parent=str(init) if init else None)
+    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
+
+    before = _evaluate(trainer, held_out, recipe, "before")
+    train_output = trainer.train()
+    after = _evaluate(trainer, held_out, recipe, "after")
+
+    with run_dir.checkpoint() as staging:
+        trainer.save_model(str(staging))  # adapter + score head (safetensors), adapter_config.json, tokenizer
+    results = {"train_loss": train_output.training_loss, "init_from": str(init) if init else None,
+               "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
+               "run_dir": str(run_dir.path)}
+    _write_samples(run_dir, held_out, before, after)
+    run_dir.finish(results)
+    return results
+
+
+def init_adapter(recipe: Recipe) -> Path | None:
+    """The LoRA adapter the reward model starts from, per reward.init_from; None for a fresh adapter."""
+    choice = recipe.reward.init_from
+    sft_dir = Path(recipe.run.root) / recipe.run.name / "sft"
+    if choice == "base" or (choice == "auto" and recipe.sft is None):
+        return None
+    if choice in ("auto", "sft"):
+        checkpoint = complete_checkpoint(sft_dir)
+        if checkpoint is None:
+            raise RecipeError(f"reward.init_from={choice}: there is no finished SFT checkpoint at {sft_dir}/checkpoint; "
+                              "run `align sft` with this recipe first, or set reward.init_from=base")
+        return checkpoint
+    path = Path(choice)
+    if not (path / "adapter_config.json").is_file():
+        raise RecipeError(f"reward.init_from={choice}: not auto, sft, base, or a LoRA adapter directory "
+                          "(no adapter_config.json there)")
+    return path
+
+
+def _load_data(recipe: Recipe, tokenizer):
+    """Validated train and held-out preference pairs (held-out None when data.preference.eval is unset)."""
+    return load_train_eval(recipe.data.preference, load_preferences, recipe.data, tokenizer,
+                           recipe.reward.max_length, what="preference")
+
+
+def _model(recipe: Recipe, init: Path | None):
+    """Base + score head + LoRA (SEQ_CLS: the head is trained and saved), the adapter's weights from `init`."""
+    from peft import PeftConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(recipe.run.seed)  # the score head is drawn at random when the model loads
+    model = load_model(recipe.model, head="score", activation_checkpointing=recipe.reward.activation_checkpointing)
+    peft_config = lora_config(recipe.lora, task_type="SEQ_CLS")
+    if init is not None:
+        # The adapter's shape is the saved one's; dropout stays a training choice of this stage.
+        saved = PeftConfig.from_pretrained(str(init))
+        if getattr(saved, "peft_type", None) is None or saved.peft_type.value != "LORA":
+            raise ModelLoadError(f"reward.init_from: {init} holds a {saved.peft_type} adapter, not LoRA")
+        peft_config.r, peft_config.lora_alpha = saved.r, saved.lora_alpha
+        peft_config.target_modules = saved.target_modules
+        if (saved.r, saved.lora_alpha) != (recipe.lora.r, recipe.lora.alpha):
+            log.info("reward model starts from %s, so its LoRA has that adapter's r=%d, alpha=%d", init, saved.r,
+                     saved.lora_alpha)
+    model = get_peft_model(model, peft_config)
+    if init is not None:
+        load_adapter_weights(model, init)
+        log.info("reward model: LoRA adapter initialised from %s, score head fresh", init)
+    return model
+
+
+def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+    import torch
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = recipe.reward
+    args = RewardConfig(
+        **trainer_kwargs(
+            cfg,
+            RewardConfig,
+            defaults={"dataloader_pin_memory": torch.cuda.is_available()},
+            output_dir=str(run_dir.trainer_dir),
+            seed=recipe.run.seed,
+            data_seed=recipe.run.seed,
+            eval_strategy="steps" if held_out is not None and cfg.eval_steps else "no",
+            save_strategy="steps",
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            report_to="none",
+            **precision_args(recipe.model),
+        )
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(run_dir)],
+    )
+    trainable_in_compute_dtype(trainer.model, recipe.model)
+    return trainer
+
+
+def pair_scores(model, tokenizer, pairs, *, batch_size: int) -> tuple[list[float], list[float]]:
+    """Scores of every pair's chosen and rejected conversation, through the scorer's code path."""
+    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size=batch_size,
+                                 desc="scoring chosen")
+    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs],
+                                   batch_size=batch_size, desc="scoring rejected")
+    return chosen, rejected
+
+
+def _evaluate(trainer, held_out, recipe: Recipe, when: str) -> dict[str, Any]:
+    """Held-out pairwise accuracy (chosen scored above rejected), mean margin, reward mean and std."""
+    if held_out is None:
+        return {}
+    loss = trainer.evaluate()["eval_loss"]
+    chosen, rejected = pair_scores(trainer.model, trainer.processing_class, held_out,
+                                   batch_size=recipe.reward.per_device_eval_batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    result = {
+        "loss": loss,
+        "pair_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "margin_mean": statistics.fmean(margins),
+        "reward_mean": statistics.fmean(chosen + rejected),
+        "reward_std": statistics.pstdev(chosen + rejected),
+        "chosen_mean": statistics.fmean(chosen),
+        "rejected_mean": statistics.fmean(rejected),
+        "pairs": len(margins),
+        "scores": list(zip(chosen, rejected)),
+    }
+    trainer.log({f"eval_{k}": v for k, v in result.items() if k not in ("loss", "scores", "pairs")})
+    log.info("%s training: held-out pairwise accuracy %.1f%% of %d pairs, mean margin %.3f", when,
+             100 * result["pair_accuracy"], len(margins), result["margin_mean"])
+    return result
+
+
+def _write_samples(run_dir: RunDir, held_out, before: dict, after: dict) -> None:
+    """Every held-out pair with its scores before and after training, in samples.jsonl (lineage keeps the
+    summary numbers only)."""
+    if not after:
+        return
+    run_dir.write_samples([
+        {"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][-1]["content"],
+         "rejected": pair["rejected"][-1]["content"], "before": list(b), "after": list(a), "right_after": a[0] > a[1]}
+        for pair, b, a in zip(held_out, before.pop("scores"), after.pop("scores"))
+    ])

@@ -1,0 +1,170 @@
+"""The reward stage on the tiny base, 4-bit NF4 on CPU: TRL's RewardTrainer, a real checkpoint, the scorer."""
+
+import json
+
+import pytest
+import torch
+from conftest import PREF_HELDOUT, PREF_TRAIN, TINY_BASE
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from align.errors import AlignError
+from align.modeling import ModelLoadError, load_model, load_tokenizer
+from align.recipe import RecipeError, load_recipe
+from align.rewards import RewardModelScorer, score_conversations
+from align.rundir import RunDir
+from align.stages import reward
+
+
+def reward_section(**overrides):
+    """A few seconds of reward training on the tiny base."""
+    return {"learning_rate": 1e-3, "max_steps": 60, "per_device_train_batch_size": 16,
+            "per_device_eval_batch_size": 64, "max_length": 128, "activation_checkpointing": False,
+            "logging_steps": 10, **overrides}
+
+
+@pytest.fixture(scope="module")
+def held_out_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
+    path.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:64]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, held_out_path):
+    """One reward run through `reward.run` (fresh adapter: no sft section), keeping the in-memory trainer."""
+    tmp = tmp_path_factory.mktemp("reward")
+    recipe_path = tmp / "r.yaml"
+    recipe_path.write_text(json.dumps({
+        "model": {"name_or_path": str(TINY_BASE)}, "run": {"root": str(tmp / "runs")},
+        "data": {"preference": {"train": str(PREF_TRAIN), "eval": str(held_out_path)}},
+        "reward": reward_section(),
+    }))
+    recipe = load_recipe(recipe_path)
+    captured = {}
+    build = reward._trainer
+
+    def keep(*args, **kwargs):
+        captured["trainer"] = build(*args, **kwargs)
+        return captured["trainer"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reward, "_trainer", keep)
+        results = reward.run(recipe)
+    return recipe, results, captured["trainer"]
+
+
+def test_reward_model_learns_to_rank_held_out_pairs(trained):
+    _, results, _ = trained
+    before, after = results["before"], results["after"]
+    assert 0.35 <= before["pair_accuracy"] <= 0.65  # a fresh head is a coin flip
+    assert after["pair_accuracy"] >= 0.7 and after["margin_mean"] > 0.5
+    assert after["loss"] < before["loss"] < 0.75
+    assert after["reward_std"] > before["reward_std"]
+
+
+def test_run_dir_has_config_lineage_metrics_samples_and_checkpoint(trained):
+    recipe, results, _ = trained
+    run = RunDir(recipe, "reward")
+    assert load_recipe(run.config_path).reward.max_steps == 60
+    lineage = json.loads(run.lineage_path.read_text())
+    assert lineage["parent_checkpoint"] is None and results["init_from"] is None
+    assert [d["examples"] for d in lineage["data"]] == [3000, 64]
+    assert lineage["results"]["after"]["pair_accuracy"] == results["after"]["pair_accuracy"]
+    metrics = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    assert len([m for m in metrics if "loss" in m]) == 6
+    assert [m["step"] for m in metrics if "eval_pair_accuracy" in m] == [0, 60]
+    samples = [json.loads(line) for line in run.samples_path.read_text().splitlines()]
+    assert len(samples) == 64 and sum(s["right_after"] for s in samples) / 64 == results["after"]["pair_accuracy"]
+    saved = load_file(run.checkpoint_path / "adapter_model.safetensors")
+    assert any(k.endswith("score.weight") for k in saved)  # the trained head is in the checkpoint
+    assert json.loads((run.checkpoint_path / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+
+
+def test_scorer_from_the_checkpoint_gives_the_trainers_own_scores(trained, held_out_path):
+    recipe, results, trainer = trained
+    prediction = trainer.predict(trainer.eval_dataset)  # one batch of 64 pairs: 64 chosen, then 64 rejected
+    in_trainer = torch.tensor(prediction.predictions).reshape(-1)
+    rows = [json.loads(line) for line in held_out_path.read_text().splitlines()]
+    scorer = RewardModelScorer.from_checkpoint(results["checkpoint"], recipe.model)
+    prompts = [r["question"] for r in rows]
+    chosen = scorer.score(prompts, [r["chosen"] for r in rows])
+    rejected = scorer.score(prompts, [r["rejected"] for r in rows])
+    torch.testing.assert_close(torch.tensor(chosen + rejected), in_trainer, rtol=1e-4, atol=1e-4)
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(rows) == results["after"]["pair_accuracy"]
+
+
+def test_scores_do_not_depend_on_padding_side_batching_or_pad_token(trained):
+    recipe, results, _ = trained
+    scorer = RewardModelScorer.from_checkpoint(results["checkpoint"], recipe.model)
+    conversations = [[{"role": "user", "content": f"What is {a} + {b}?"},
+                      {"role": "assistant", "content": f"{a} + {b} = {a + b}." + " The answer is" * (a % 3)}]
+                     for a, b in [(12, 30), (250, 17), (99, 999), (7, 41)]]
+    alone = [score_conversations(scorer.model, scorer.tokenizer, [c])[0] for c in conversations]
+    for side in ("left", "right"):
+        scorer.tokenizer.padding_side = side
+        batched = score_conversations(scorer.model, scorer.tokenizer, conversations, batch_size=4)
+        torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), rtol=1e-4, atol=1e-4)
+    scorer.tokenizer.pad_token = scorer.tokenizer.eos_token  # as load_tokenizer does for models without one
+    alone = [score_conversations(scorer.model, scorer.tokenizer, [c])[0] for c in conversations]
+    batched = score_conversations(scorer.model, scorer.tokenizer, conversations, batch_size=4)
+    torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def sft_adapter(tmp_path):
+    """A saved causal-LM LoRA adapter with non-zero weights, standing in for the SFT stage's checkpoint."""
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(TINY_BASE)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    path = tmp_path / "runs" / "test" / "sft" / "checkpoint"
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_reward_adapter_starts_from_the_sft_adapter(write_recipe, sft_adapter):
+    recipe = load_recipe(write_recipe(sft={}, reward={}))  # init_from: auto, and the recipe has an sft section
+    assert reward.init_adapter(recipe) == sft_adapter
+    model = reward._model(recipe, sft_adapter)
+    saved = load_file(sft_adapter / "adapter_model.safetensors")
+    loaded = dict(model.named_parameters())
+    for key, value in saved.items():
+        name = key.replace(".weight", ".default.weight")
+        torch.testing.assert_close(loaded[name].float(), value.float())
+    assert model.peft_config["default"].r == 8  # the adapter's shape, not the recipe's lora.r=16
+    assert loaded["base_model.model.score.modules_to_save.default.weight"].requires_grad
+
+
+def test_missing_sft_checkpoint_or_unfit_adapter_is_a_clear_error(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe(sft={}, reward={}))
+    with pytest.raises(RecipeError, match=r"no finished SFT checkpoint at .*sft/checkpoint; run `align sft`.* "
+                                          r"or set reward.init_from=base"):
+        reward.init_adapter(recipe)
+    assert reward.init_adapter(load_recipe(write_recipe(sft={}, reward={"init_from": "base"}))) is None
+    with pytest.raises(RecipeError, match=r"reward.init_from=nowhere: not auto, sft, base, or a LoRA adapter"):
+        reward.init_adapter(load_recipe(write_recipe(reward={"init_from": "nowhere"})))
+    other = get_peft_model(AutoModelForCausalLM.from_pretrained(str(TINY_BASE)),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    other.save_pretrained(str(tmp_path / "other"))
+    recipe = load_recipe(write_recipe(reward={"init_from": str(tmp_path / "other"), "max_steps": 1}))
+    adapter = reward.init_adapter(recipe)
+    model = reward._model(recipe, adapter)  # takes the adapter's own targets: fits
+    assert model.peft_config["default"].target_modules == {"q_proj"}
+    broken = tmp_path / "other" / "adapter_config.json"
+    broken.write_text(broken.read_text().replace('"q_proj"', '"v_proj"'))
+    with pytest.raises(ModelLoadError, match=r"the adapter does not fit this model .* no place"):
+        reward._model(recipe, adapter)
+
+
+def test_reward_model_on_a_full_precision_base_has_an_fp32_head(write_recipe):
+    recipe = load_recipe(write_recipe(reward={}), ["model.quantization=none"])
+    model = load_model(recipe.model, head="score")
+    assert model.score.weight.shape == (1, model.config.hidden_size)
+    tokenizer = load_tokenizer(recipe.model)
+    scores = score_conversations(model, tokenizer, [[{"role": "user", "content": "hi"}]] * 2)
+    assert len(scores) == 2 and scores[0] == pytest.approx(scores[1])
+    assert issubclass(RecipeError, AlignError)
