@@ -9,9 +9,9 @@ trained on. The corpus states sums in prose (what the base "knows"); the QA pair
 "17 + 25 = 42. The answer is 42." that the rule rewards check.
 
 Preference pairs for the reward model: chosen is that answer; rejected is, in proportions 2:1:1, a wrong number
-in the same form (one digit changed, a lost or extra carry, off by one), a malformed answer with the right
-number (cut short, bare, or without the answer sentence: always shorter), or a rambling one with the right
-number (filler and repetition: always longer). Lengths thus point to the chosen answer as often as away from
+in the same form (a random number with as many digits as the sum), a malformed answer with the right number
+(cut short, bare, or without the answer sentence: always shorter), or a rambling one with the right number
+(filler and repetition: always longer). Lengths thus point to the chosen answer as often as away from
 it, and half the pairs differ only in the arithmetic: a reward model must add to rank them (`cues` measures it).
 """
 
@@ -97,19 +97,11 @@ def qa_rows(rng: random.Random, split: str, count: int) -> list[dict]:
 
 
 def wrong_number(rng: random.Random, s: int) -> int:
-    """A plausible slip: one digit changed, a carry lost or added, or off by one."""
+    """A wrong sum with as many digits as the right one (so as many tokens): telling them apart takes adding.
+    (Subtler slips, one digit off, were tried: the tiny reward model stayed at chance on them, 55-60%.)"""
     while True:
-        kind = rng.choice(("digit", "carry", "one"))
-        if kind == "digit":
-            digits = list(str(s))
-            i = rng.randrange(len(digits))
-            digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0")])
-            w = int("".join(digits))
-        elif kind == "carry":
-            w = s + rng.choice((-1, 1)) * rng.choice((10, 100))
-        else:
-            w = s + rng.choice((-1, 1))
-        if w > 0 and w != s:
+        w = rng.randrange(10 ** (len(str(s)) - 1), 10 ** len(str(s)))
+        if w != s:
             return w
 
 

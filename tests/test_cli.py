@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
 
 from align.cli import main
 
@@ -16,7 +16,7 @@ def align(*args, launcher=(sys.executable, "-m", "align")):
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.parametrize("command", [[], ["sft"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
+@pytest.mark.parametrize("command", [[], ["sft"], ["reward"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
                                      ["tiny", "data"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -45,6 +45,18 @@ def test_sft_command_full_precision_prints_before_and_after(write_recipe, tmp_pa
     assert "model.quantization=none" in lineage["command"]
 
 
+def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    recipe = write_recipe(data={"preference": {"train": str(PREF_TRAIN), "eval": str(held_out)}},
+                          reward={"max_steps": 3, "max_length": 128, "activation_checkpointing": False})
+    result = align("reward", recipe, "run.name=cli")
+    assert result.returncode == 0, result.stderr
+    assert "reward model on 16 held-out pairs" in result.stdout and "pairwise accuracy" in result.stdout
+    assert "fresh (reward.init_from=base)" in result.stdout  # the recipe has no sft section
+    assert (tmp_path / "runs" / "cli" / "reward" / "checkpoint" / "adapter_model.safetensors").exists()
+
+
 def test_sft_under_accelerate_launch(write_recipe, tmp_path):
     recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(max_steps=2))
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
@@ -64,6 +76,7 @@ def test_data_check_on_the_quickstart_recipe():
     result = align("data", "check", ROOT / "recipes" / "quickstart.yaml")
     assert result.returncode == 0, result.stderr
     assert "sft_train.jsonl" in result.stdout and "2000" in result.stdout and "p50/p90/p99/max" in result.stdout
+    assert "preference_train.jsonl" in result.stdout and "3000" in result.stdout and "rejected:" in result.stdout
 
 
 def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):
@@ -72,3 +85,17 @@ def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):
     result = align("data", "check", path, "data.columns.prompt=q", "data.columns.completion=a")
     assert result.returncode == 1
     assert "empty=1" in result.stdout and f"{path}:3: field 'a' is empty" in result.stdout
+
+
+def test_data_check_on_renamed_preference_columns_with_bad_rows(tmp_path):
+    path = tmp_path / "prefs.csv"
+    path.write_text("q,better_answer,worse_answer\n"
+                    "What is 1 + 1?,1 + 1 = 2.,1 + 1 = 3.\n"
+                    "What is 2 + 2?,,2 + 2 = 5.\n"
+                    "What is 3 + 3?,3 + 3 = 6.,3 + 3 = 6.\n")
+    mapping = ["data.columns.prompt=q", "data.columns.chosen=better_answer", "data.columns.rejected=worse_answer"]
+    result = align("data", "check", path, *mapping)
+    assert result.returncode == 1
+    assert "preference" in result.stdout and "empty=1, identical=1" in result.stdout
+    assert f"{path}:3: field 'better_answer' is empty" in result.stdout
+    assert f"{path}:4: fields 'better_answer' and 'worse_answer' hold the same answer" in result.stdout

@@ -79,7 +79,7 @@ def test_run_dir_has_config_lineage_metrics_samples_and_checkpoint(trained):
     assert len(samples) == 64 and sum(s["right_after"] for s in samples) / 64 == results["after"]["pair_accuracy"]
     saved = load_file(run.checkpoint_path / "adapter_model.safetensors")
     assert any(k.endswith("score.weight") for k in saved)  # the trained head is in the checkpoint
-    assert json.loads((run.checkpoint_path / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    assert "score" in json.loads((run.checkpoint_path / "adapter_config.json").read_text())["modules_to_save"]
 
 
 def test_scorer_from_the_checkpoint_gives_the_trainers_own_scores(trained, held_out_path):
