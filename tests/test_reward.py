@@ -58,7 +58,7 @@ def trained(tmp_path_factory, held_out_path):
 def test_reward_model_learns_to_rank_held_out_pairs(trained):
     _, results, _ = trained
     before, after = results["before"], results["after"]
-    assert 0.35 <= before["pair_accuracy"] <= 0.65  # a fresh head is a coin flip
+    assert abs(before["margin_mean"]) < 0.05  # a fresh head barely tells the answers apart
     assert after["pair_accuracy"] >= 0.7 and after["margin_mean"] > 0.5
     assert after["loss"] < before["loss"] < 0.75
     assert after["reward_std"] > before["reward_std"]
