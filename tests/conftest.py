@@ -1,3 +1,5 @@
+import csv
+import json
 import os
 from pathlib import Path
 
@@ -46,3 +48,49 @@ def sft_section(**overrides):
         "max_new_tokens": 24,
         **overrides,
     }
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from align.modeling import load_tokenizer
+    from align.recipe import ModelConfig
+
+    return load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE)))
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a data file in the format of path's suffix (no suffix: a save_to_disk directory)."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        from datasets import Dataset
+
+        Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def run_keeping_trainer(stage, recipe):
+    """`stage.run(recipe)` as a user runs it, also returning the in-memory trainer it built."""
+    captured = {}
+    build = stage._trainer
+
+    def keep(*args, **kwargs):
+        captured["trainer"] = build(*args, **kwargs)
+        return captured["trainer"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage, "_trainer", keep)
+        results = stage.run(recipe)
+    return results, captured["trainer"]

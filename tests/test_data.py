@@ -3,15 +3,12 @@
 import json
 import logging
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_BASE
+from conftest import write_rows
 from datasets import Dataset, DatasetDict
 
 from align.data import DataError, load_qa
-from align.recipe import Columns, DataConfig, ModelConfig
-from align.modeling import load_tokenizer
+from align.recipe import Columns, DataConfig
 
 ROWS = [
     {"question": "What is 12 + 30?", "answer": "12 + 30 = 42. The answer is 42."},
@@ -20,23 +17,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE)))
-
-
-def write(path, rows):
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows))
-    elif path.suffix == ".csv":
-        path.write_text("question,answer\n" + "".join(f'"{r["question"]}","{r["answer"]}"\n' for r in rows))
-    elif path.suffix == ".parquet":
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    else:
-        Dataset.from_list(rows).save_to_disk(str(path))
-    return path
 
 
 def load(path, tokenizer, max_length=128, **data):
@@ -45,7 +25,7 @@ def load(path, tokenizer, max_length=128, **data):
 
 @pytest.mark.parametrize("name", ["qa.jsonl", "qa.json", "qa.csv", "qa.parquet", "qa_saved"])
 def test_every_format_gives_the_same_conversational_pairs(tmp_path, tokenizer, name):
-    dataset, report = load(write(tmp_path / name, ROWS), tokenizer)
+    dataset, report = load(write_rows(tmp_path / name, ROWS), tokenizer)
     assert report.rows == report.examples == 3
     assert report.columns == {"prompt": "question", "completion": "answer"}
     assert report.detected == ["prompt", "completion"]
@@ -58,13 +38,13 @@ def test_every_format_gives_the_same_conversational_pairs(tmp_path, tokenizer, n
 
 def test_auto_detection_is_logged(tmp_path, tokenizer, caplog):
     with caplog.at_level(logging.INFO):
-        load(write(tmp_path / "qa.jsonl", ROWS), tokenizer)
+        load(write_rows(tmp_path / "qa.jsonl", ROWS), tokenizer)
     assert "prompt <- 'question', completion <- 'answer' (auto-detected" in caplog.text
 
 
 def test_mapped_columns_and_system_prompt(tmp_path, tokenizer):
     rows = [{"q": r["question"], "a": r["answer"], "response": "decoy"} for r in ROWS]
-    dataset, report = load(write(tmp_path / "qa.jsonl", rows), tokenizer,
+    dataset, report = load(write_rows(tmp_path / "qa.jsonl", rows), tokenizer,
                            columns=Columns(prompt="q", completion="a"), system_prompt="Be brief.")
     assert report.columns == {"prompt": "q", "completion": "a"} and report.detected == []
     assert dataset[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
@@ -74,7 +54,7 @@ def test_mapped_columns_and_system_prompt(tmp_path, tokenizer):
 def test_messages_become_prompt_and_final_answer(tmp_path, tokenizer):
     conversation = [{"role": "user", "content": "Hi, what is 1 + 1?"}, {"role": "assistant", "content": "It is 2."},
                     {"role": "user", "content": "And 2 + 2?"}, {"role": "assistant", "content": "It is 4."}]
-    dataset, report = load(write(tmp_path / "chat.jsonl", [{"messages": conversation}]), tokenizer)
+    dataset, report = load(write_rows(tmp_path / "chat.jsonl", [{"messages": conversation}]), tokenizer)
     assert report.columns == {"messages": "messages"}
     assert dataset[0]["prompt"] == conversation[:-1]
     assert dataset[0]["completion"] == conversation[-1:]
@@ -82,11 +62,11 @@ def test_messages_become_prompt_and_final_answer(tmp_path, tokenizer):
 
 def test_mapping_to_a_missing_column_suggests_the_closest(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"data.columns.prompt is 'questoin', but the file has no such column .*did you mean 'question'"):
-        load(write(tmp_path / "qa.jsonl", ROWS), tokenizer, columns=Columns(prompt="questoin"))
+        load(write_rows(tmp_path / "qa.jsonl", ROWS), tokenizer, columns=Columns(prompt="questoin"))
 
 
 def test_undetectable_columns_say_which_keys_to_set(tmp_path, tokenizer):
-    path = write(tmp_path / "qa.jsonl", [{"text": "a", "label": "b"}])
+    path = write_rows(tmp_path / "qa.jsonl", [{"text": "a", "label": "b"}])
     with pytest.raises(DataError, match=r"cannot tell which column holds the prompt and the completion.*set data.columns.prompt=<column>"):
         load(path, tokenizer)
 
@@ -101,7 +81,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("bad,reason,message", BAD_ROWS, ids=[b[1] for b in BAD_ROWS])
 def test_bad_row_error_names_file_line_field_and_fix(tmp_path, tokenizer, bad, reason, message):
-    path = write(tmp_path / "qa.jsonl", ROWS[:2] + [bad] + ROWS[2:])
+    path = write_rows(tmp_path / "qa.jsonl", ROWS[:2] + [bad] + ROWS[2:])
     fix = "raise the stage's max_length" if reason == "too_long" else "fix the row"
     with pytest.raises(DataError, match=rf"^{path}:3: {message} — {fix} or set data.skip_invalid=true$"):
         load(path, tokenizer)
@@ -128,7 +108,7 @@ def test_csv_errors_carry_the_file_line(tmp_path, tokenizer):
 
 
 def test_bad_conversation_is_explained(tmp_path, tokenizer):
-    path = write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    path = write_rows(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
     with pytest.raises(DataError, match=rf"{path}:1: field 'messages' must hold a user turn and end with the assistant's answer"):
         load(path, tokenizer)
 
@@ -136,7 +116,7 @@ def test_bad_conversation_is_explained(tmp_path, tokenizer):
 def test_skip_invalid_counts_and_logs_every_reason(tmp_path, tokenizer, caplog):
     rows = ROWS + [b for b, _, _ in BAD_ROWS] + [{"question": "", "answer": "x"}]
     with caplog.at_level(logging.WARNING):
-        dataset, report = load(write(tmp_path / "qa.jsonl", rows), tokenizer, skip_invalid=True)
+        dataset, report = load(write_rows(tmp_path / "qa.jsonl", rows), tokenizer, skip_invalid=True)
     assert len(dataset) == report.examples == 3 and report.rows == 8
     assert report.skipped == {"empty": 2, "missing_field": 1, "wrong_type": 1, "too_long": 1}
     assert "skipped 5 of 8 rows (empty=2" in caplog.text
@@ -146,7 +126,7 @@ def test_skip_invalid_counts_and_logs_every_reason(tmp_path, tokenizer, caplog):
 def test_without_skip_the_error_cites_the_first_bad_row_and_counts_the_others(tmp_path, tokenizer):
     rows = ROWS + [b for b, _, _ in reversed(BAD_ROWS)]  # the over-long row comes first
     with pytest.raises(DataError, match=r":4: row is \d+ tokens.*\(3 more problems: .*empty=1"):
-        load(write(tmp_path / "qa.jsonl", rows), tokenizer)
+        load(write_rows(tmp_path / "qa.jsonl", rows), tokenizer)
 
 
 def test_empty_file_says_so(tmp_path, tokenizer):

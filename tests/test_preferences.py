@@ -1,18 +1,14 @@
 """The user's own preference data: every shape and format becomes the same pairs; bad rows are named and counted."""
 
-import json
 import logging
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_BASE
+from conftest import write_rows
 from datasets import Dataset
 from trl.data_utils import _tokenize
 
 from align.data import DataError, load_preferences
-from align.modeling import load_tokenizer
-from align.recipe import Columns, DataConfig, ModelConfig, PairRule
+from align.recipe import Columns, DataConfig, PairRule
 
 USER = [{"role": "user", "content": "What is 12 + 30?"}]
 GOOD = [{"role": "assistant", "content": "12 + 30 = 42. The answer is 42."}]
@@ -21,25 +17,6 @@ PAIR = {"prompt": USER, "chosen": GOOD, "rejected": BAD}
 TEXT_ROW = {"prompt": USER[0]["content"], "chosen": GOOD[0]["content"], "rejected": BAD[0]["content"]}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE)))
-
-
-def write(path, rows):
-    if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(rows))
-    elif path.suffix == ".csv":
-        header = list(rows[0])
-        lines = [",".join(header)] + [",".join(json.dumps(str(r.get(k, ""))) for k in header) for r in rows]
-        path.write_text("\n".join(lines) + "\n")
-    elif path.suffix == ".parquet":
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    else:
-        Dataset.from_list(rows).save_to_disk(str(path))
-    return path
 
 
 def load(path, tokenizer, max_length=128, **data):
@@ -54,7 +31,7 @@ def messages_only(example):
 
 @pytest.mark.parametrize("name", ["p.jsonl", "p.json", "p.csv", "p.parquet", "p_saved"])
 def test_every_format_gives_the_same_pairs(tmp_path, tokenizer, name):
-    dataset, report = load(write(tmp_path / name, [TEXT_ROW, TEXT_ROW]), tokenizer)
+    dataset, report = load(write_rows(tmp_path / name, [TEXT_ROW, TEXT_ROW]), tokenizer)
     assert report.rows == report.examples == 2
     assert messages_only(dataset[0]) == PAIR
 
@@ -72,7 +49,7 @@ SHAPES = {
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_shape_gives_the_same_pair_and_token_ids(tmp_path, tokenizer, shape):
-    dataset, report = load(write(tmp_path / "p.jsonl", SHAPES[shape]), tokenizer)
+    dataset, report = load(write_rows(tmp_path / "p.jsonl", SHAPES[shape]), tokenizer)
     assert len(dataset) == 1 and messages_only(dataset[0]) == PAIR
     # The ids the reward model trains on are what TRL itself would tokenize.
     assert dataset[0]["chosen_ids"] == _tokenize(tokenizer, USER + GOOD)["input_ids"]
@@ -82,19 +59,19 @@ def test_every_shape_gives_the_same_pair_and_token_ids(tmp_path, tokenizer, shap
 
 def test_renamed_columns_are_mapped_and_auto_detection_is_logged(tmp_path, tokenizer, caplog):
     rows = [{"q": TEXT_ROW["prompt"], "better_answer": TEXT_ROW["chosen"], "worse": TEXT_ROW["rejected"]}]
-    path = write(tmp_path / "p.csv", rows)
+    path = write_rows(tmp_path / "p.csv", rows)
     with pytest.raises(DataError, match=r"cannot tell which columns hold the preferences .*data.columns.chosen"):
         load(path, tokenizer)
     dataset, report = load(path, tokenizer, columns={"prompt": "q", "chosen": "better_answer", "rejected": "worse"})
     assert messages_only(dataset[0]) == PAIR and report.detected == []
     with caplog.at_level(logging.INFO):
-        _, report = load(write(tmp_path / "auto.jsonl", [TEXT_ROW]), tokenizer)
+        _, report = load(write_rows(tmp_path / "auto.jsonl", [TEXT_ROW]), tokenizer)
     assert report.detected == ["prompt", "chosen", "rejected"]
     assert "chosen <- 'chosen'" in caplog.text
 
 
 def test_a_mapped_column_that_is_absent_suggests_the_closest(tmp_path, tokenizer):
-    path = write(tmp_path / "p.jsonl", [TEXT_ROW])
+    path = write_rows(tmp_path / "p.jsonl", [TEXT_ROW])
     with pytest.raises(DataError, match=r"data.columns.chosen is 'chosn'.*did you mean 'chosen'"):
         load(path, tokenizer, columns={"chosen": "chosn"})
 
@@ -114,7 +91,7 @@ BAD_ROWS = [
 @pytest.mark.parametrize("row,reason,message", BAD_ROWS, ids=[r for _, r, _ in BAD_ROWS])
 def test_bad_pair_error_names_file_line_field_and_fix(tmp_path, tokenizer, row, reason, message):
     good = TEXT_ROW if "prompt" in row else {"chosen": USER + GOOD, "rejected": USER + BAD}
-    path = write(tmp_path / "p.jsonl", [good, row])
+    path = write_rows(tmp_path / "p.jsonl", [good, row])
     with pytest.raises(DataError, match=rf"^{path}:2: {message}.* — .* or set data.skip_invalid=true$"):
         load(path, tokenizer)
     dataset, report = load(path, tokenizer, skip_invalid=True)
@@ -136,7 +113,7 @@ def test_rated_responses_become_pairs_by_the_rule_and_ties_are_counted(tmp_path,
         {"prompt": "p2", "responses": ["x", "y"], "scores": [5, 5]},  # all tied: no pair
         {"prompt": "p3", "responses": ["only"], "scores": [4]},  # one response: no pair
     ]
-    path = write(tmp_path / "rated.jsonl", rows)
+    path = write_rows(tmp_path / "rated.jsonl", rows)
     dataset, report = load(path, tokenizer)
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in dataset] == [("a", "c"), ("a", "d")]
     assert report.pairing == {"rule": "best_vs_rest", "prompts": 3, "tied_with_best": 2, "single_response": 1}
@@ -146,7 +123,7 @@ def test_rated_responses_become_pairs_by_the_rule_and_ties_are_counted(tmp_path,
 
 
 def test_rated_lists_of_unequal_length_are_an_error(tmp_path, tokenizer):
-    path = write(tmp_path / "rated.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": [1]}])
+    path = write_rows(tmp_path / "rated.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": [1]}])
     with pytest.raises(DataError, match=r"rated.jsonl:1: field 'scores' must be a list with one score per response"):
         load(path, tokenizer)
 

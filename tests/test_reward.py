@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import PREF_HELDOUT, PREF_TRAIN, TINY_BASE
+from conftest import PREF_HELDOUT, PREF_TRAIN, TINY_BASE, run_keeping_trainer
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -42,17 +42,7 @@ def trained(tmp_path_factory, held_out_path):
         "reward": reward_section(),
     }))
     recipe = load_recipe(recipe_path)
-    captured = {}
-    build = reward._trainer
-
-    def keep(*args, **kwargs):
-        captured["trainer"] = build(*args, **kwargs)
-        return captured["trainer"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reward, "_trainer", keep)
-        results = reward.run(recipe)
-    return recipe, results, captured["trainer"]
+    return (recipe, *run_keeping_trainer(reward, recipe))
 
 
 def test_reward_model_learns_to_rank_held_out_pairs(trained):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, sft_section
+from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_section
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -51,17 +51,7 @@ def trained(tmp_path_factory):
     recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE)}, "data": DATA,
                                        "run": {"root": str(tmp / "runs")}, "sft": sft_section(max_steps=60)}))
     recipe = load_recipe(recipe_path)
-    captured = {}
-    build = sft._trainer
-
-    def keep(*args, **kwargs):
-        captured["trainer"] = build(*args, **kwargs)
-        return captured["trainer"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sft, "_trainer", keep)
-        results = sft.run(recipe)
-    return recipe, results, captured["trainer"]
+    return (recipe, *run_keeping_trainer(sft, recipe))
 
 
 def test_sft_lowers_held_out_answer_loss(trained):

@@ -27,12 +27,12 @@ from align.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
-    precision_args,
     trainable_in_compute_dtype,
 )
-from align.recipe import Recipe, RecipeError, trainer_kwargs
+from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
 from align.rundir import MetricsCallback, RunDir, complete_checkpoint, model_identity
+from align.stages import trl_config
 
 log = logging.getLogger(__name__)
 
@@ -115,25 +115,10 @@ def _model(recipe: Recipe, init: Path | None):
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
-    import torch
     from trl import RewardConfig, RewardTrainer
 
     cfg = recipe.reward
-    args = RewardConfig(
-        **trainer_kwargs(
-            cfg,
-            RewardConfig,
-            defaults={"dataloader_pin_memory": torch.cuda.is_available()},
-            output_dir=str(run_dir.trainer_dir),
-            seed=recipe.run.seed,
-            data_seed=recipe.run.seed,
-            eval_strategy="steps" if held_out is not None and cfg.eval_steps else "no",
-            save_strategy="steps",
-            activation_checkpointing_kwargs={"use_reentrant": False},
-            report_to="none",
-            **precision_args(recipe.model),
-        )
-    )
+    args = trl_config(RewardConfig, cfg, recipe, run_dir, has_eval=held_out is not None)
     trainer = RewardTrainer(
         model=model,
         args=args,

@@ -14,15 +14,15 @@ tokenizer to runs/<run>/sft/checkpoint/, which loads with stock PEFT.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from align.data import load_qa, load_train_eval
 from align.generation import generate
-from align.modeling import load_model, load_tokenizer, lora_config, precision_args, trainable_in_compute_dtype
-from align.recipe import Recipe, RecipeError, trainer_kwargs
+from align.modeling import load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
+from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.rundir import MetricsCallback, RunDir, model_identity
+from align.stages import trl_config
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +58,11 @@ def _load_data(recipe: Recipe, tokenizer):
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     cfg = recipe.sft
-    args = SFTConfig(
-        **trainer_kwargs(
-            cfg,
-            SFTConfig,
-            defaults={"dataloader_pin_memory": torch.cuda.is_available()},
-            output_dir=str(run_dir.trainer_dir),
-            seed=recipe.run.seed,
-            data_seed=recipe.run.seed,
-            completion_only_loss=True,  # labels of prompt and template tokens are -100
-            eval_strategy="steps" if held_out is not None and cfg.eval_steps else "no",
-            save_strategy="steps",
-            activation_checkpointing_kwargs={"use_reentrant": False},
-            report_to="none",
-            **precision_args(recipe.model),
-        )
-    )
+    args = trl_config(SFTConfig, cfg, recipe, run_dir, has_eval=held_out is not None,
+                      completion_only_loss=True)  # labels of prompt and template tokens are -100
     trainer = SFTTrainer(
         model=model,
         args=args,
