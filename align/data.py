@@ -309,10 +309,15 @@ def qa_example(values: dict, columns: dict[str, str], system_prompt: str | None)
     return {"prompt": _with_system(prompt, system_prompt), "completion": completion}
 
 
+def _prompt_lengths(tokenizer, examples: list[dict]) -> list[int]:
+    """Tokens of each example's prompt with the generation prompt, as every stage renders it."""
+    prompts = tokenizer.apply_chat_template([e["prompt"] for e in examples], add_generation_prompt=True, tokenize=False)
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
 def token_lengths(tokenizer, examples: list[dict]) -> dict[str, list[int]]:
     """Prompt, completion and total tokens per example, rendered with the chat template exactly as TRL trains."""
-    prompts = tokenizer.apply_chat_template([e["prompt"] for e in examples], add_generation_prompt=True, tokenize=False)
-    prompt_len = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    prompt_len = _prompt_lengths(tokenizer, examples)
     total = [len(ids) for ids in conversation_ids(tokenizer, [e["prompt"] + e["completion"] for e in examples])]
     return {"prompt": prompt_len, "completion": [t - p for t, p in zip(total, prompt_len)], "total": total}
 
@@ -437,8 +442,7 @@ def rated_pairs(group: Rated, rule: PairRule, pairing: Counter):
 def pair_token_ids(tokenizer, examples: list[dict]) -> dict[str, list]:
     """Token ids of every pair's chosen and rejected conversation (as the reward model sees them) and the
     token lengths of prompt, chosen and rejected answers."""
-    prompts = tokenizer.apply_chat_template([e["prompt"] for e in examples], add_generation_prompt=True, tokenize=False)
-    prompt_len = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    prompt_len = _prompt_lengths(tokenizer, examples)
     chosen = conversation_ids(tokenizer, [e["prompt"] + e["chosen"] for e in examples])
     rejected = conversation_ids(tokenizer, [e["prompt"] + e["rejected"] for e in examples])
     return {
