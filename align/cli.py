@@ -44,7 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_recipe_keys("model", "lora", "data", "run", "reward"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for stage in (sft, reward):
+    grpo = commands.add_parser(
+        "grpo",
+        help="optimise the SFT policy with GRPO against reward functions, with a KL penalty to the SFT policy",
+        description="Reinforcement learning with TRL's GRPOTrainer: completions sampled per prompt, scored by the "
+        "recipe's reward functions (reward model, rules, plug-ins; grpo.rewards), and the policy (the SFT adapter "
+        "on the 4-bit base) pushed towards the better ones, minus grpo.beta x KL to the frozen SFT policy. "
+        "Reports held-out greedy answers' rewards before and after and the KL per step. Writes runs/<run>/grpo/.",
+        epilog=_recipe_keys("model", "lora", "data", "run", "grpo"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for stage in (sft, reward, grpo):
         stage.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value",
                            help=f"recipe overrides, e.g. {stage.prog.split()[-1]}.learning_rate=1e-4")
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("sft", "reward"):
+        if args.command in ("sft", "reward", "grpo"):
             return _stage(args)
         if args.command == "data":
             return _data_check(args)
@@ -120,7 +130,7 @@ def _stage(args) -> int:
     if not PartialState().is_main_process:
         return 0
     console = Console()
-    {"sft": _print_sft, "reward": _print_reward}[args.command](console, results)
+    {"sft": _print_sft, "reward": _print_reward, "grpo": _print_grpo}[args.command](console, results)
     console.print(f"train loss {results['train_loss']:.4f}; checkpoint: {results['checkpoint']}", soft_wrap=True)
     console.print(f"run dir: {results['run_dir']}", soft_wrap=True)
     return 0
@@ -164,6 +174,23 @@ def _print_reward(console, results: dict) -> None:
         ("mean margin (chosen - rejected)", "margin_mean"), ("reward mean", "reward_mean"),
         ("reward std", "reward_std"), ("loss", "loss"))]
     console.print(_before_after(f"reward model on {after['pairs']} held-out pairs", rows))
+
+
+def _print_grpo(console, results: dict) -> None:
+    before, after = results["before"], results["after"]
+    console.print(f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
+                  f"{results['steps']} steps in {results['train_seconds']:.0f} s", soft_wrap=True)
+    kl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    console.print(f"KL to the reference: first step {kl(results['kl_first'])}, last {kl(results['kl_last'])}, "
+                  f"max {kl(results['kl_max'])}")
+    if not after:
+        console.print("no held-out prompts (data.prompts.eval), so no before/after evaluation")
+        return
+    rows = [("reward (weighted total)", f"{before['reward_mean']:.4f}", f"{after['reward_mean']:.4f}")]
+    rows += [(key.split("/", 1)[1], f"{before[key]:.4f}", f"{after[key]:.4f}") for key in after
+             if key.startswith("rewards/")]
+    rows.append(("answer tokens (mean)", f"{before['completion_tokens_mean']:.1f}", f"{after['completion_tokens_mean']:.1f}"))
+    console.print(_before_after(f"greedy answers to {after['prompts']} held-out prompts", rows))
 
 
 def _data_check(args) -> int:

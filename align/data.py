@@ -486,6 +486,54 @@ def load_preferences(path: str, cfg: DataConfig, tokenizer, max_length: int):
     return Dataset.from_list(examples), report
 
 
+# -- prompts for RL ------------------------------------------------------------------------------------------
+
+# Names TRL gives its own arguments of a reward function; a data column with one of them would be shadowed.
+RESERVED_COLUMNS = ("completion", "completion_ids", "completions", "prompts", "trainer_state", "log_extra",
+                    "log_metric", "environments")
+
+
+def prompt_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[str, str], list[str]]:
+    """The prompt column (text, or messages ending in a user turn); every other column is passed along."""
+    found = resolve_columns(path, available, mapping, ("prompt", "messages"))
+    name = "prompt" if "prompt" in found else "messages" if "messages" in found else None
+    if name is None:
+        raise DataError(f"{path}: cannot tell which column holds the prompt (columns: {', '.join(available)}); "
+                        "set data.columns.prompt=<column>")
+    clash = sorted(set(available) & set(RESERVED_COLUMNS))
+    if clash:
+        raise DataError(f"{path}: column '{clash[0]}' has a name TRL uses for its own reward-function arguments, so "
+                        "the reward functions would never see it; rename the column (e.g. to 'reference')")
+    return {"prompt": found[name]}, [] if getattr(mapping, name) is not None else ["prompt"]
+
+
+def prompt_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, Any]:
+    """One row as {prompt: messages, <every other column>: its value}."""
+    column = columns["prompt"]
+    prompt = _with_system(_prompt(values, column), system_prompt)
+    return {"prompt": prompt, **{k: v for k, v in values.items() if k != column}}
+
+
+def load_prompts(path: str, cfg: DataConfig, tokenizer, max_length: int):
+    """Prompts from `path` as a `datasets.Dataset` of {prompt: messages, other columns as they are}, and its
+    DataReport. Errors and skips as in `load_qa`; a prompt longer than `max_length` tokens (with the generation
+    prompt) is 'too_long'."""
+    from datasets import Dataset
+
+    records, report = _open(path)
+    report.columns, report.detected = prompt_columns(str(path), _available(records), cfg.columns)
+    _log_detected(report)
+    items = [(row, record.where, _attempt(prompt_example, record, report.columns, cfg.system_prompt))
+             for row, record in enumerate(records)]
+
+    def lengths(examples):
+        tokens = _prompt_lengths(tokenizer, examples)
+        return {"prompt": tokens, "total": tokens}
+
+    examples = _validated(items, lengths, max_length, cfg, report)
+    return Dataset.from_list(examples), report
+
+
 def load_train_eval(files: DataFiles, load, cfg: DataConfig, tokenizer, max_length: int, *, what: str):
     """A stage's train and held-out data through `load` (load_qa, load_preferences): (train, held-out or None,
     reports). `what` names the recipe key for the error when no training file is set."""

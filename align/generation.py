@@ -17,13 +17,15 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 32,
     desc: str = "generating",
-) -> list[str]:
-    """One greedy answer per prompt, decoded without special tokens."""
+    with_ids: bool = False,
+) -> list[str] | tuple[list[str], list[list[int]]]:
+    """One greedy answer per prompt, decoded without special tokens; with `with_ids`, also each answer's token
+    ids up to and including its EOS (as TRL hands completion_ids to reward functions)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    answers = []
+    answers, answer_ids = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         batch = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         width = max(len(ids) for ids in batch)
@@ -39,5 +41,8 @@ def generate(
             do_sample=False,
         )
         answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+        for ids in out[:, width:].tolist():
+            end = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+            answer_ids.append(ids[:end])
     model.train(was_training)
-    return answers
+    return (answers, answer_ids) if with_ids else answers

@@ -141,14 +141,21 @@ def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: 
     return model
 
 
-def trainable_in_compute_dtype(model, cfg: ModelConfig) -> None:
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights, to restore exactly after a trainer has rounded them
+    (`trainable_in_compute_dtype`)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_in_compute_dtype(model, cfg: ModelConfig, exact: dict[str, torch.Tensor] | None = None) -> None:
     """Call after building a TRL trainer. TRL stores the trainable weights of a quantized model (LoRA, heads) in
     bf16, as the QLoRA paper does on GPUs. Where the compute dtype is fp32 (CPUs, which lack bf16 units) that only
-    costs speed and precision, so they go back to fp32."""
+    costs speed and precision, so they go back to fp32: to their `exact` values from before the trainer when
+    given (a pretrained adapter, e.g. the SFT policy RL starts from, must stay the SFT policy), else widened."""
     if compute_dtype(cfg) == torch.float32:
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.requires_grad:
-                param.data = param.data.float()
+                param.data = exact[name].float() if exact and name in exact else param.data.float()
 
 
 def _from_pretrained(auto_class, cfg: ModelConfig, **kwargs):
@@ -174,17 +181,19 @@ def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
     )
 
 
-def load_adapter_weights(model, adapter_dir: str | Path) -> None:
-    """Copy a saved LoRA adapter's weights into `model`'s adapter (e.g. the SFT adapter into a reward model on
-    the same base): every saved LoRA weight must find its place, or the adapter was made for another model."""
+def load_adapter_weights(model, adapter_dir: str | Path, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Copy a saved LoRA adapter's weights into `model`'s adapter `adapter_name` (e.g. the SFT adapter into a
+    reward model on the same base): every saved LoRA weight must find its place, or the adapter was made for
+    another model. Returns the saved weights that are not LoRA and have no place here (a reward model's score
+    head, when its adapter goes onto a causal LM)."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelLoadError(f"{adapter_dir}: no adapter_model.safetensors; expected a LoRA adapter directory")
-    current, saved = get_peft_model_state_dict(model), load_file(weights)
-    no_place = sorted(saved.keys() - current.keys())
+    current, saved = get_peft_model_state_dict(model, adapter_name=adapter_name), load_file(weights)
+    no_place = sorted(k for k in saved.keys() - current.keys() if "lora_" in k)
     not_saved = sorted(k for k in current.keys() - saved.keys() if "lora_" in k)
     if no_place or not_saved:
         raise ModelLoadError(
@@ -192,7 +201,10 @@ def load_adapter_weights(model, adapter_dir: str | Path) -> None:
             f"e.g. {(no_place or ['-'])[0]}; {len(not_saved)} LoRA weights missing, e.g. {(not_saved or ['-'])[0]}); "
             "was it trained on another base model or with other lora.target_modules?"
         )
-    set_peft_model_state_dict(model, {**current, **saved})  # what the adapter lacks (a new head) stays as it is
+    placed = {k: v for k, v in saved.items() if k in current}
+    # What the adapter lacks (a new head) stays as it is.
+    set_peft_model_state_dict(model, {**current, **placed}, adapter_name=adapter_name)
+    return {k: v for k, v in saved.items() if k not in current}
 
 
 def conversation_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:

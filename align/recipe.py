@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -111,6 +111,9 @@ class DataConfig:
     preference: DataFiles = doc(
         DataFiles, help="Preference data for the reward stage: chosen/rejected pairs (text or conversations), or "
         "rated responses (see docs/data.md).")
+    prompts: DataFiles = doc(
+        DataFiles, help="Prompts for the RL stages (a prompt column, text or messages). Every other column (e.g. a "
+        "reference answer) is passed to the reward functions under its own name.")
     columns: Columns = doc(Columns, help="Which column holds which field; unset ones are auto-detected and logged.")
     pair_rule: PairRule = doc(
         PairRule.best_vs_rest,
@@ -185,6 +188,54 @@ class RewardStage(TrainingStage):
 
 
 @dataclass
+class RewardFunction:
+    name: str = doc(
+        help="reward_model (the reward stage's checkpoint), exact_match, format, length (rules shipped with align), "
+        "or a plug-in 'package.module:function' with TRL's reward signature fn(prompts, completions, **kwargs) -> "
+        "list[float]. See docs/rewards.md.")
+    weight: float = doc(1.0, help="Weight of this reward in the total the policy is optimised for.")
+    args: Dict[str, Any] = doc(
+        dict, help="Keyword arguments for the function, e.g. exact_match {column: answer}, format {pattern: ...}, "
+        "length {max_tokens: 64}, reward_model {checkpoint: auto}.")
+
+
+@dataclass
+class GRPOStage(TrainingStage):
+    learning_rate: float = doc(1e-5, help="Peak learning rate (LoRA; TRL's full fine-tuning default is 1e-6).")
+    per_device_train_batch_size: int = doc(
+        8, help="Completions per device per forward pass; the prompts per step are this x devices x "
+        "gradient_accumulation_steps / num_generations.")
+    max_length: int = doc(
+        512, help="Longest prompt + completion in tokens: prompts longer than max_length - max_completion_length "
+        "are errors (or skipped and counted with data.skip_invalid).")
+    init_from: str = doc(
+        "auto",
+        help="Where the policy starts, and so what the frozen reference is. auto: the SFT stage's adapter when "
+        "the recipe has an sft section (reference = that SFT policy), else a fresh adapter (reference = the base "
+        "model with the adapter off); sft: the SFT adapter (required); base: a fresh adapter; or a path to a LoRA "
+        "adapter directory.")
+    beta: float = doc(
+        0.04, help="Weight of the KL penalty to the frozen reference policy. TRL's default is 0 (no KL term); "
+        "align's is not: the KL term is what keeps the aligned policy close to the SFT policy it started from.")
+    max_kl: Optional[float] = doc(
+        1.0, help="Stop the run when the logged KL to the reference (mean per completion token, nats) exceeds "
+        "this: the policy has run away from the reference. None: no ceiling.")
+    rewards: List[RewardFunction] = doc(
+        list, help="Reward functions and their weights; the policy maximises the weighted sum. Override one as "
+        "grpo.rewards.0.weight=0.5.")
+    num_generations: int = doc(8, help="Completions sampled per prompt (the group whose mean is the baseline).")
+    max_completion_length: int = doc(256, help="Longest completion in tokens; longer ones are cut.")
+    temperature: float = doc(1.0, help="Sampling temperature of the completions (GRPO learns from their spread).")
+    top_p: float = doc(1.0, help="Nucleus sampling of the completions; 1.0: off.")
+    use_vllm: bool = doc(
+        False, help="Generate with vLLM (must be installed). Not with model.quantization=nf4: vLLM cannot take "
+        "a bitsandbytes 4-bit policy.")
+    eval_generations: int = doc(64, help="Held-out prompts answered greedily and scored before and after (0: none).")
+    trainer_args: Dict[str, Any] = doc(
+        dict, help="Any other field of trl.GRPOConfig, passed through (e.g. {loss_type: grpo, num_iterations: 2}).")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = doc(ModelConfig, help="Base model and how it is loaded.")
     lora: LoraConfig = doc(LoraConfig, help="LoRA adapters trained on the frozen base.")
@@ -192,6 +243,7 @@ class Recipe:
     run: RunConfig = doc(RunConfig, help="Where runs are written, and the seed.")
     sft: Optional[SFTStage] = doc(None, help="Supervised fine-tuning stage (LoRA, loss on answers only).")
     reward: Optional[RewardStage] = doc(None, help="Reward model stage (pairwise, LoRA + score head).")
+    grpo: Optional[GRPOStage] = doc(None, help="GRPO stage (policy LoRA, KL penalty to the frozen SFT policy).")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
@@ -205,7 +257,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not key=value (e.g. sft.learning_rate=1e-4)")
-        cfg = _merge(cfg, lambda: OmegaConf.from_dotlist([item]), where=f"override {item!r}")
+        cfg = _override(cfg, item)
     if cfg.run.name is None:
         cfg.run.name = path.stem if path is not None else "align"
     where = path or "command line"
@@ -238,13 +290,37 @@ def _merge(cfg, load, where: str):
         raise RecipeError(f"{where}: {key + ': ' if key else ''}{msg}") from None
 
 
+def _override(cfg, item: str):
+    """One key=value on top of the recipe. A key through a list (grpo.rewards.0.weight) is set in place, as a
+    merge cannot reach into a list."""
+    key = item.split("=", 1)[0].strip()
+    where = f"override {item!r}"
+    if not any(part.isdigit() for part in key.split(".")):
+        return _merge(cfg, lambda: OmegaConf.from_dotlist([item]), where=where)
+    value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        items = OmegaConf.select(cfg, ".".join(parts[:i])) if i else cfg
+        if part.isdigit() and (items is None or int(part) >= len(items)):
+            raise RecipeError(f"{where}: {'.'.join(parts[:i])} has {len(items or [])} items, so there is no item "
+                              f"{part} (items count from 0; set the whole list to add one)")
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (OmegaConfBaseException, IndexError) as e:
+        raise RecipeError(f"{where}: {str(e).splitlines()[0]}") from None
+    return cfg
+
+
 def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, dataclasses.Field, type | None]]:
     """Every dotted key of the schema: (key, field, its dataclass type if it is a section), depth first."""
     hints = typing.get_type_hints(cls)
     keys = []
     for f in dataclasses.fields(cls):
         key = prefix + f.name
-        section = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+        hint = hints[f.name]
+        is_list = typing.get_origin(hint) in (list, List)  # a list of sections is one value (grpo.rewards)
+        section = None if is_list else next(
+            (t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
         keys.append((key, f, section))
         if section is not None:
             keys.extend(schema_keys(section, key + "."))
@@ -286,7 +362,7 @@ def trainer_kwargs(stage: Any, trl_config_cls: type, *, defaults: dict[str, Any]
     the class has (same names), `trainer_args`, and the values align itself must set (`fixed`), which
     `trainer_args` may not override."""
     trl_fields = {f.name for f in dataclasses.fields(trl_config_cls)}
-    section = type(stage).__name__.removesuffix("Stage").lower()  # SFTStage -> sft, RewardStage -> reward
+    section = type(stage).__name__.removesuffix("Stage").lower()  # SFTStage -> sft, GRPOStage -> grpo
     kwargs = dict(defaults)
     kwargs.update({f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.name in trl_fields})
     for key, value in stage.trainer_args.items():

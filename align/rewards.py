@@ -1,20 +1,38 @@
-"""Rewards: the reward model's scores and rule checks that need no model.
+"""Rewards: the reward model's scores, rule rewards that need no model, and the user's own reward functions.
+
+Every reward an RL stage optimises is a function with TRL's reward signature,
+`fn(prompts, completions, **kwargs) -> list[float | None]`, where kwargs holds the prompt data's other columns
+(e.g. a reference answer), `completion_ids` and TRL's `trainer_state`; None means "does not apply". Recipes list
+them by name with a weight (`RewardFunction`): `reward_model` (a reward stage checkpoint), the rules below, or a
+plug-in `package.module:function`. `reward_function` checks a spec before any model loads and wraps the function
+so that a wrong number of values, NaN or a non-number is an error naming the reward, not a crash inside TRL.
 
 `RewardModelScorer` scores (prompt, completion) pairs with a reward stage checkpoint, formatting them exactly as
 the reward stage trained on them (`modeling.conversation_ids`, right padding, score at the last non-pad token),
-so a score read here equals the one the trainer saw. The quickstart's arithmetic is checked by rule: the final
-number of the answer ("... The answer is 42." -> "42") against the reference answer's final number.
+so a score read here equals the one the trainer saw. It runs on its own base model, or on the policy's base
+(`SharedBaseRewardModel`) when both are the same model: one copy of the 4-bit weights in memory.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import logging
+import math
+import numbers
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from align.errors import AlignError
 from align.modeling import conversation_ids
+
+log = logging.getLogger(__name__)
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -93,3 +111,218 @@ class RewardModelScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         conversations = [as_messages(p, c) for p, c in zip(prompts, completions)]
         return score_conversations(self.model, self.tokenizer, conversations, batch_size=self.batch_size)
+
+
+
+class SharedBaseRewardModel(torch.nn.Module):
+    """A reward stage checkpoint run on the policy's base weights instead of a second copy of them: its LoRA is
+    a frozen second adapter ("reward") of the policy's PeftModel, and its score head reads the base model's last
+    hidden state at the last non-pad token, exactly as transformers' sequence-classification heads do. Gives
+    the reward model's own scores (tests compare the two) for the memory of one adapter and one linear head."""
+
+    adapter = "reward"
+
+    def __init__(self, policy, checkpoint: str | Path):
+        from peft import PeftConfig
+
+        from align.modeling import load_adapter_weights
+
+        super().__init__()
+        self.__dict__["policy"] = policy  # not a submodule: eval()/train() of the scorer must not touch the policy
+        config = PeftConfig.from_pretrained(str(checkpoint))
+        config.modules_to_save, config.task_type, config.inference_mode = None, policy.peft_config["default"].task_type, True
+        policy.add_adapter(self.adapter, config)
+        head = load_adapter_weights(policy, checkpoint, adapter_name=self.adapter)
+        for name, param in policy.named_parameters():
+            if f".{self.adapter}." in name:
+                param.requires_grad_(False)
+        if len(head) != 1 or next(iter(head.values())).shape[0] != 1:
+            raise RewardError(f"{checkpoint}: expected one score head beside the LoRA weights, found "
+                              f"{sorted(head) or 'none'}; set the reward_model's args.share_base=false")
+        weight = next(iter(head.values()))
+        self.score = torch.nn.Linear(weight.shape[1], 1, bias=False, device=weight.device)
+        self.score.weight.data = weight.to(next(policy.parameters()).device, torch.float32)
+        self.config = SimpleNamespace(pad_token_id=None)  # set by score_conversations
+        self.eval()
+
+    def forward(self, input_ids, attention_mask):
+        from trl.trainer.utils import use_adapter
+
+        policy = self.policy
+        was_training = policy.training
+        policy.eval()  # no dropout while scoring, whatever the policy is doing
+        try:
+            with use_adapter(policy, self.adapter):
+                body = policy.get_base_model().base_model  # the transformer without the LM head
+                hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            policy.train(was_training)
+        logits = self.score(hidden.to(self.score.weight.dtype))  # (B, T, 1)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * (input_ids != self.config.pad_token_id)).argmax(-1)  # as in transformers' heads
+        return SimpleNamespace(logits=logits[torch.arange(len(input_ids), device=logits.device), last])
+
+
+def reward_model_scorer(checkpoint: str | Path, model_cfg, *, policy=None, share_base: bool | str = "auto",
+                        batch_size: int = 16) -> RewardModelScorer:
+    """The reward model of `checkpoint`, on the policy's base when it was trained on the same base model
+    (`share_base` auto; true insists, false never shares), else on its own copy of its base model."""
+    import dataclasses
+
+    from peft import PeftConfig
+
+    base = PeftConfig.from_pretrained(str(checkpoint)).base_model_name_or_path
+    same = base == model_cfg.name_or_path or (Path(base).is_dir() and Path(base).resolve() == Path(model_cfg.name_or_path).resolve())
+    if share_base not in (True, False, "auto"):
+        raise RewardError(f"reward 'reward_model': args.share_base is {share_base!r}; use auto, true or false")
+    if share_base is True and (policy is None or not same):
+        raise RewardError(f"reward 'reward_model': args.share_base=true, but {checkpoint} was trained on {base}, "
+                          f"not the policy's base {model_cfg.name_or_path}")
+    if policy is not None and same and share_base is not False:
+        log.info("reward model %s runs on the policy's base weights (a second adapter + score head; no second "
+                 "copy of the base)", checkpoint)
+        from transformers import AutoTokenizer
+
+        return RewardModelScorer(SharedBaseRewardModel(policy, checkpoint), AutoTokenizer.from_pretrained(str(checkpoint)),
+                                 batch_size=batch_size)
+    if not same:
+        model_cfg = dataclasses.replace(model_cfg, name_or_path=base, revision=None)
+    log.info("reward model %s loads its own copy of its base %s", checkpoint, base)
+    return RewardModelScorer.from_checkpoint(checkpoint, model_cfg, batch_size=batch_size)
+
+class RewardError(AlignError, ValueError):
+    """A reward function that cannot be used as specified; the message names it and what is wrong."""
+
+
+# -- rule rewards shipped with align --------------------------------------------------------------------------
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text of a completion, given as text or as TRL's conversational [{role: assistant, content}]."""
+    return completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+
+
+def exact_match(prompts, completions, *, column: str = "answer", **data) -> list[float]:
+    """1.0 where the completion's final number equals that of the reference answer in `column`, else 0.0."""
+    if column not in data:
+        columns = sorted(k for k in data if k not in ("completion_ids", "trainer_state", "log_extra", "log_metric"))
+        raise RewardError(f"exact_match: the prompt data has no column '{column}' with reference answers "
+                          f"(columns: {', '.join(columns) or 'none'}); set its args.column")
+    return [float(final_answer_match(completion_text(c), str(ref))) for c, ref in zip(completions, data[column])]
+
+
+def format_match(prompts, completions, *, pattern: str, **_) -> list[float]:
+    """1.0 where the completion matches the regular expression `pattern` (re.search; anchor it with ^...$ to
+    demand the whole completion), else 0.0."""
+    regex = re.compile(pattern)
+    return [float(regex.search(completion_text(c).strip()) is not None) for c in completions]
+
+
+def length_penalty(prompts, completions, *, completion_ids, max_tokens: int, per_token: float = 0.01, **_) -> list[float]:
+    """-per_token for each completion token beyond `max_tokens`; 0.0 within it."""
+    return [-per_token * max(0, len(ids) - max_tokens) for ids in completion_ids]
+
+
+RULES: dict[str, Callable] = {"exact_match": exact_match, "format": format_match, "length": length_penalty}
+# What TRL passes to every reward function besides the prompt data's columns.
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+
+
+# -- specs -> checked reward functions --------------------------------------------------------------------------
+
+
+class RewardFunc:
+    """A reward function with its recipe name, weight and arguments, callable as TRL calls reward functions.
+    Its output is checked: one finite number (or None) per completion."""
+
+    def __init__(self, name: str, fn: Callable, weight: float, args: dict[str, Any]):
+        self.__name__ = name  # TRL logs rewards/<__name__>/mean and /std
+        self.fn, self.weight, self.args = fn, weight, dict(args)
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        values = self.fn(prompts=prompts, completions=completions, **self.args, **kwargs)
+        if isinstance(values, torch.Tensor):
+            values = values.tolist()
+        try:
+            values = list(values)
+        except TypeError:
+            raise RewardError(f"reward '{self.__name__}' returned {type(values).__name__}, not a list with one "
+                              "number per completion") from None
+        if len(values) != len(completions):
+            raise RewardError(f"reward '{self.__name__}' returned {len(values)} values for {len(completions)} "
+                              "completions; return one per completion (None where it does not apply)")
+        for i, value in enumerate(values):
+            bad = (value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                          or not math.isfinite(value)))
+            if bad:
+                raise RewardError(f"reward '{self.__name__}' returned {value!r} for completion {i} "
+                                  f"({completion_text(completions[i])[:60]!r}); return a finite number, or None "
+                                  "where the reward does not apply")
+        return [None if v is None else float(v) for v in values]
+
+
+def reward_function(spec, scorer: "RewardModelScorer | None" = None) -> RewardFunc:
+    """A recipe's reward spec (`recipe.RewardFunction`) as a checked function. Plug-ins are imported here, and
+    only the ones the recipe names; `scorer` is the reward model, for the `reward_model` spec."""
+    if spec.name == "reward_model":
+        if scorer is None:
+            raise ValueError("the reward_model reward needs its scorer")
+        unknown = sorted(set(spec.args) - set(REWARD_MODEL_ARGS))
+        if unknown:
+            raise RewardError(f"reward 'reward_model': unknown args {unknown}; it takes {', '.join(REWARD_MODEL_ARGS)}")
+        return RewardFunc("reward_model", lambda prompts, completions, **_: scorer.score(prompts, completions),
+                          spec.weight, {})
+    if spec.name in RULES:
+        fn = RULES[spec.name]
+        _check_rule_args(spec.name, fn, spec.args)
+        return RewardFunc(spec.name, fn, spec.weight, spec.args)
+    if ":" not in spec.name:
+        raise RewardError(f"reward '{spec.name}': not a reward shipped with align ({', '.join(['reward_model', *RULES])}) "
+                          "nor a plug-in 'package.module:function'")
+    fn = load_plugin(spec.name)
+    return RewardFunc(spec.name.rpartition(":")[2], fn, spec.weight, spec.args)
+
+
+REWARD_MODEL_ARGS = ("checkpoint", "batch_size", "share_base")
+
+
+def _check_rule_args(name: str, fn: Callable, args: dict[str, Any]) -> None:
+    params = {p.name: p for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY
+              and p.name not in TRL_ARGUMENTS}
+    unknown = sorted(set(args) - set(params))
+    missing = sorted(n for n, p in params.items() if p.default is p.empty and n not in args)
+    if unknown or missing:
+        takes = ", ".join(n + ("" if p.default is p.empty else f"={p.default!r}") for n, p in params.items())
+        problem = f"unknown args {unknown}" if unknown else f"args {missing} required"
+        raise RewardError(f"reward '{name}': {problem}; it takes args {{{takes}}}")
+
+
+def load_plugin(spec: str) -> Callable:
+    """The function named by 'package.module:function', checked to take TRL's reward arguments."""
+    module_name, _, attr = spec.rpartition(":")
+    where = f"reward plug-in '{spec}'"
+    if not module_name or not attr:
+        raise RewardError(f"{where}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001  (the plug-in's own import errors are the user's to see)
+        raise RewardError(f"{where}: cannot import module '{module_name}' ({type(e).__name__}: {e}); is it "
+                          "installed, or on PYTHONPATH?") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise RewardError(f"{where}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no '{attr}'")
+    if not callable(fn):
+        raise RewardError(f"{where}: '{attr}' is a {type(fn).__name__}, not a function")
+    if inspect.iscoroutinefunction(fn):
+        raise RewardError(f"{where}: is async; align takes plain functions (run the async work inside it)")
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn  # a builtin or extension callable without a signature: its output is still checked
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+    if not takes_kwargs or not {"prompts", "completions"} <= names:
+        raise RewardError(f"{where}: its signature {attr}{inspect.signature(fn)} does not take TRL's reward "
+                          "arguments; define it as def " + attr + "(prompts, completions, **kwargs) -> list[float] "
+                          "(kwargs: the prompt data's other columns, completion_ids, trainer_state)")
+    return fn

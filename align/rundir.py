@@ -124,9 +124,11 @@ class RunDir:
     samples_path = property(lambda self: self.path / "samples.jsonl")
     trainer_dir = property(lambda self: self.path / "trainer")
 
-    def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None) -> None:
-        """Write config.yaml and the lineage known before training. A new run starts from nothing: the previous
-        run's metrics, samples and trainer checkpoints go; its finished checkpoint stays until replaced."""
+    def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None,
+              **details: Any) -> None:
+        """Write config.yaml and the lineage known before training (`details`: what else the stage started
+        from, e.g. its reward functions). A new run starts from nothing: the previous run's metrics, samples and
+        trainer checkpoints go; its finished checkpoint stays until replaced."""
         if not _main_process():
             return
         self.path.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,7 @@ class RunDir:
             "run": self.recipe.run.name,
             "base_model": base_model,
             "parent_checkpoint": parent,
+            **details,
             "data": data,
             "seed": self.recipe.run.seed,
             "command": sys.argv,

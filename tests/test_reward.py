@@ -14,7 +14,7 @@ from align.modeling import ModelLoadError, load_model, load_tokenizer
 from align.recipe import RecipeError, load_recipe
 from align.rewards import RewardModelScorer, score_conversations
 from align.rundir import RunDir
-from align.stages import reward
+from align.stages import init_adapter, reward
 
 
 def reward_section(**overrides):
@@ -118,7 +118,7 @@ def sft_adapter(tmp_path):
 
 def test_reward_adapter_starts_from_the_sft_adapter(write_recipe, sft_adapter):
     recipe = load_recipe(write_recipe(sft={}, reward={}))  # init_from: auto, and the recipe has an sft section
-    assert reward.init_adapter(recipe) == sft_adapter
+    assert init_adapter(recipe, "reward") == sft_adapter
     model = reward._model(recipe, sft_adapter)
     saved = load_file(sft_adapter / "adapter_model.safetensors")
     loaded = dict(model.named_parameters())
@@ -133,15 +133,15 @@ def test_missing_sft_checkpoint_or_unfit_adapter_is_a_clear_error(write_recipe, 
     recipe = load_recipe(write_recipe(sft={}, reward={}))
     with pytest.raises(RecipeError, match=r"no finished SFT checkpoint at .*sft/checkpoint; run `align sft`.* "
                                           r"or set reward.init_from=base"):
-        reward.init_adapter(recipe)
-    assert reward.init_adapter(load_recipe(write_recipe(sft={}, reward={"init_from": "base"}))) is None
+        init_adapter(recipe, "reward")
+    assert init_adapter(load_recipe(write_recipe(sft={}, reward={"init_from": "base"})), "reward") is None
     with pytest.raises(RecipeError, match=r"reward.init_from=nowhere: not auto, sft, base, or a LoRA adapter"):
-        reward.init_adapter(load_recipe(write_recipe(reward={"init_from": "nowhere"})))
+        init_adapter(load_recipe(write_recipe(reward={"init_from": "nowhere"})), "reward")
     other = get_peft_model(AutoModelForCausalLM.from_pretrained(str(TINY_BASE)),
                            LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     other.save_pretrained(str(tmp_path / "other"))
     recipe = load_recipe(write_recipe(reward={"init_from": str(tmp_path / "other"), "max_steps": 1}))
-    adapter = reward.init_adapter(recipe)
+    adapter = init_adapter(recipe, "reward")
     model = reward._model(recipe, adapter)  # takes the adapter's own targets: fits
     assert model.peft_config["default"].target_modules == {"q_proj"}
     broken = tmp_path / "other" / "adapter_config.json"

@@ -28,11 +28,12 @@ from align.modeling import (
     load_tokenizer,
     lora_config,
     trainable_in_compute_dtype,
+    trainable_weights,
 )
 from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
-from align.rundir import MetricsCallback, RunDir, complete_checkpoint, model_identity
-from align.stages import trl_config
+from align.rundir import MetricsCallback, RunDir, model_identity
+from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if recipe.reward is None:
         raise RecipeError("the recipe has no reward section; add one (see recipes/quickstart.yaml)")
     run_dir = RunDir(recipe, "reward")
-    init = init_adapter(recipe)  # a missing SFT checkpoint should fail before anything loads
+    init = init_adapter(recipe, "reward")  # fails before anything loads
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = _load_data(recipe, tokenizer)
     model = _model(recipe, init)
@@ -62,25 +63,6 @@ def run(recipe: Recipe) -> dict[str, Any]:
     _write_samples(run_dir, held_out, before, after)
     run_dir.finish(results)
     return results
-
-
-def init_adapter(recipe: Recipe) -> Path | None:
-    """The LoRA adapter the reward model starts from, per reward.init_from; None for a fresh adapter."""
-    choice = recipe.reward.init_from
-    sft_dir = Path(recipe.run.root) / recipe.run.name / "sft"
-    if choice == "base" or (choice == "auto" and recipe.sft is None):
-        return None
-    if choice in ("auto", "sft"):
-        checkpoint = complete_checkpoint(sft_dir)
-        if checkpoint is None:
-            raise RecipeError(f"reward.init_from={choice}: there is no finished SFT checkpoint at {sft_dir}/checkpoint; "
-                              "run `align sft` with this recipe first, or set reward.init_from=base")
-        return checkpoint
-    path = Path(choice)
-    if not (path / "adapter_config.json").is_file():
-        raise RecipeError(f"reward.init_from={choice}: not auto, sft, base, or a LoRA adapter directory "
-                          "(no adapter_config.json there)")
-    return path
 
 
 def _load_data(recipe: Recipe, tokenizer):
@@ -119,6 +101,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
 
     cfg = recipe.reward
     args = trl_config(RewardConfig, cfg, recipe, run_dir, has_eval=held_out is not None)
+    exact = trainable_weights(model)
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -127,7 +110,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         processing_class=tokenizer,
         callbacks=[MetricsCallback(run_dir)],
     )
-    trainable_in_compute_dtype(trainer.model, recipe.model)
+    trainable_in_compute_dtype(trainer.model, recipe.model, exact)
     return trainer
 
 
