@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         "check",
         help="validate data files and print a summary",
         description="Validate a recipe's data files (or one file) without training: rows, columns found, QA "
-        "or preference pairs formed, rows that would be skipped and why, and token-length percentiles. Exits 1 "
-        "if any row is invalid.",
+        "or preference pairs or prompts formed, rows that would be skipped and why, and token-length percentiles. "
+        "Exits 1 if any row is invalid.",
         epilog="examples:\n  align data check recipes/quickstart.yaml\n"
         "  align data check my_qa.csv data.columns.prompt=q data.columns.completion=a --model Qwen/Qwen2.5-0.5B\n"
         "  align data check prefs.csv data.columns.chosen=better_answer data.columns.rejected=worse_answer",
@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.columns.prompt=q")
     check.add_argument("--model", default=None, help=f"tokenizer for a bare data file (default: {TINY_BASE})")
     check.add_argument("--max-length", type=int, default=None,
-                       help="token limit (default: the recipe's sft.max_length or reward.max_length)")
-    check.add_argument("--kind", choices=("auto", "qa", "preference"), default="auto",
+                       help="token limit (default: the recipe's sft.max_length, reward.max_length, or for prompts "
+                       "grpo.max_length - grpo.max_completion_length)")
+    check.add_argument("--kind", choices=("auto", "qa", "preference", "prompts"), default="auto",
                        help="what a bare data file holds (default auto: preference if it has chosen/rejected or "
-                       "responses/scores columns)")
+                       "responses/scores columns, else qa if it has answers, else prompts)")
 
     tiny = commands.add_parser("tiny", help="the built-in tiny base model and its data").add_subparsers(
         dest="action", required=True
@@ -197,20 +198,23 @@ def _data_check(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from align.data import load_preferences, load_qa, percentiles
+    from align.data import load_preferences, load_prompts, load_qa, percentiles
     from align.modeling import load_tokenizer
-    from align.recipe import RewardStage, SFTStage, load_recipe
+    from align.recipe import GRPOStage, RewardStage, SFTStage, load_recipe
 
     overrides = list(args.overrides) + ["data.skip_invalid=true"]  # count every problem instead of stopping
     if args.target.endswith((".yaml", ".yml")):
         recipe = load_recipe(args.target, overrides)
         files = [(f, "qa") for f in (recipe.data.sft.train, recipe.data.sft.eval) if f]
         files += [(f, "preference") for f in (recipe.data.preference.train, recipe.data.preference.eval) if f]
+        files += [(f, "prompts") for f in (recipe.data.prompts.train, recipe.data.prompts.eval) if f]
     else:
         recipe = load_recipe(None, [f"model.name_or_path={args.model or TINY_BASE}"] + overrides)
         files = [(args.target, args.kind if args.kind != "auto" else _kind(args.target, recipe))]
-    limits = {"qa": (recipe.sft or SFTStage()).max_length, "preference": (recipe.reward or RewardStage()).max_length}
-    loaders = {"qa": load_qa, "preference": load_preferences}
+    rl = recipe.grpo or GRPOStage()
+    limits = {"qa": (recipe.sft or SFTStage()).max_length, "preference": (recipe.reward or RewardStage()).max_length,
+              "prompts": rl.max_length - rl.max_completion_length}
+    loaders = {"qa": load_qa, "preference": load_preferences, "prompts": load_prompts}
     tokenizer = load_tokenizer(recipe.model)
 
     table = Table(title=f"data check (tokens by {recipe.model.name_or_path})")
@@ -238,13 +242,16 @@ def _data_check(args) -> int:
 
 
 def _kind(path: str, recipe) -> str:
-    """'preference' if the file's columns are preference columns (mapped or by their usual names), else 'qa'."""
-    from align.data import DataError, preference_columns, read_records
+    """'preference' if the file's columns are preference columns (mapped or by their usual names), else 'qa' if
+    they are question-answer columns, else 'prompts'."""
+    from align.data import DataError, preference_columns, qa_columns, read_records
 
     records = read_records(path)
     columns = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
-    try:
-        preference_columns(path, columns, recipe.data.columns)
-        return "preference"
-    except DataError:
-        return "qa"
+    for kind, detect in (("preference", preference_columns), ("qa", qa_columns)):
+        try:
+            detect(path, columns, recipe.data.columns)
+            return kind
+        except DataError:
+            pass
+    return "prompts"

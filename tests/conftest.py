@@ -94,3 +94,21 @@ def run_keeping_trainer(stage, recipe):
         mp.setattr(stage, "_trainer", keep)
         results = stage.run(recipe)
     return results, captured["trainer"]
+
+
+@pytest.fixture
+def sft_adapter(tmp_path):
+    """A saved causal-LM LoRA adapter with non-zero weights, standing in for the SFT stage's checkpoint."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(TINY_BASE)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    path = tmp_path / "runs" / "test" / "sft" / "checkpoint"
+    model.save_pretrained(str(path))
+    return path

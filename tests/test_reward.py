@@ -102,20 +102,6 @@ def test_scores_do_not_depend_on_padding_side_batching_or_pad_token(trained):
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture
-def sft_adapter(tmp_path):
-    """A saved causal-LM LoRA adapter with non-zero weights, standing in for the SFT stage's checkpoint."""
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(TINY_BASE)),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1)
-    path = tmp_path / "runs" / "test" / "sft" / "checkpoint"
-    model.save_pretrained(str(path))
-    return path
-
-
 def test_reward_adapter_starts_from_the_sft_adapter(write_recipe, sft_adapter):
     recipe = load_recipe(write_recipe(sft={}, reward={}))  # init_from: auto, and the recipe has an sft section
     assert init_adapter(recipe, "reward") == sft_adapter

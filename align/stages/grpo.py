@@ -165,7 +165,9 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[Re
 
     cfg = recipe.grpo
     args = trl_config(GRPOConfig, cfg, recipe, run_dir, has_eval=held_out is not None,
-                      defaults={"disable_dropout": True},  # dropout would make even the first KL non-zero
+                      # Dropout would make even the first KL non-zero; logging the first step alone records the
+                      # KL before any update.
+                      defaults={"disable_dropout": True, "logging_first_step": True},
                       reward_weights=[r.weight for r in rewards])
     guard = KLGuard(cfg.max_kl)
     exact = trainable_weights(model)
