@@ -8,6 +8,9 @@ hash decides), so held-out and RL questions are sums the tiny base never read du
 trained on. The corpus states sums in prose (what the base "knows"); the QA pairs teach the assistant format
 "17 + 25 = 42. The answer is 42." that the rule rewards check.
 
+RL prompts (`rl_prompts.jsonl`) are questions of their own split with their reference answers: what RL learns
+on them must carry over to the held-out sums to show, rather than sharpen what SFT memorised.
+
 Preference pairs for the reward model: chosen is that answer; rejected is, in proportions 2:1:1, a wrong number
 in the same form (a random number with as many digits as the sum), a malformed answer with the right number
 (cut short, bare, or without the answer sentence: always shorter), or a rambling one with the right number
@@ -162,6 +165,9 @@ def main(out: Path = Path("data"), seed: int = SEED) -> None:
     train, held_out = preference_rows(rng, "train", count=3000), preference_rows(rng, "heldout", count=200)
     write_jsonl(out / "arithmetic" / "preference_train.jsonl", train)
     write_jsonl(out / "arithmetic" / "preference_heldout.jsonl", held_out)
+    # RL prompts: sums of the rl split, which neither pretraining nor SFT saw, with the reference answer that
+    # exact_match compares with. Own stream again, so the files above stay as they were.
+    write_jsonl(out / "arithmetic" / "rl_prompts.jsonl", qa_rows(random.Random(seed + 2), "rl", count=2000))
     print(f"wrote {out}/corpus.txt and {out}/arithmetic/")
     for name, rows in (("train", train), ("held-out", held_out)):
         print(f"preference {name}: accuracy of rankers that do not add: "

@@ -52,7 +52,9 @@ def test_shipped_data_is_what_the_seeded_script_writes(tmp_path):
     from align.arithmetic import main as write_data
 
     write_data(tmp_path)
-    for name in ("corpus.txt", "arithmetic/sft_train.jsonl", "arithmetic/sft_heldout.jsonl"):
+    for name in ("corpus.txt", "arithmetic/sft_train.jsonl", "arithmetic/sft_heldout.jsonl",
+                 "arithmetic/preference_train.jsonl", "arithmetic/preference_heldout.jsonl",
+                 "arithmetic/rl_prompts.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
 
 
@@ -66,7 +68,7 @@ def test_every_pair_has_one_split_in_both_orders():
 
 
 def test_shipped_qa_files_hold_their_own_split():
-    for file, split in (("sft_train.jsonl", "train"), ("sft_heldout.jsonl", "heldout")):
+    for file, split in (("sft_train.jsonl", "train"), ("sft_heldout.jsonl", "heldout"), ("rl_prompts.jsonl", "rl")):
         for line in (ROOT / "data" / "arithmetic" / file).read_text().splitlines():
             a, b = map(int, re.findall(r"\d+", json.loads(line)["answer"])[:2])
             assert split_of(a, b) == split and {len(str(a)), len(str(b))} <= set(DIGITS)

@@ -8,10 +8,10 @@ function (`align.rewards`), and raises the log-probability of the completions th
 minus beta x KL(policy || reference) per token. The policy is the recipe's base (4-bit NF4 by default) with the
 SFT stage's LoRA adapter, trainable. The reference is that same SFT adapter, frozen: TRL, given a PeftModel that
 already carries an adapter and beta != 0, copies it into a second adapter "ref" on the same base weights, so
-there is one copy of the base in memory. Without an SFT stage the policy gets a fresh adapter and the reference
-is the base (TRL's frozen copy of a fresh adapter, whose update is zero). A reward model trained on the same base runs on the policy's base too (a third
-adapter and its score head). Before and after training the stage answers held-out prompts greedily and scores
-the answers with every reward function.
+there is one copy of the base in memory. Without an SFT stage the policy gets a fresh adapter, whose frozen copy
+(a zero LoRA update) makes the reference the base model itself. A reward model trained on the same base runs on
+the policy's base too (one more adapter and its score head). Before and after training the stage answers
+held-out prompts greedily and scores the answers with every reward function.
 """
 
 from __future__ import annotations
@@ -244,8 +244,9 @@ def _evaluate(trainer, held_out, rewards: list[RewardFunc], recipe: Recipe, when
         **{f"rewards/{name}": statistics.fmean(v for v in values if v is not None) for name, values in scores.items()
            if any(v is not None for v in values)},
         "completion_tokens_mean": statistics.fmean(len(ids) for ids in answer_ids),
-        "samples": [{"prompt": p[-1]["content"], "answer": a, "reward": t,
-                     **{name: values[i] for name, values in scores.items()}, **{k: v[i] for k, v in columns.items()}}
+        "samples": [{"prompt": p[-1]["content"], "completion": a, "reward": t,
+                     "rewards": {name: values[i] for name, values in scores.items()},
+                     "columns": {k: v[i] for k, v in columns.items()}}  # kept apart: a column may be named 'answer'
                     for i, (p, a, t) in enumerate(zip(rows["prompt"], answers, totals))],
     }
     trainer.log({f"eval_{k}": v for k, v in result.items() if k not in ("samples", "prompts")})
@@ -258,4 +259,9 @@ def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
     """Held-out answers before and after training, side by side, in samples.jsonl."""
     if not after:
         return
-    run_dir.write_samples([{"before": b, "after": a} for b, a in zip(before.pop("samples"), after.pop("samples"))])
+    run_dir.write_samples([
+        {"prompt": b["prompt"], "columns": b["columns"], "before": b["completion"], "after": a["completion"],
+         "reward_before": b["reward"], "reward_after": a["reward"], "rewards_before": b["rewards"],
+         "rewards_after": a["rewards"]}
+        for b, a in zip(before.pop("samples"), after.pop("samples"))
+    ])
