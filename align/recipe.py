@@ -221,8 +221,9 @@ class GRPOStage(TrainingStage):
         1.0, help="Stop the run when the logged KL to the reference (mean per completion token, nats) exceeds "
         "this: the policy has run away from the reference. None: no ceiling.")
     rewards: List[RewardFunction] = doc(
-        list, help="Reward functions and their weights; the policy maximises the weighted sum. Override one as "
-        "grpo.rewards.0.weight=0.5.")
+        list, help="Reward functions, each {name, weight, args}; the policy maximises the weighted sum. name: "
+        "reward_model, exact_match, format, length, or a plug-in 'package.module:function' (docs/rewards.md). "
+        "Override one entry as grpo.rewards.0.weight=0.5.")
     num_generations: int = doc(8, help="Completions sampled per prompt (the group whose mean is the baseline).")
     max_completion_length: int = doc(256, help="Longest completion in tokens; longer ones are cut.")
     temperature: float = doc(1.0, help="Sampling temperature of the completions (GRPO learns from their spread).")

@@ -16,7 +16,7 @@ def align(*args, launcher=(sys.executable, "-m", "align")):
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.parametrize("command", [[], ["sft"], ["reward"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
+@pytest.mark.parametrize("command", [[], ["sft"], ["reward"], ["grpo"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
                                      ["tiny", "data"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -99,3 +99,11 @@ def test_data_check_on_renamed_preference_columns_with_bad_rows(tmp_path):
     assert "preference" in result.stdout and "empty=1, identical=1" in result.stdout
     assert f"{path}:3: field 'better_answer' is empty" in result.stdout
     assert f"{path}:4: fields 'better_answer' and 'worse_answer' hold the same answer" in result.stdout
+
+
+def test_grpo_help_explains_the_kl_and_the_rewards(capsys):
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    out = capsys.readouterr().out
+    assert "grpo.beta = 0.04" in out and "TRL's default is 0" in out
+    assert "grpo.max_kl = 1.0" in out and "grpo.rewards = []" in out and "package.module:function" in out

@@ -140,7 +140,7 @@ def test_settings_that_cannot_work_fail_before_loading(write_recipe):
         grpo.run(error(rewards=[]))
     with pytest.raises(RecipeError, match=r"8 completions per step is not a multiple of grpo.num_generations=3"):
         grpo.run(error(num_generations=3))
-    with pytest.raises(RecipeError, match=r"no finished reward model at .*reward/checkpoint; run `align reward`"):
+    with pytest.raises(RecipeError, match=r"no finished reward checkpoint at .*reward/checkpoint; run `align reward`"):
         grpo.run(error(rewards=[{"name": "reward_model"}], init_from="base"))
-    with pytest.raises(RecipeError, match=r"grpo.init_from=sft: there is no finished SFT checkpoint"):
+    with pytest.raises(RecipeError, match=r"grpo.init_from=sft: there is no finished sft checkpoint"):
         grpo.run(error(init_from="sft"))

@@ -117,7 +117,7 @@ def test_reward_adapter_starts_from_the_sft_adapter(write_recipe, sft_adapter):
 
 def test_missing_sft_checkpoint_or_unfit_adapter_is_a_clear_error(write_recipe, tmp_path):
     recipe = load_recipe(write_recipe(sft={}, reward={}))
-    with pytest.raises(RecipeError, match=r"no finished SFT checkpoint at .*sft/checkpoint; run `align sft`.* "
+    with pytest.raises(RecipeError, match=r"no finished sft checkpoint at .*sft/checkpoint; run `align sft`.* "
                                           r"or set reward.init_from=base"):
         init_adapter(recipe, "reward")
     assert init_adapter(load_recipe(write_recipe(sft={}, reward={"init_from": "base"})), "reward") is None

@@ -36,22 +36,33 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
 def init_adapter(recipe, section: str) -> Path | None:
     """The LoRA adapter the stage `section` starts from, per its `init_from`: auto (the SFT stage's checkpoint
     when the recipe has an sft section), sft, base (None: a fresh adapter) or an adapter directory."""
-    from align.recipe import RecipeError
-    from align.rundir import complete_checkpoint
-
     choice = getattr(recipe, section).init_from
-    sft_dir = Path(recipe.run.root) / recipe.run.name / "sft"
+    setting = f"{section}.init_from={choice}"
     if choice == "base" or (choice == "auto" and recipe.sft is None):
         return None
     if choice in ("auto", "sft"):
-        checkpoint = complete_checkpoint(sft_dir)
-        if checkpoint is None:
-            raise RecipeError(f"{section}.init_from={choice}: there is no finished SFT checkpoint at "
-                              f"{sft_dir}/checkpoint; run `align sft` with this recipe first, or set "
-                              f"{section}.init_from=base")
-        return checkpoint
-    path = Path(choice)
-    if not (path / "adapter_config.json").is_file():
-        raise RecipeError(f"{section}.init_from={choice}: not auto, sft, base, or a LoRA adapter directory "
-                          "(no adapter_config.json there)")
-    return path
+        return finished_checkpoint(recipe, "sft", setting, f"or set {section}.init_from=base")
+    return adapter_dir(choice, setting, "not auto, sft, base, or a LoRA adapter directory")
+
+
+def finished_checkpoint(recipe, stage: str, setting: str, alternative: str) -> Path:
+    """This recipe's finished checkpoint of `stage`; `setting` (the recipe value that asked for it) and
+    `alternative` (another way out) go into the error when there is none."""
+    from align.recipe import RecipeError
+    from align.rundir import complete_checkpoint
+
+    stage_dir = Path(recipe.run.root) / recipe.run.name / stage
+    checkpoint = complete_checkpoint(stage_dir)
+    if checkpoint is None:
+        raise RecipeError(f"{setting}: there is no finished {stage} checkpoint at {stage_dir}/checkpoint; run "
+                          f"`align {stage}` with this recipe first, {alternative}")
+    return checkpoint
+
+
+def adapter_dir(path: str, setting: str, what: str) -> Path:
+    """`path` if it holds a PEFT adapter (adapter_config.json), else an error saying what it should be."""
+    from align.recipe import RecipeError
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise RecipeError(f"{setting}: {what} (no adapter_config.json there)")
+    return Path(path)

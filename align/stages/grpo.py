@@ -36,8 +36,8 @@ from align.modeling import (
 )
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc, reward_function, reward_model_scorer
-from align.rundir import MetricsCallback, RunDir, complete_checkpoint, model_identity
-from align.stages import init_adapter, trl_config
+from align.rundir import MetricsCallback, RunDir, model_identity
+from align.stages import adapter_dir, finished_checkpoint, init_adapter, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +122,10 @@ def _check(recipe: Recipe) -> None:
 def _reward_checkpoint(recipe: Recipe, spec) -> Path:
     """The reward stage checkpoint a reward_model reward uses: args.checkpoint, or this recipe's (auto)."""
     choice = spec.args.get("checkpoint", "auto")
+    setting = f"reward 'reward_model' (args.checkpoint={choice})"
     if choice == "auto":
-        stage_dir = Path(recipe.run.root) / recipe.run.name / "reward"
-        checkpoint = complete_checkpoint(stage_dir)
-        if checkpoint is None:
-            raise RecipeError(f"reward 'reward_model': there is no finished reward model at {stage_dir}/checkpoint; "
-                              "run `align reward` with this recipe first, or set its args.checkpoint=<dir>")
-        return checkpoint
-    path = Path(choice)
-    if not (path / "adapter_config.json").is_file():
-        raise RecipeError(f"reward 'reward_model': args.checkpoint={choice} is not a reward stage checkpoint "
-                          "(no adapter_config.json there)")
-    return path
+        return finished_checkpoint(recipe, "reward", setting, "or set its args.checkpoint=<dir>")
+    return adapter_dir(choice, setting, "not a reward stage checkpoint")
 
 
 def _policy(recipe: Recipe, init: Path | None):
