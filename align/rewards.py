@@ -15,7 +15,6 @@ so a score read here equals the one the trainer saw. It runs on its own base mod
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import logging
