@@ -187,11 +187,16 @@ def _print_grpo(console, results: dict) -> None:
     if not after:
         console.print("no held-out prompts (data.prompts.eval), so no before/after evaluation")
         return
-    rows = [("reward (weighted total)", f"{before['reward_mean']:.4f}", f"{after['reward_mean']:.4f}")]
-    rows += [(key.split("/", 1)[1], f"{before[key]:.4f}", f"{after[key]:.4f}") for key in after
-             if key.startswith("rewards/")]
-    rows.append(("answer tokens (mean)", f"{before['completion_tokens_mean']:.1f}", f"{after['completion_tokens_mean']:.1f}"))
-    console.print(_before_after(f"greedy answers to {after['prompts']} held-out prompts", rows))
+    for decoding, title in (("greedy", f"greedy answers to {after['prompts']} held-out prompts"),
+                            ("sampled", f"{after.get('sampled', {}).get('per_prompt')} sampled answers to each of "
+                                        f"{after['prompts']} held-out prompts (training temperature)")):
+        if decoding not in after:
+            continue
+        b, a = before[decoding], after[decoding]
+        rows = [("reward (weighted total)", f"{b['reward_mean']:.4f}", f"{a['reward_mean']:.4f}")]
+        rows += [(key.split("/", 1)[1], f"{b[key]:.4f}", f"{a[key]:.4f}") for key in a if key.startswith("rewards/")]
+        rows.append(("answer tokens (mean)", f"{b['completion_tokens_mean']:.1f}", f"{a['completion_tokens_mean']:.1f}"))
+        console.print(_before_after(title, rows))
 
 
 def _data_check(args) -> int:

@@ -18,9 +18,12 @@ def generate(
     batch_size: int = 32,
     desc: str = "generating",
     with_ids: bool = False,
+    sampling: dict | None = None,
+    per_prompt: int = 1,
 ) -> list[str] | tuple[list[str], list[list[int]]]:
-    """One greedy answer per prompt, decoded without special tokens; with `with_ids`, also each answer's token
-    ids up to and including its EOS (as TRL hands completion_ids to reward functions)."""
+    """One greedy answer per prompt, decoded without special tokens; with `sampling` (temperature, top_p, ...),
+    `per_prompt` sampled answers per prompt instead, a prompt's answers next to each other. With `with_ids`,
+    also each answer's token ids up to and including its EOS (as TRL hands completion_ids to reward functions)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,7 +41,9 @@ def generate(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
-            do_sample=False,
+            do_sample=sampling is not None,
+            num_return_sequences=per_prompt,
+            **(sampling or {}),
         )
         answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
         for ids in out[:, width:].tolist():

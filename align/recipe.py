@@ -232,6 +232,9 @@ class GRPOStage(TrainingStage):
         False, help="Generate with vLLM (must be installed). Not with model.quantization=nf4: vLLM cannot take "
         "a bitsandbytes 4-bit policy.")
     eval_generations: int = doc(64, help="Held-out prompts answered greedily and scored before and after (0: none).")
+    eval_samples: int = doc(
+        4, help="Answers sampled per held-out prompt with the training settings (temperature, top_p), scored "
+        "before and after: the expected reward GRPO maximises (0: greedy answers only).")
     trainer_args: Dict[str, Any] = doc(
         dict, help="Any other field of trl.GRPOConfig, passed through (e.g. {loss_type: grpo, num_iterations: 2}).")
 

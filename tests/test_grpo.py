@@ -39,7 +39,7 @@ def metrics(results) -> list[dict]:
 
 
 def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(write_recipe, sft_adapter):
-    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), grpo=grpo_section()))
+    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), grpo=grpo_section(learning_rate=2e-3)))
     results, (trainer, _) = run_keeping_trainer(grpo, recipe)
     train_logs = [m for m in metrics(results) if "kl" in m]
     assert [m["step"] for m in train_logs] == [1, 2, 3]
@@ -70,7 +70,9 @@ def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(
     assert lineage["parent_checkpoint"] == str(sft_adapter)
     assert lineage["rewards"] == [{"name": "exact_match", "weight": 1.0, "args": {"column": "answer"}},
                                   {"name": "length", "weight": 0.5, "args": {"max_tokens": 8, "per_token": 0.1}}]
-    assert set(results["before"]) >= {"reward_mean", "rewards/exact_match", "rewards/length", "prompts"}
+    assert results["before"]["prompts"] == 8 and results["after"]["sampled"]["per_prompt"] == 4  # eval_samples default
+    for decoding in ("greedy", "sampled"):
+        assert set(results["before"][decoding]) >= {"reward_mean", "rewards/exact_match", "rewards/length"}
 
 
 LENGTH_PLUGIN = '''

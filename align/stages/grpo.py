@@ -214,37 +214,61 @@ class KLGuard(ProgressCallback):
 
 
 def _evaluate(trainer, held_out, rewards: list[RewardFunc], recipe: Recipe, when: str) -> dict[str, Any]:
-    """Greedy answers to the first held-out prompts, scored by every reward function and their weighted sum."""
+    """The first held-out prompts answered greedily, and `eval_samples` times each with the training sampling
+    settings (the expected reward is what GRPO maximises; a greedy answer can flip on a small change), each
+    answer scored by every reward function and their weighted sum."""
     cfg = recipe.grpo
     n = min(cfg.eval_generations, len(held_out)) if held_out is not None else 0
     if not n:
         return {}
     rows = held_out.select(range(n))
-    answers, answer_ids = generate(trainer.model, trainer.processing_class, rows["prompt"],
-                                   max_new_tokens=cfg.max_completion_length,
-                                   batch_size=cfg.per_device_eval_batch_size,
-                                   desc=f"answering {n} held-out prompts ({when})", with_ids=True)
-    completions = [[{"role": "assistant", "content": a}] for a in answers]
     columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
-    scores = {r.__name__: r(rows["prompt"], completions, completion_ids=answer_ids, trainer_state=trainer.state,
+    greedy, scores, totals, answers = _score(trainer, rows["prompt"], columns, rewards, cfg, f"{when}, greedy")
+    result: dict[str, Any] = {"prompts": n, "greedy": greedy}
+    if cfg.eval_samples:
+        args = trainer.args
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+                    "repetition_penalty": args.repetition_penalty}
+        k = cfg.eval_samples
+        result["sampled"] = _score(trainer, rows["prompt"], columns, rewards, cfg, f"{when}, {k} sampled each",
+                                   sampling=sampling, per_prompt=k)[0]
+        result["sampled"]["per_prompt"] = k
+    result["samples"] = [{"prompt": p[-1]["content"], "completion": a, "reward": t,
+                          "rewards": {name: values[i] for name, values in scores.items()},
+                          "columns": {c: v[i] for c, v in columns.items()}}  # apart: a column may be named 'answer'
+                         for i, (p, a, t) in enumerate(zip(rows["prompt"], answers, totals))]
+    trainer.log({f"eval_{decoding}_{key}": value for decoding in ("greedy", "sampled")
+                 for key, value in result.get(decoding, {}).items()})
+    for decoding in ("greedy", "sampled"):
+        if decoding in result:
+            log.info("%s training, %s: %d held-out prompts, mean reward %.4f (%s)", when, decoding, n,
+                     result[decoding]["reward_mean"], ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in
+                                                                 result[decoding].items() if k.startswith("rewards/")))
+    return result
+
+
+def _score(trainer, prompts, columns, rewards, cfg, desc, sampling=None, per_prompt=1):
+    """Answers to `prompts` (`per_prompt` each), every reward and the weighted total: (summary, per-reward
+    scores, totals, answers)."""
+    answers, answer_ids = generate(trainer.model, trainer.processing_class, prompts,
+                                   max_new_tokens=cfg.max_completion_length,
+                                   batch_size=max(1, cfg.per_device_eval_batch_size // per_prompt),
+                                   desc=f"answering {len(prompts)} held-out prompts ({desc})", with_ids=True,
+                                   sampling=sampling, per_prompt=per_prompt)
+    repeat = lambda values: [v for v in values for _ in range(per_prompt)]  # noqa: E731
+    prompts, columns = repeat(prompts), {k: repeat(v) for k, v in columns.items()}
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    scores = {r.__name__: r(prompts, completions, completion_ids=answer_ids, trainer_state=trainer.state,
                             log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **columns)
               for r in rewards}
-    totals = [sum(r.weight * (scores[r.__name__][i] or 0.0) for r in rewards) for i in range(n)]
-    result: dict[str, Any] = {
-        "prompts": n,
+    totals = [sum(r.weight * (scores[r.__name__][i] or 0.0) for r in rewards) for i in range(len(answers))]
+    summary = {
         "reward_mean": statistics.fmean(totals),
         **{f"rewards/{name}": statistics.fmean(v for v in values if v is not None) for name, values in scores.items()
            if any(v is not None for v in values)},
         "completion_tokens_mean": statistics.fmean(len(ids) for ids in answer_ids),
-        "samples": [{"prompt": p[-1]["content"], "completion": a, "reward": t,
-                     "rewards": {name: values[i] for name, values in scores.items()},
-                     "columns": {k: v[i] for k, v in columns.items()}}  # kept apart: a column may be named 'answer'
-                    for i, (p, a, t) in enumerate(zip(rows["prompt"], answers, totals))],
     }
-    trainer.log({f"eval_{k}": v for k, v in result.items() if k not in ("samples", "prompts")})
-    log.info("%s training: %d held-out prompts, mean reward %.4f (%s)", when, n, result["reward_mean"],
-             ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in result.items() if k.startswith("rewards/")))
-    return result
+    return summary, scores, totals, answers
 
 
 def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
