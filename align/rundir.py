@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -189,11 +190,26 @@ class RunDir:
 
 
 class MetricsCallback(TrainerCallback):
-    """Appends every trainer log (loss, learning rate, eval metrics) to metrics.jsonl with its step."""
+    """Appends every trainer log (loss, learning rate, eval metrics) to metrics.jsonl with its step; a training
+    log also gets step_seconds, the mean wall time of the optimizer steps since the previous one (generation
+    included, for the RL stages)."""
 
     def __init__(self, run: RunDir):
         self.run = run
+        self._step_started: float | None = None
+        self._step_times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_started is not None:
+            self._step_times.append(time.perf_counter() - self._step_started)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:  # log_metrics writes on the main process only
-            self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})
+        if not logs:
+            return
+        if "loss" in logs and self._step_times:
+            logs = {**logs, "step_seconds": sum(self._step_times) / len(self._step_times)}
+            self._step_times = []
+        self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})  # main process only

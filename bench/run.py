@@ -1,5 +1,7 @@
 """Peak memory and speed of an align stage on a hub architecture, with random weights (no hub access needed).
 
+    python bench/run.py sft --arch qwen2.5-1.5b --steps 8
+    python bench/run.py reward --arch qwen2.5-1.5b --steps 8
     python bench/run.py grpo --arch qwen2.5-1.5b --steps 6
     python bench/run.py grpo --arch tiny --steps 2 --prompt-tokens 16 --completion-tokens 16   # the CPU path
 
@@ -7,7 +9,9 @@ The model is built from bench/archs/ARCH.json (a hub config.json) with random we
 tokenizer of the same vocabulary size, saved to a work dir, and then trained by align's own stage code
 (`align.stages.<stage>.run`), so it loads through `align/modeling.py` in 4-bit NF4 like any recipe. Memory and
 speed do not depend on the weights' values; random weights never emit EOS, so every completion is exactly
---completion-tokens long. Writes one JSON record per run (appended to --out).
+--completion-tokens long. SFT trains on --prompt-tokens + --completion-tokens long conversations, the reward
+stage on pairs of them. s/step is the median of align's step_seconds (wall time per optimizer step) over all
+steps but the first. Writes one JSON record per run (appended to --out).
 """
 
 from __future__ import annotations
@@ -18,53 +22,71 @@ import json
 import logging
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ARCHS = Path(__file__).parent / "archs"
-STAGES = ("grpo",)
+STAGES = ("sft", "reward", "grpo")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def build_base(arch: str, out: Path) -> None:
-    """Random-weight model of `arch` and a tokenizer of the same vocabulary size, saved to `out`. The tokenizer
-    is byte-level BPE without merges (one token per byte of text), so a prompt's length in tokens is exact; the
-    rest of its vocabulary is filler that decodes to bytes."""
+def build_base(arch: str, out: Path) -> int:
+    """Random-weight model of `arch` and a tokenizer of the same vocabulary size, saved to `out` (kept if `out`
+    already holds one). The tokenizer is byte-level BPE without merges (one token per byte of text), so a
+    prompt's length in tokens is exact; the rest of its vocabulary is filler that decodes to bytes. Returns the
+    parameters every token's matmuls read (all but the input embeddings; a tied LM head counts)."""
     import itertools
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from align.modeling import DEFAULT_CHAT_TEMPLATE
+
     spec = json.loads((ARCHS / f"{arch}.json").read_text())
     config = AutoConfig.for_model(**{k: v for k, v in spec.items() if not k.startswith("_")})
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    filler = ("".join(t) for n in itertools.count(2) for t in itertools.product(alphabet, repeat=n))
-    vocab = {}
-    for i in range(config.vocab_size):
-        vocab["<|endoftext|>" if i == config.eos_token_id else alphabet[i] if i < len(alphabet) else next(filler)] = i
-    tok = Tokenizer(models.BPE(vocab, []))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
-    where = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(where):  # initialising a billion weights on the GPU takes seconds, on the CPU minutes
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out)
+    embeddings = config.vocab_size * config.hidden_size
+    if not (out / "config.json").is_file():
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        filler = ("".join(t) for n in itertools.count(2) for t in itertools.product(alphabet, repeat=n))
+        vocab = {}
+        for i in range(config.vocab_size):
+            vocab["<|endoftext|>" if i == config.eos_token_id else alphabet[i] if i < len(alphabet) else next(filler)] = i
+        tok = Tokenizer(models.BPE(vocab, []))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # so that the baseline renders exactly as align does
+        tokenizer.save_pretrained(out)
+        where = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(where):  # initialising a billion weights on the GPU takes seconds, on the CPU minutes
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(out)
+        del model
+    with torch.device("meta"):
+        total = AutoModelForCausalLM.from_config(config).num_parameters()
+    return total - (0 if config.tie_word_embeddings else embeddings)
 
 
-def write_prompts(path: Path, base: Path, n: int, tokens: int, seed: int) -> None:
-    """`n` prompts of random letters, each exactly `tokens` long once rendered as align renders prompts."""
-    from align.modeling import load_tokenizer, prompt_ids
+def write_data(path: Path, base: Path, n: int, prompt_tokens: int, completion_tokens: int, seed: int) -> int:
+    """`n` rows of random letters: a question exactly `prompt_tokens` long once rendered as align renders
+    prompts, and answer / chosen / rejected texts of `completion_tokens` letters (a letter is a token). Returns
+    the length in tokens of a whole rendered conversation (template and EOS included)."""
+    from align.modeling import conversation_ids, load_tokenizer, prompt_ids
     from align.recipe import ModelConfig
 
-    overhead = len(prompt_ids(load_tokenizer(ModelConfig(name_or_path=str(base))), [{"role": "user", "content": ""}]))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(base)))
+    overhead = len(prompt_ids(tokenizer, [{"role": "user", "content": ""}]))
     rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(tokens - overhead))
-            f.write(json.dumps({"question": text}) + "\n")
+    text = lambda k: "".join(rng.choice(LETTERS) for _ in range(k))  # noqa: E731
+    rows = [{"question": text(prompt_tokens - overhead), "answer": text(completion_tokens),
+             "chosen": text(completion_tokens), "rejected": text(completion_tokens)} for _ in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    conversation = [{"role": "user", "content": rows[0]["question"]}, {"role": "assistant", "content": rows[0]["answer"]}]
+    return len(conversation_ids(tokenizer, [conversation])[0])
 
 
 def reward_checkpoint(base: Path, out: Path) -> Path:
@@ -81,8 +103,19 @@ def reward_checkpoint(base: Path, out: Path) -> Path:
     return out
 
 
-def grpo_overrides(args, work: Path) -> list[str]:
-    per_step = args.prompts_per_step * args.num_generations
+def stage_overrides(args, work: Path, length: int) -> list[str]:
+    """The stage's recipe section: a fresh adapter, the stated lengths and batch, a log every step, no
+    held-out evaluation, no checkpoint before the end. `length`: a rendered conversation's tokens."""
+    common = [f"{args.stage}.max_steps={args.steps}", f"{args.stage}.logging_steps=1",
+              f"{args.stage}.save_steps={args.steps + 1}",
+              f"{args.stage}.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+    if args.stage == "sft":
+        return [f"data.sft.train={work / 'data.jsonl'}", "data.columns.prompt=question", f"sft.max_length={length}",
+                f"sft.per_device_train_batch_size={args.batch_size}", "sft.eval_generations=0", *common]
+    if args.stage == "reward":
+        return [f"data.preference.train={work / 'data.jsonl'}", "data.columns.prompt=question",
+                "reward.init_from=base", f"reward.max_length={length}",
+                f"reward.per_device_train_batch_size={args.batch_size}", *common]
     # A rule reward: every completion has the same length, so advantages are 0, but generation, the policy
     # and reference forward passes and the backward pass all run as in any GRPO step.
     rewards = "{name: length, args: {max_tokens: 16}}"
@@ -90,81 +123,115 @@ def grpo_overrides(args, work: Path) -> list[str]:
         share = str(args.reward_model == "shared").lower()
         rewards += f", {{name: reward_model, args: {{checkpoint: {work / 'reward'}, share_base: {share}}}}}"
     return [
-        f"data.prompts.train={work / 'prompts.jsonl'}",
+        f"data.prompts.train={work / 'data.jsonl'}",
+        "data.columns.prompt=question",
         f"grpo.rewards=[{rewards}]",
         "grpo.init_from=base",
         f"grpo.num_generations={args.num_generations}",
-        f"grpo.per_device_train_batch_size={per_step}",
+        f"grpo.per_device_train_batch_size={args.prompts_per_step * args.num_generations}",
         f"grpo.max_completion_length={args.completion_tokens}",
         f"grpo.max_length={args.prompt_tokens + args.completion_tokens}",
-        f"grpo.max_steps={args.steps}",
-        f"grpo.activation_checkpointing={str(args.activation_checkpointing).lower()}",
-        "grpo.logging_steps=1",
-        f"grpo.save_steps={args.steps + 1}",
         "grpo.eval_generations=0",
         "grpo.max_kl=null",
+        *common,
     ]
 
 
-def measure(args) -> dict:
+def tokens_per_step(args, metrics: list[dict], length: int) -> tuple[float, float]:
+    """(tokens through the model, of which generated) per optimizer step."""
+    if args.stage == "sft":
+        return args.batch_size * length, 0.0
+    if args.stage == "reward":
+        return 2 * args.batch_size * length, 0.0
+    completions = args.prompts_per_step * args.num_generations
+    generated = statistics.fmean(m["completions/mean_length"] for m in metrics) * completions
+    # generated once, then the policy (and the reference) read prompt + completion
+    return generated + completions * args.prompt_tokens + generated, generated
+
+
+# Dense bf16 peak of the GPUs this has run on (NVIDIA's data sheets, SXM parts), for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def measure(args, work: Path) -> dict:
+    import importlib
+
     import torch
 
     from align.recipe import load_recipe
-    from align.stages import grpo
 
-    with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
-        work = Path(tmp)
-        build_base(args.arch, work / "base")
-        if args.reward_model != "none":
-            reward_checkpoint(work / "base", work / "reward")
-        prompts_per_run = args.steps * args.prompts_per_step
-        write_prompts(work / "prompts.jsonl", work / "base", prompts_per_run, args.prompt_tokens, args.seed)
-        recipe = load_recipe(None, [
-            f"model.name_or_path={work / 'base'}",
-            f"model.quantization={args.quantization}",
-            f"run.root={work / 'runs'}",
-            "run.name=bench",
-            f"run.seed={args.seed}",
-            f"grpo={{}}",
-            *grpo_overrides(args, work),
-            *args.overrides,
-        ])
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.monotonic()
-        results = grpo.run(recipe)
-        wall = time.monotonic() - start
-        rows = [json.loads(line) for line in (Path(results["run_dir"]) / "metrics.jsonl").open()]
-    steps = [r for r in rows if "step_time" in r]
-    timed = steps[1:] or steps  # the first step includes CUDA warm-up
-    step_s = statistics.median(r["step_time"] for r in timed)
-    completions = args.prompts_per_step * args.num_generations
-    generated = statistics.fmean(r["completions/mean_length"] for r in timed) * completions
-    trained = generated + completions * args.prompt_tokens
-    return {
-        "stage": "grpo",
+    stage = importlib.import_module(f"align.stages.{args.stage}")
+    matmul_params = build_base(args.arch, work / "base")
+    if args.stage == "grpo" and args.reward_model != "none" and not (work / "reward").is_dir():
+        reward_checkpoint(work / "base", work / "reward")
+    rows = args.steps * (args.prompts_per_step if args.stage == "grpo" else args.batch_size)
+    length = write_data(work / "data.jsonl", work / "base", rows, args.prompt_tokens, args.completion_tokens,
+                        args.seed)
+    recipe = load_recipe(None, [
+        f"model.name_or_path={work / 'base'}",
+        f"model.quantization={args.quantization}",
+        f"run.root={work / 'runs'}",
+        f"run.name=bench-{args.stage}",
+        f"run.seed={args.seed}",
+        f"{args.stage}={{}}",
+        *stage_overrides(args, work, length),
+        *args.overrides,
+    ])
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.monotonic()
+    results = stage.run(recipe)
+    wall = time.monotonic() - start
+    metrics = [json.loads(line) for line in (Path(results["run_dir"]) / "metrics.jsonl").open()]
+    steps = [m for m in metrics if "step_seconds" in m]
+    timed = steps[1:] or steps  # the first step includes CUDA and allocator warm-up
+    step_s = statistics.median(m["step_seconds"] for m in timed)
+    tokens, generated = tokens_per_step(args, timed, length)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+    record = {
+        "stage": args.stage,
         "arch": args.arch,
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": device,
         "quantization": args.quantization,
         "prompt_tokens": args.prompt_tokens,
         "completion_tokens": args.completion_tokens,
-        "num_generations": args.num_generations,
-        "prompts_per_step": args.prompts_per_step,
+        "sequence_tokens": length,
         "activation_checkpointing": args.activation_checkpointing,
-        "reward_model": args.reward_model,
         "steps": len(steps),
         "seconds_per_step": round(step_s, 3),
-        "generated_tokens_per_s": round(generated / step_s, 1),
-        "tokens_per_s": round((generated + trained) / step_s, 1),
+        "tokens_per_s": round(tokens / step_s, 1),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "wall_seconds": round(wall, 1),
         "overrides": args.overrides,
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
     }
+    if args.stage == "grpo":
+        record.update(num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
+                      reward_model=args.reward_model, generated_tokens_per_s=round(generated / step_s, 1))
+    else:
+        # 6 FLOPs per matmul parameter per token: forward 2, backward through the frozen base 2 (activation
+        # gradients only), the checkpointed forward again 2; LoRA's own FLOPs and attention are left out.
+        record.update(batch_size=args.batch_size, matmul_params=matmul_params,
+                      mfu=round(6 * matmul_params * tokens / step_s / peak, 4) if peak else None)
+    if args.baseline and args.stage in ("sft", "grpo"):
+        record["baseline_trl"] = baseline(args, work, length)
+    return record
+
+
+def baseline(args, work: Path, length: int) -> dict:
+    """bench/baseline_trl.py on the same base and data, in its own process (its own peak memory)."""
+    batch = args.batch_size if args.stage == "sft" else args.prompts_per_step * args.num_generations
+    command = [sys.executable, str(Path(__file__).with_name("baseline_trl.py")), args.stage,
+               "--base", str(work / "base"), "--data", str(work / "data.jsonl"), "--length", str(length),
+               "--batch-size", str(batch), "--steps", str(args.steps), "--num-generations", str(args.num_generations),
+               "--prompt-tokens", str(args.prompt_tokens), "--completion-tokens", str(args.completion_tokens)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6, help="training steps; the first is not timed")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--completion-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8, help="sft: conversations, reward: pairs per step")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--prompts-per-step", type=int, default=1)
     parser.add_argument("--quantization", default="nf4", choices=("nf4", "none"))
@@ -182,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reward-model", default="none", choices=("none", "shared", "own"),
                         help="add a reward_model reward (an untrained checkpoint on the same base): on the policy's "
                         "base (shared) or on its own copy (own)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run bench/baseline_trl.py (stock TRL + PEFT) on the same base and data (sft, grpo)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the built base (and runs) here and reuse it (default: a temporary dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the record is appended to")
     parser.add_argument("overrides", nargs="*", help="more recipe overrides, key=value")
@@ -189,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not (ARCHS / f"{args.arch}.json").is_file():
         parser.error(f"no bench/archs/{args.arch}.json")
-    record = measure(args)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        record = measure(args, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="align-bench-") as tmp:
+            record = measure(args, Path(tmp))
     print(json.dumps(record, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,7 @@ def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     metrics = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    assert all(m["step_seconds"] > 0 for m in metrics if "loss" in m)  # wall time per optimizer step
     assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 60]  # before and after training
     saved = {p.name for p in run.checkpoint_path.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= saved
