@@ -266,9 +266,7 @@ def reward_function(spec, scorer: "RewardModelScorer | None" = None) -> RewardFu
     if spec.name == "reward_model":
         if scorer is None:
             raise ValueError("the reward_model reward needs its scorer")
-        unknown = sorted(set(spec.args) - set(REWARD_MODEL_ARGS))
-        if unknown:
-            raise RewardError(f"reward 'reward_model': unknown args {unknown}; it takes {', '.join(REWARD_MODEL_ARGS)}")
+        check_reward_model_args(spec.args)
         return RewardFunc("reward_model", lambda prompts, completions, **_: scorer.score(prompts, completions),
                           spec.weight, {})
     if spec.name in RULES:
@@ -283,6 +281,13 @@ def reward_function(spec, scorer: "RewardModelScorer | None" = None) -> RewardFu
 
 
 REWARD_MODEL_ARGS = ("checkpoint", "batch_size", "share_base")
+
+
+def check_reward_model_args(args: dict[str, Any]) -> None:
+    """Called before any model loads, so that a typo fails in a second, not after the policy is in memory."""
+    unknown = sorted(set(args) - set(REWARD_MODEL_ARGS))
+    if unknown:
+        raise RewardError(f"reward 'reward_model': unknown args {unknown}; it takes {', '.join(REWARD_MODEL_ARGS)}")
 
 
 def _check_rule_args(name: str, fn: Callable, args: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """The same workload as bench/run.py, written the way a user would with stock TRL + PEFT + bitsandbytes (no align
-code): 4-bit NF4 base, LoRA r=16 / alpha 32 on all linear layers, gradient checkpointing, bf16. bench/run.py
+code): 4-bit NF4 base, LoRA r=16 / alpha 32 / dropout 0.05 on all linear layers, gradient checkpointing, bf16. bench/run.py
 calls it in its own process on the same saved base and data (`--baseline`); it can also run alone:
 
     python bench/baseline_trl.py sft --base DIR --data data.jsonl --length 513 --batch-size 8 --steps 8
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         args.base, dtype=dtype, device_map={"": 0 if cuda else "cpu"},
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    # align's default LoRA (recipe.LoraConfig), the common QLoRA settings
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     rows = load_dataset("json", data_files=args.data, split="train")
     common = dict(output_dir="/tmp/baseline-trl", max_steps=args.steps, logging_steps=1, save_strategy="no",
                   report_to="none", bf16=cuda, gradient_checkpointing=True, learning_rate=1e-5)

@@ -13,6 +13,7 @@ from trl.trainer.utils import use_adapter
 
 from align.modeling import load_model
 from align.recipe import ModelConfig, RecipeError, load_recipe
+from align.rewards import RewardError
 from align.stages import grpo
 
 
@@ -132,9 +133,11 @@ def test_activation_checkpointing_trains_the_adapter(write_recipe, sft_adapter, 
     assert len(changed) > len(before) // 2  # gradients reached the LoRA weights through the checkpointed layers
 
 
-def test_settings_that_cannot_work_fail_before_loading(write_recipe):
+def test_settings_that_cannot_work_fail_before_loading(write_recipe, monkeypatch):
     def error(**section):
         return load_recipe(write_recipe(data=prompts_data(), grpo=grpo_section(**section)))
+
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the error"))
 
     with pytest.raises(RecipeError, match=r"grpo.use_vllm=true with model.quantization=nf4: vLLM cannot load"):
         grpo.run(error(use_vllm=True))
@@ -146,3 +149,5 @@ def test_settings_that_cannot_work_fail_before_loading(write_recipe):
         grpo.run(error(rewards=[{"name": "reward_model"}], init_from="base"))
     with pytest.raises(RecipeError, match=r"grpo.init_from=sft: there is no finished sft checkpoint"):
         grpo.run(error(init_from="sft"))
+    with pytest.raises(RewardError, match=r"reward 'reward_model': unknown args \['batch'\]; it takes checkpoint"):
+        grpo.run(error(rewards=[{"name": "reward_model", "args": {"batch": 4}}], init_from="base"))

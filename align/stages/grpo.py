@@ -35,7 +35,7 @@ from align.modeling import (
     trainable_weights,
 )
 from align.recipe import Quantization, Recipe, RecipeError
-from align.rewards import RewardFunc, reward_function, reward_model_scorer
+from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
 from align.rundir import MetricsCallback, RunDir, model_identity
 from align.stages import adapter_dir, finished_checkpoint, init_adapter, trl_config
 
@@ -121,6 +121,7 @@ def _check(recipe: Recipe) -> None:
 
 def _reward_checkpoint(recipe: Recipe, spec) -> Path:
     """The reward stage checkpoint a reward_model reward uses: args.checkpoint, or this recipe's (auto)."""
+    check_reward_model_args(spec.args)
     choice = spec.args.get("checkpoint", "auto")
     setting = f"reward 'reward_model' (args.checkpoint={choice})"
     if choice == "auto":
