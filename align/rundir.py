@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from align.recipe import ModelConfig, Recipe, to_yaml
 
@@ -213,3 +214,23 @@ class MetricsCallback(TrainerCallback):
             logs = {**logs, "step_seconds": sum(self._step_times) / len(self._step_times)}
             self._step_times = []
         self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})  # main process only
+
+
+class ProgressBar(ProgressCallback):
+    """The trainer's progress bar with the latest values of `keys` beside it, instead of every log printed
+    below it as a dict (every value is in metrics.jsonl)."""
+
+    def __init__(self, *keys: str):
+        super().__init__()
+        self.keys = keys
+
+    def attach(self, trainer):
+        """Replace `trainer`'s own progress callback with this bar; returns the bar."""
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(self)
+        return self
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {k: f"{logs[k]:.4g}" for k in self.keys if isinstance((logs or {}).get(k), (int, float))}
+        if shown and self.training_bar is not None:
+            self.training_bar.set_postfix(shown)

@@ -108,3 +108,27 @@ def test_packing_keeps_the_answer_only_loss(write_recipe):
     masked = sum(label == -100 for label in row["labels"])
     assert 0 < masked < len(row["labels"])  # each example's prompt still masked, its answer still counted
     assert trainer.train().training_loss > 0
+
+
+def test_the_progress_bar_shows_the_loss_and_prints_no_log_dicts(trained):
+    from transformers.trainer_callback import ProgressCallback
+
+    from align.rundir import ProgressBar
+
+    _, _, trainer = trained
+    bars = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+    assert len(bars) == 1 and isinstance(bars[0], ProgressBar)
+
+    class Tqdm:  # what the bar is given while training
+        postfix = None
+
+        def set_postfix(self, values):
+            self.postfix = values
+
+        def write(self, text):
+            raise AssertionError(f"printed {text!r}")
+
+    bars[0].training_bar = Tqdm()
+    bars[0].on_log(trainer.args, trainer.state, trainer.control, logs={"loss": 0.123456, "grad_norm": 1.0})
+    assert bars[0].training_bar.postfix == {"loss": "0.1235"}
+    bars[0].training_bar = None

@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers.trainer_callback import ProgressCallback
-
 from align.data import load_prompts, load_train_eval
 from align.errors import AlignError
 from align.generation import generate
@@ -36,7 +34,7 @@ from align.modeling import (
 )
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
-from align.rundir import MetricsCallback, RunDir, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
 from align.stages import adapter_dir, finished_checkpoint, init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -174,18 +172,16 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[Re
         callbacks=[MetricsCallback(run_dir)],
     )
     trainable_in_compute_dtype(trainer.model, recipe.model, exact)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(guard)
-    return trainer, guard
+    return trainer, guard.attach(trainer)
 
 
-class KLGuard(ProgressCallback):
+class KLGuard(ProgressBar):
     """The progress bar with KL and reward beside it; stops training when the logged KL exceeds `max_kl`.
     The first logged KL is measured before the first update, where it must be ~0; more means the reference
     is not the policy the run started from."""
 
     def __init__(self, max_kl: float | None):
-        super().__init__()
+        super().__init__("kl", "reward")
         self.max_kl = max_kl
         self.first = self.last = self.max = None
         self.exceeded: str | None = None
@@ -201,8 +197,6 @@ class KLGuard(ProgressCallback):
                 log.warning("the KL to the reference is %.3g at the first step, before any update; it should be ~0: "
                             "the reference is not the policy this run started from", kl)
         self.last, self.max = kl, max(kl, self.max or kl)
-        if self.training_bar is not None:
-            self.training_bar.set_postfix(kl=f"{kl:.4f}", reward=f"{logs.get('reward', float('nan')):.3f}")
         if self.max_kl is not None and kl > self.max_kl:
             self.exceeded = (f"the KL to the reference reached {kl:.4g} at step {state.global_step}, above "
                              f"grpo.max_kl={self.max_kl:g}: the policy is drifting away from the SFT policy. Lower "

@@ -32,7 +32,7 @@ from align.modeling import (
 )
 from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
-from align.rundir import MetricsCallback, RunDir, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
 from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         callbacks=[MetricsCallback(run_dir)],
     )
     trainable_in_compute_dtype(trainer.model, recipe.model, exact)
+    ProgressBar("loss", "accuracy").attach(trainer)
     return trainer
 
 

@@ -21,7 +21,7 @@ from align.generation import generate
 from align.modeling import load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
-from align.rundir import MetricsCallback, RunDir, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
 from align.stages import trl_config
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         callbacks=[MetricsCallback(run_dir)],
     )
     trainable_in_compute_dtype(trainer.model, recipe.model)
+    ProgressBar("loss").attach(trainer)
     return trainer
 
 
