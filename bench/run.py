@@ -1,11 +1,11 @@
 """Peak memory and speed of an align stage on a hub architecture, with random weights (no hub access needed).
 
-    python bench/run.py sft --arch qwen2.5-1.5b --steps 8
-    python bench/run.py reward --arch qwen2.5-1.5b --steps 8
-    python bench/run.py grpo --arch qwen2.5-1.5b --steps 6
+    python bench/run.py sft --arch qwen2.5-7b --steps 6 --baseline
+    python bench/run.py reward --arch qwen2.5-1.5b --steps 6
+    python bench/run.py grpo --arch qwen2.5-1.5b --steps 4 --completion-tokens 64 --reward-model shared
     python bench/run.py grpo --arch tiny --steps 2 --prompt-tokens 16 --completion-tokens 16   # the CPU path
 
-The model is built from bench/archs/ARCH.json (a hub config.json) with random weights and a synthetic word-level
+The model is built from bench/archs/ARCH.json (a hub config.json) with random weights and a synthetic byte-level
 tokenizer of the same vocabulary size, saved to a work dir, and then trained by align's own stage code
 (`align.stages.<stage>.run`), so it loads through `align/modeling.py` in 4-bit NF4 like any recipe. Memory and
 speed do not depend on the weights' values; random weights never emit EOS, so every completion is exactly
@@ -145,7 +145,7 @@ def tokens_per_step(args, metrics: list[dict], length: int) -> tuple[float, floa
         return 2 * args.batch_size * length, 0.0
     completions = args.prompts_per_step * args.num_generations
     generated = statistics.fmean(m["completions/mean_length"] for m in metrics) * completions
-    # generated once, then the policy (and the reference) read prompt + completion
+    # the generated tokens, then prompt + completion read back by the policy (the reference's pass not counted)
     return generated + completions * args.prompt_tokens + generated, generated
 
 
