@@ -26,28 +26,39 @@ def generate(
     also each answer's token ids up to and including its EOS (as TRL hands completion_ids to reward functions)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     answers, answer_ids = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         batch = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in batch)
-        # Left padding, so that every prompt ends where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-            do_sample=sampling is not None,
-            num_return_sequences=per_prompt,
-            **(sampling or {}),
-        )
-        answers.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
-        for ids in out[:, width:].tolist():
+        _, _, out = generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   per_prompt=per_prompt)
+        answers.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
+        for ids in out.tolist():
             end = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
             answer_ids.append(ids[:end])
     model.train(was_training)
     return (answers, answer_ids) if with_ids else answers
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, batch: list[list[int]], *, max_new_tokens: int, sampling: dict | None = None,
+                   per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt token ids in, (prompts left-padded, their attention mask, the generated tokens) out: left padding,
+    so that every prompt ends where generation starts; each prompt repeated `per_prompt` times. The generated
+    tokens run to the longest answer: after an answer's EOS come pad tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        do_sample=sampling is not None,
+        num_return_sequences=per_prompt,
+        **(sampling or {}),
+    )
+    repeat = lambda t: t.repeat_interleave(per_prompt, dim=0)  # noqa: E731  (generate's order: a prompt's answers together)
+    return repeat(input_ids), repeat(attention_mask), out[:, width:]

@@ -159,6 +159,12 @@ class TrainingStage:
     eval_steps: Optional[int] = doc(None, help="Also evaluate every N steps; None: only before and after training.")
     save_steps: int = doc(500, help="Write a resumable trainer checkpoint every N steps.")
     save_total_limit: int = doc(2, help="Keep at most this many resumable trainer checkpoints.")
+
+
+@dataclass
+class TRLStage(TrainingStage):
+    """A stage run by a TRL trainer: any other field of its TRL config passes through."""
+
     trainer_args: Dict[str, Any] = doc(
         dict, help="Any other field of the stage's TRL config (trl.SFTConfig, trl.RewardConfig), passed through "
         "(e.g. {neftune_noise_alpha: 5})."
@@ -166,7 +172,7 @@ class TrainingStage:
 
 
 @dataclass
-class SFTStage(TrainingStage):
+class SFTStage(TRLStage):
     packing: bool = doc(False, help="Pack several examples into each max_length sequence (faster on short data).")
     # align: greedy answers on held-out prompts, before and after training
     eval_generations: int = doc(64, help="Held-out prompts answered greedily before and after training (0: none).")
@@ -174,7 +180,7 @@ class SFTStage(TrainingStage):
 
 
 @dataclass
-class RewardStage(TrainingStage):
+class RewardStage(TRLStage):
     learning_rate: float = doc(1e-4, help="Peak learning rate (TRL's RewardConfig default).")
     center_rewards_coefficient: Optional[float] = doc(
         None, help="Pull the mean reward towards 0 (Eisenstein et al. 2023, eq. 2; 0.01 is usual). None: off."
@@ -200,11 +206,11 @@ class RewardFunction:
 
 
 @dataclass
-class GRPOStage(TrainingStage):
+class RLStage(TrainingStage):
+    """What the RL stages (GRPO, PPO) share: where the policy starts, what it is rewarded for, how completions
+    are sampled, and the held-out evaluation before and after."""
+
     learning_rate: float = doc(1e-5, help="Peak learning rate (LoRA; TRL's full fine-tuning default is 1e-6).")
-    per_device_train_batch_size: int = doc(
-        8, help="Completions per device per forward pass; the prompts per step are this x devices x "
-        "gradient_accumulation_steps / num_generations.")
     max_length: int = doc(
         512, help="Longest prompt + completion in tokens: prompts longer than max_length - max_completion_length "
         "are errors (or skipped and counted with data.skip_invalid).")
@@ -214,29 +220,73 @@ class GRPOStage(TrainingStage):
         "the recipe has an sft section (reference = that SFT policy), else a fresh adapter (reference = the base "
         "model with the adapter off); sft: the SFT adapter (required); base: a fresh adapter; or a path to a LoRA "
         "adapter directory.")
+    rewards: List[RewardFunction] = doc(
+        list, help="Reward functions, each {name, weight, args}; the policy maximises the weighted sum. name: "
+        "reward_model, exact_match, format, length, or a plug-in 'package.module:function' (docs/rewards.md). "
+        "Override one entry as <stage>.rewards.0.weight=0.5.")
+    max_completion_length: int = doc(256, help="Longest completion in tokens; longer ones are cut.")
+    temperature: float = doc(1.0, help="Sampling temperature of the completions.")
+    top_p: float = doc(1.0, help="Nucleus sampling of the completions; 1.0: off.")
+    eval_generations: int = doc(64, help="Held-out prompts answered greedily and scored before and after (0: none).")
+    eval_samples: int = doc(
+        4, help="Answers sampled per held-out prompt with the training settings (temperature, top_p), scored "
+        "before and after: the expected reward RL maximises (0: greedy answers only).")
+
+
+@dataclass
+class GRPOStage(RLStage, TRLStage):
+    per_device_train_batch_size: int = doc(
+        8, help="Completions per device per forward pass; the prompts per step are this x devices x "
+        "gradient_accumulation_steps / num_generations.")
     beta: float = doc(
         0.04, help="Weight of the KL penalty to the frozen reference policy. TRL's default is 0 (no KL term); "
         "align's is not: the KL term is what keeps the aligned policy close to the SFT policy it started from.")
     max_kl: Optional[float] = doc(
         1.0, help="Stop the run when the logged KL to the reference (mean per completion token, nats) exceeds "
         "this: the policy has run away from the reference. None: no ceiling.")
-    rewards: List[RewardFunction] = doc(
-        list, help="Reward functions, each {name, weight, args}; the policy maximises the weighted sum. name: "
-        "reward_model, exact_match, format, length, or a plug-in 'package.module:function' (docs/rewards.md). "
-        "Override one entry as grpo.rewards.0.weight=0.5.")
     num_generations: int = doc(8, help="Completions sampled per prompt (the group whose mean is the baseline).")
-    max_completion_length: int = doc(256, help="Longest completion in tokens; longer ones are cut.")
-    temperature: float = doc(1.0, help="Sampling temperature of the completions (GRPO learns from their spread).")
-    top_p: float = doc(1.0, help="Nucleus sampling of the completions; 1.0: off.")
     use_vllm: bool = doc(
         False, help="Generate with vLLM (must be installed). Not with model.quantization=nf4: vLLM cannot take "
         "a bitsandbytes 4-bit policy.")
-    eval_generations: int = doc(64, help="Held-out prompts answered greedily and scored before and after (0: none).")
-    eval_samples: int = doc(
-        4, help="Answers sampled per held-out prompt with the training settings (temperature, top_p), scored "
-        "before and after: the expected reward GRPO maximises (0: greedy answers only).")
     trainer_args: Dict[str, Any] = doc(
         dict, help="Any other field of trl.GRPOConfig, passed through (e.g. {loss_type: grpo, num_iterations: 2}).")
+
+
+@dataclass
+class PPOStage(RLStage):
+    """align's own PPO loop (TRL has no PPOTrainer): defaults from InstructGPT and "The N+ implementation details
+    of RLHF with PPO" (Huang et al. 2024), as in TRL 0.12's PPOConfig."""
+
+    per_device_train_batch_size: int = doc(
+        8, help="Completions per device per PPO forward/backward pass (the micro-batch). A rollout is this x "
+        "gradient_accumulation_steps x num_mini_batches prompts per device, one completion each.")
+    max_steps: int = doc(-1, help="PPO steps (rollout + update) to run; -1: num_train_epochs passes over the prompts.")
+    num_mini_batches: int = doc(1, help="Optimizer steps per PPO epoch: the rollout is split into this many mini-batches.")
+    num_ppo_epochs: int = doc(4, help="Passes over each rollout (its mini-batches) before sampling the next.")
+    beta: float = doc(
+        0.05, help="Initial weight of the per-token KL penalty -beta x (log pi - log pi_ref) added to the rewards "
+        "(pi_ref: the frozen reference policy).")
+    kl_target: Optional[float] = doc(
+        None, help="Adaptive KL controller (Ziegler et al. 2019): adjust beta so that the KL per sequence (nats) "
+        "tracks this target. None: beta stays fixed.")
+    kl_horizon: int = doc(10000, help="Adaptive KL controller horizon in samples: how fast beta moves.")
+    max_kl: Optional[float] = doc(
+        20.0, help="Stop the run when the KL to the reference (mean per completion, summed over its tokens, nats) "
+        "exceeds this: the policy has run away from the reference. None: no ceiling.")
+    gamma: float = doc(1.0, help="Discount factor of the rewards (GAE).")
+    lam: float = doc(0.95, help="GAE lambda: bias/variance trade-off of the advantage estimates.")
+    cliprange: float = doc(0.2, help="PPO clip range of the policy ratio.")
+    cliprange_value: float = doc(0.2, help="Clip range of the value function's change from its rollout values.")
+    vf_coef: float = doc(0.1, help="Weight of the value loss against the policy loss.")
+    whiten_rewards: bool = doc(False, help="Whiten the per-token rewards before GAE (with the mean kept off).")
+    missing_eos_penalty: Optional[float] = doc(
+        None, help="Subtract this from the score of a completion that ends without EOS (cut at "
+        "max_completion_length); encourages answers that finish. None: no penalty.")
+    value_init: str = doc(
+        "auto",
+        help="Where the value model starts. auto: the reward model (adapter + score head) when a reward_model "
+        "reward on the policy's base is listed, else the policy's starting adapter with a zero head; reward, "
+        "policy, or a reward stage checkpoint directory.")
 
 
 @dataclass
@@ -248,6 +298,7 @@ class Recipe:
     sft: Optional[SFTStage] = doc(None, help="Supervised fine-tuning stage (LoRA, loss on answers only).")
     reward: Optional[RewardStage] = doc(None, help="Reward model stage (pairwise, LoRA + score head).")
     grpo: Optional[GRPOStage] = doc(None, help="GRPO stage (policy LoRA, KL penalty to the frozen SFT policy).")
+    ppo: Optional[PPOStage] = doc(None, help="PPO stage (policy and value LoRA, KL penalty to the frozen SFT policy).")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

@@ -15,6 +15,7 @@ so a score read here equals the one the trainer saw. It runs on its own base mod
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import logging
@@ -115,51 +116,70 @@ class RewardModelScorer:
 
 class SharedBaseRewardModel(torch.nn.Module):
     """A reward stage checkpoint run on the policy's base weights instead of a second copy of them: its LoRA is
-    a frozen second adapter ("reward") of the policy's PeftModel, and its score head reads the base model's last
-    hidden state at the last non-pad token, exactly as transformers' sequence-classification heads do. Gives
-    the reward model's own scores (tests compare the two) for the memory of one adapter and one linear head."""
+    a second adapter of the policy's PeftModel (`adapter`, "reward"), and its score head reads the base model's
+    last hidden state at the last non-pad token, exactly as transformers' sequence-classification heads do. Gives
+    the reward model's own scores (tests compare the two) for the memory of one adapter and one linear head.
 
-    adapter = "reward"
+    PPO's value model is the same thing, trainable and read at every token (`token_scores`): adapter "value",
+    from a reward checkpoint, or with `checkpoint=None` a copy of the policy's own adapter and a zero head."""
 
-    def __init__(self, policy, checkpoint: str | Path):
+    def __init__(self, policy, checkpoint: str | Path | None, *, adapter: str = "reward", trainable: bool = False):
         from peft import PeftConfig
 
         from align.modeling import load_adapter_weights
 
         super().__init__()
         self.__dict__["policy"] = policy  # not a submodule: eval()/train() of the scorer must not touch the policy
-        config = PeftConfig.from_pretrained(str(checkpoint))
-        config.modules_to_save, config.task_type, config.inference_mode = None, policy.peft_config["default"].task_type, True
-        policy.add_adapter(self.adapter, config)
-        head = load_adapter_weights(policy, checkpoint, adapter_name=self.adapter)
+        self.adapter = adapter
+        config = PeftConfig.from_pretrained(str(checkpoint)) if checkpoint else copy.deepcopy(policy.peft_config["default"])
+        config.modules_to_save, config.task_type = None, policy.peft_config["default"].task_type
+        config.inference_mode = not trainable
+        policy.add_adapter(adapter, config)
+        if checkpoint:
+            head = load_adapter_weights(policy, checkpoint, adapter_name=adapter)
+            if len(head) != 1 or next(iter(head.values())).shape[0] != 1:
+                raise RewardError(f"{checkpoint}: expected one score head beside the LoRA weights, found "
+                                  f"{sorted(head) or 'none'}; set the reward_model's args.share_base=false")
+            weight = next(iter(head.values()))
+        else:
+            for name, param in policy.named_parameters():
+                if ".default." in name:
+                    policy.get_parameter(name.replace(".default.", f".{adapter}.")).data.copy_(param.data)
+            weight = torch.zeros(1, policy.get_base_model().config.hidden_size)
         for name, param in policy.named_parameters():
-            if f".{self.adapter}." in name:
-                param.requires_grad_(False)
-        if len(head) != 1 or next(iter(head.values())).shape[0] != 1:
-            raise RewardError(f"{checkpoint}: expected one score head beside the LoRA weights, found "
-                              f"{sorted(head) or 'none'}; set the reward_model's args.share_base=false")
-        weight = next(iter(head.values()))
-        self.score = torch.nn.Linear(weight.shape[1], 1, bias=False, device=weight.device)
-        self.score.weight.data = weight.to(next(policy.parameters()).device, torch.float32)
+            if f".{adapter}." in name:
+                param.requires_grad_(trainable)
+        device = next(policy.parameters()).device
+        self.score = torch.nn.Linear(weight.shape[1], 1, bias=False, device=device)
+        self.score.weight.data = weight.to(device, torch.float32)
+        self.score.requires_grad_(trainable)
         self.config = SimpleNamespace(pad_token_id=None)  # set by score_conversations
         self.eval()
 
-    def forward(self, input_ids, attention_mask):
+    def parameters_of_adapter(self) -> list[torch.nn.Parameter]:
+        """The adapter's LoRA weights and the head: what a trainable one optimises."""
+        return [p for n, p in self.policy.named_parameters() if f".{self.adapter}." in n] + [self.score.weight]
+
+    def token_scores(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """The head's output at every position, (batch, length), in the policy's current train/eval mode."""
         from trl.trainer.utils import use_adapter
 
+        with use_adapter(self.policy, self.adapter):
+            body = self.policy.get_base_model().base_model  # the transformer without the LM head
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.score(hidden.to(self.score.weight.dtype)).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask):
         policy = self.policy
         was_training = policy.training
         policy.eval()  # no dropout while scoring, whatever the policy is doing
         try:
-            with use_adapter(policy, self.adapter):
-                body = policy.get_base_model().base_model  # the transformer without the LM head
-                hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            scores = self.token_scores(input_ids, attention_mask)
         finally:
             policy.train(was_training)
-        logits = self.score(hidden.to(self.score.weight.dtype))  # (B, T, 1)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         last = (positions * (input_ids != self.config.pad_token_id)).argmax(-1)  # as in transformers' heads
-        return SimpleNamespace(logits=logits[torch.arange(len(input_ids), device=logits.device), last])
+        return SimpleNamespace(logits=scores[torch.arange(len(input_ids), device=scores.device), last, None])
 
 
 def reward_model_scorer(checkpoint: str | Path, model_cfg, *, policy=None, share_base: bool | str = "auto",

@@ -2,6 +2,7 @@
 frozen reference, align's reward functions, the KL guard, and what the run writes."""
 
 import json
+from pathlib import Path
 import sys
 
 import pytest
@@ -14,6 +15,7 @@ from trl.trainer.utils import use_adapter
 from align.modeling import load_model
 from align.recipe import ModelConfig, RecipeError, load_recipe
 from align.rewards import RewardError
+from align import rl
 from align.stages import grpo
 
 
@@ -35,7 +37,7 @@ def prompts_data(**files):
 
 
 def metrics(results) -> list[dict]:
-    lines = (grpo.Path(results["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(results["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -67,7 +69,7 @@ def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(
     saved = load_file(results["checkpoint"] + "/adapter_model.safetensors")
     assert saved and not any(".ref." in k or "reward" in k for k in saved)
     PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), results["checkpoint"])
-    lineage = json.loads((grpo.Path(results["run_dir"]) / "lineage.json").read_text())
+    lineage = json.loads((Path(results["run_dir"]) / "lineage.json").read_text())
     assert lineage["parent_checkpoint"] == str(sft_adapter)
     assert lineage["rewards"] == [{"name": "exact_match", "weight": 1.0, "args": {"column": "answer"}},
                                   {"name": "length", "weight": 0.5, "args": {"max_tokens": 8, "per_token": 0.1}}]
@@ -137,7 +139,7 @@ def test_settings_that_cannot_work_fail_before_loading(write_recipe, monkeypatch
     def error(**section):
         return load_recipe(write_recipe(data=prompts_data(), grpo=grpo_section(**section)))
 
-    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the error"))
+    monkeypatch.setattr(rl, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the error"))
 
     with pytest.raises(RecipeError, match=r"grpo.use_vllm=true with model.quantization=nf4: vLLM cannot load"):
         grpo.run(error(use_vllm=True))

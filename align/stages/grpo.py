@@ -17,25 +17,17 @@ held-out prompts greedily and scores the answers with every reward function.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
-from pathlib import Path
 from typing import Any
 
+from align import rl
 from align.data import load_prompts, load_train_eval
 from align.errors import AlignError
-from align.generation import generate
-from align.modeling import (
-    load_model,
-    load_tokenizer,
-    lora_config,
-    trainable_in_compute_dtype,
-    trainable_weights,
-)
+from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
-from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
+from align.rewards import RewardFunc
 from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
-from align.stages import adapter_dir, finished_checkpoint, init_adapter, trl_config
+from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +42,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.grpo
     run_dir = RunDir(recipe, "grpo")
     init = init_adapter(recipe, "grpo")
-    rules = {i: reward_function(spec) for i, spec in enumerate(cfg.rewards) if spec.name != "reward_model"}
-    reward_checkpoints = {i: _reward_checkpoint(recipe, spec) for i, spec in enumerate(cfg.rewards)
-                          if spec.name == "reward_model"}
+    specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
                                                cfg.max_length - cfg.max_completion_length, what="prompts")
-    model = _policy(recipe, init)
-    rewards = [rules.get(i) or reward_function(spec, _scorer(recipe, spec, reward_checkpoints[i], model))
-               for i, spec in enumerate(cfg.rewards)]
-    run_dir.start(
-        base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
-        parent=str(init) if init else None,
-        reference=f"the starting adapter {init}, frozen" if init else "the base model (fresh adapter's frozen copy)",
-        rewards=[{"name": s.name, "weight": s.weight, "args": dict(s.args),
-                  **({"checkpoint": str(reward_checkpoints[i])} if i in reward_checkpoints else {})}
-                 for i, s in enumerate(cfg.rewards)],
-    )
+    model = rl.load_policy(recipe, cfg, init, "grpo")
+    rewards = specs.functions(model)
+    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
+                  parent=str(init) if init else None, reference=rl.reference_description(init),
+                  rewards=specs.lineage())
     trainer, guard = _trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
 
     before = _evaluate(trainer, held_out, rewards, recipe, "before")
@@ -85,7 +69,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
                "kl_first": guard.first, "kl_last": guard.last, "kl_max": guard.max,
                "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
                "run_dir": str(run_dir.path)}
-    _write_samples(run_dir, before, after)
+    rl.write_samples(run_dir, before, after)
     run_dir.finish(results)
     return results
 
@@ -115,39 +99,6 @@ def _check(recipe: Recipe) -> None:
             import vllm  # noqa: F401
         except ImportError:
             raise RecipeError("grpo.use_vllm=true, but vllm is not installed (pip install vllm)") from None
-
-
-def _reward_checkpoint(recipe: Recipe, spec) -> Path:
-    """The reward stage checkpoint a reward_model reward uses: args.checkpoint, or this recipe's (auto)."""
-    check_reward_model_args(spec.args)
-    choice = spec.args.get("checkpoint", "auto")
-    setting = f"reward 'reward_model' (args.checkpoint={choice})"
-    if choice == "auto":
-        return finished_checkpoint(recipe, "reward", setting, "or set its args.checkpoint=<dir>")
-    return adapter_dir(choice, setting, "not a reward stage checkpoint")
-
-
-def _policy(recipe: Recipe, init: Path | None):
-    """The policy as a PeftModel: base + the starting adapter (trainable), or + a fresh adapter. A PeftModel
-    before the trainer exists, in both cases, so that a reward model can share its base (and TRL's reference is
-    always its frozen copy of the starting adapter: a fresh adapter's LoRA update is zero, so it is the base)."""
-    from peft import PeftModel, get_peft_model
-    from transformers import set_seed
-
-    set_seed(recipe.run.seed)  # a fresh adapter's initial weights
-    model = load_model(recipe.model, activation_checkpointing=recipe.grpo.activation_checkpointing)
-    if init is None:
-        log.info("grpo: no SFT adapter to start from: the policy is a fresh LoRA adapter, and the reference is the "
-                 "base model (a frozen copy of that adapter, whose LoRA update is zero)")
-        return get_peft_model(model, lora_config(recipe.lora))
-    log.info("grpo: the policy starts from %s; the reference is a frozen copy of it", init)
-    return PeftModel.from_pretrained(model, str(init), is_trainable=True)
-
-
-def _scorer(recipe: Recipe, spec, checkpoint: Path, policy):
-    args = spec.args
-    return reward_model_scorer(checkpoint, recipe.model, policy=policy, share_base=args.get("share_base", "auto"),
-                               batch_size=args.get("batch_size", recipe.grpo.per_device_eval_batch_size))
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[RewardFunc],
@@ -193,9 +144,7 @@ class KLGuard(ProgressBar):
         kl = logs["kl"]
         if self.first is None:
             self.first = kl
-            if kl > 1e-4:
-                log.warning("the KL to the reference is %.3g at the first step, before any update; it should be ~0: "
-                            "the reference is not the policy this run started from", kl)
+            rl.warn_if_first_kl_not_zero(kl)
         self.last, self.max = kl, max(kl, self.max or kl)
         if self.max_kl is not None and kl > self.max_kl:
             self.exceeded = (f"the KL to the reference reached {kl:.4g} at step {state.global_step}, above "
@@ -209,70 +158,8 @@ class KLGuard(ProgressBar):
 
 
 def _evaluate(trainer, held_out, rewards: list[RewardFunc], recipe: Recipe, when: str) -> dict[str, Any]:
-    """The first held-out prompts answered greedily, and `eval_samples` times each with the training sampling
-    settings (the expected reward is what GRPO maximises; a greedy answer can flip on a small change), each
-    answer scored by every reward function and their weighted sum."""
-    cfg = recipe.grpo
-    n = min(cfg.eval_generations, len(held_out)) if held_out is not None else 0
-    if not n:
-        return {}
-    rows = held_out.select(range(n))
-    columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
-    greedy, scores, totals, answers = _score(trainer, rows["prompt"], columns, rewards, cfg, f"{when}, greedy")
-    result: dict[str, Any] = {"prompts": n, "greedy": greedy}
-    if cfg.eval_samples:
-        args = trainer.args
-        sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
-                    "repetition_penalty": args.repetition_penalty}
-        k = cfg.eval_samples
-        result["sampled"] = _score(trainer, rows["prompt"], columns, rewards, cfg, f"{when}, {k} sampled each",
-                                   sampling=sampling, per_prompt=k)[0]
-        result["sampled"]["per_prompt"] = k
-    result["samples"] = [{"prompt": p[-1]["content"], "completion": a, "reward": t,
-                          "rewards": {name: values[i] for name, values in scores.items()},
-                          "columns": {c: v[i] for c, v in columns.items()}}  # apart: a column may be named 'answer'
-                         for i, (p, a, t) in enumerate(zip(rows["prompt"], answers, totals))]
-    trainer.log({f"eval_{decoding}_{key}": value for decoding in ("greedy", "sampled")
-                 for key, value in result.get(decoding, {}).items()})
-    for decoding in ("greedy", "sampled"):
-        if decoding in result:
-            log.info("%s training, %s: %d held-out prompts, mean reward %.4f (%s)", when, decoding, n,
-                     result[decoding]["reward_mean"], ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in
-                                                                 result[decoding].items() if k.startswith("rewards/")))
-    return result
-
-
-def _score(trainer, prompts, columns, rewards, cfg, desc, sampling=None, per_prompt=1):
-    """Answers to `prompts` (`per_prompt` each), every reward and the weighted total: (summary, per-reward
-    scores, totals, answers)."""
-    answers, answer_ids = generate(trainer.model, trainer.processing_class, prompts,
-                                   max_new_tokens=cfg.max_completion_length,
-                                   batch_size=max(1, cfg.per_device_eval_batch_size // per_prompt),
-                                   desc=f"answering {len(prompts)} held-out prompts ({desc})", with_ids=True,
-                                   sampling=sampling, per_prompt=per_prompt)
-    repeat = lambda values: [v for v in values for _ in range(per_prompt)]  # noqa: E731
-    prompts, columns = repeat(prompts), {k: repeat(v) for k, v in columns.items()}
-    completions = [[{"role": "assistant", "content": a}] for a in answers]
-    scores = {r.__name__: r(prompts, completions, completion_ids=answer_ids, trainer_state=trainer.state,
-                            log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **columns)
-              for r in rewards}
-    totals = [sum(r.weight * (scores[r.__name__][i] or 0.0) for r in rewards) for i in range(len(answers))]
-    summary = {
-        "reward_mean": statistics.fmean(totals),
-        **{f"rewards/{name}": statistics.fmean(v for v in values if v is not None) for name, values in scores.items()
-           if any(v is not None for v in values)},
-        "completion_tokens_mean": statistics.fmean(len(ids) for ids in answer_ids),
-    }
-    return summary, scores, totals, answers
-
-
-def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
-    """Held-out answers before and after training, side by side, in samples.jsonl."""
-    if not after:
-        return
-    run_dir.write_samples([
-        {"prompt": b["prompt"], "columns": b["columns"], "before": b["completion"], "after": a["completion"],
-         "reward_before": b["reward"], "reward_after": a["reward"], "rewards_before": b["rewards"],
-         "rewards_after": a["rewards"]}
-        for b, a in zip(before.pop("samples"), after.pop("samples"))
-    ])
+    args = trainer.args
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
+                "repetition_penalty": args.repetition_penalty}
+    return rl.evaluate(trainer.model, trainer.processing_class, held_out, rewards, recipe.grpo, when,
+                       sampling=sampling, trainer_state=trainer.state, log_metrics=trainer.log)

@@ -1,0 +1,158 @@
+"""What the RL stages (GRPO, PPO) share: the policy on its base, the reward functions a recipe lists, and the
+held-out evaluation before and after training (greedy and sampled answers, every reward, samples.jsonl)."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+from align.generation import generate
+from align.modeling import load_model, lora_config
+from align.recipe import Recipe, RLStage
+from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
+from align.rundir import RunDir
+from align.stages import adapter_dir, finished_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class RewardSpecs:
+    """A stage's rewards, checked before any model loads (a typo fails in a second): the rule and plug-in
+    functions, and the reward stage checkpoint each `reward_model` entry uses. `functions(policy)` builds the
+    callable list once the policy exists (a reward model may run on its base)."""
+
+    def __init__(self, recipe: Recipe, cfg: RLStage):
+        self.recipe, self.cfg = recipe, cfg
+        self.rules = {i: reward_function(s) for i, s in enumerate(cfg.rewards) if s.name != "reward_model"}
+        self.checkpoints = {i: _reward_checkpoint(recipe, s) for i, s in enumerate(cfg.rewards)
+                            if s.name == "reward_model"}
+
+    def functions(self, policy) -> list[RewardFunc]:
+        return [self.rules.get(i) or reward_function(spec, self._scorer(spec, self.checkpoints[i], policy))
+                for i, spec in enumerate(self.cfg.rewards)]
+
+    def lineage(self) -> list[dict[str, Any]]:
+        return [{"name": s.name, "weight": s.weight, "args": dict(s.args),
+                 **({"checkpoint": str(self.checkpoints[i])} if i in self.checkpoints else {})}
+                for i, s in enumerate(self.cfg.rewards)]
+
+    def _scorer(self, spec, checkpoint: Path, policy):
+        args = spec.args
+        return reward_model_scorer(checkpoint, self.recipe.model, policy=policy,
+                                   share_base=args.get("share_base", "auto"),
+                                   batch_size=args.get("batch_size", self.cfg.per_device_eval_batch_size))
+
+
+def _reward_checkpoint(recipe: Recipe, spec) -> Path:
+    """The reward stage checkpoint a reward_model reward uses: args.checkpoint, or this recipe's (auto)."""
+    check_reward_model_args(spec.args)
+    choice = spec.args.get("checkpoint", "auto")
+    setting = f"reward 'reward_model' (args.checkpoint={choice})"
+    if choice == "auto":
+        return finished_checkpoint(recipe, "reward", setting, "or set its args.checkpoint=<dir>")
+    return adapter_dir(choice, setting, "not a reward stage checkpoint")
+
+
+def load_policy(recipe: Recipe, cfg: RLStage, init: Path | None, stage: str):
+    """The policy as a PeftModel: base + the starting adapter (trainable), or + a fresh adapter. A PeftModel in
+    both cases, so that the reference can be a frozen copy of its adapter (a fresh adapter's LoRA update is zero,
+    so its copy is the base) and a reward model can share its base."""
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    set_seed(recipe.run.seed)  # a fresh adapter's initial weights
+    model = load_model(recipe.model, activation_checkpointing=cfg.activation_checkpointing)
+    if init is None:
+        log.info("%s: no SFT adapter to start from: the policy is a fresh LoRA adapter, and the reference is the "
+                 "base model (a frozen copy of that adapter, whose LoRA update is zero)", stage)
+        return get_peft_model(model, lora_config(recipe.lora))
+    log.info("%s: the policy starts from %s; the reference is a frozen copy of it", stage, init)
+    return PeftModel.from_pretrained(model, str(init), is_trainable=True)
+
+
+def reference_description(init: Path | None) -> str:
+    return f"the starting adapter {init}, frozen" if init else "the base model (fresh adapter's frozen copy)"
+
+
+def warn_if_first_kl_not_zero(kl: float, tolerance: float = 1e-4) -> None:
+    """The first KL is measured before any update, where the policy is the reference."""
+    if abs(kl) > tolerance:
+        log.warning("the KL to the reference is %.3g at the first step, before any update; it should be ~0: the "
+                    "reference is not the policy this run started from", kl)
+
+
+def evaluate(model, tokenizer, held_out, rewards: list[RewardFunc], cfg: RLStage, when: str, *,
+             sampling: dict[str, Any], trainer_state=None, log_metrics: Callable[[dict], None]) -> dict[str, Any]:
+    """The first held-out prompts answered greedily, and `eval_samples` times each with the training `sampling`
+    settings (the expected reward is what RL maximises; a greedy answer can flip on a small change), each answer
+    scored by every reward function and their weighted sum. Logged through `log_metrics`."""
+    n = min(cfg.eval_generations, len(held_out)) if held_out is not None else 0
+    if not n:
+        return {}
+    rows = held_out.select(range(n))
+    columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
+    ask = dict(model=model, tokenizer=tokenizer, prompts=rows["prompt"], columns=columns, rewards=rewards, cfg=cfg,
+               trainer_state=trainer_state)
+    greedy, scores, totals, answers = _score(**ask, desc=f"{when}, greedy")
+    result: dict[str, Any] = {"prompts": n, "greedy": greedy}
+    if cfg.eval_samples:
+        k = cfg.eval_samples
+        result["sampled"] = _score(**ask, desc=f"{when}, {k} sampled each", sampling=sampling, per_prompt=k)[0]
+        result["sampled"]["per_prompt"] = k
+    result["samples"] = [{"prompt": p[-1]["content"], "completion": a, "reward": t,
+                          "rewards": {name: values[i] for name, values in scores.items()},
+                          "columns": {c: v[i] for c, v in columns.items()}}  # apart: a column may be named 'answer'
+                         for i, (p, a, t) in enumerate(zip(rows["prompt"], answers, totals))]
+    log_metrics({f"eval_{decoding}_{key}": value for decoding in ("greedy", "sampled")
+                 for key, value in result.get(decoding, {}).items()})
+    for decoding in ("greedy", "sampled"):
+        if decoding in result:
+            log.info("%s training, %s: %d held-out prompts, mean reward %.4f (%s)", when, decoding, n,
+                     result[decoding]["reward_mean"], ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in
+                                                                 result[decoding].items() if k.startswith("rewards/")))
+    return result
+
+
+def score_completions(rewards: list[RewardFunc], prompts: list, answers: list[str], answer_ids: list[list[int]],
+                      columns: dict[str, list], trainer_state=None) -> tuple[dict[str, list], list[float]]:
+    """Every reward of each (prompt, answer) as TRL calls reward functions (conversational completions, the
+    prompt data's other columns, completion_ids, trainer_state), and their weighted sum (a None counts 0)."""
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    scores = {r.__name__: r(prompts, completions, completion_ids=answer_ids, trainer_state=trainer_state,
+                            log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **columns)
+              for r in rewards}
+    totals = [sum(r.weight * (scores[r.__name__][i] or 0.0) for r in rewards) for i in range(len(answers))]
+    return scores, totals
+
+
+def _score(model, tokenizer, prompts, columns, rewards, cfg, trainer_state, desc, sampling=None, per_prompt=1):
+    """Answers to `prompts` (`per_prompt` each), every reward and the weighted total: (summary, per-reward
+    scores, totals, answers)."""
+    answers, answer_ids = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_completion_length,
+                                   batch_size=max(1, cfg.per_device_eval_batch_size // per_prompt),
+                                   desc=f"answering {len(prompts)} held-out prompts ({desc})", with_ids=True,
+                                   sampling=sampling, per_prompt=per_prompt)
+    repeat = lambda values: [v for v in values for _ in range(per_prompt)]  # noqa: E731
+    scores, totals = score_completions(rewards, repeat(prompts), answers, answer_ids,
+                                       {k: repeat(v) for k, v in columns.items()}, trainer_state)
+    summary = {
+        "reward_mean": statistics.fmean(totals),
+        **{f"rewards/{name}": statistics.fmean(v for v in values if v is not None) for name, values in scores.items()
+           if any(v is not None for v in values)},
+        "completion_tokens_mean": statistics.fmean(len(ids) for ids in answer_ids),
+    }
+    return summary, scores, totals, answers
+
+
+def write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
+    """Held-out answers before and after training, side by side, in samples.jsonl."""
+    if not after:
+        return
+    run_dir.write_samples([
+        {"prompt": b["prompt"], "columns": b["columns"], "before": b["completion"], "after": a["completion"],
+         "reward_before": b["reward"], "reward_after": a["reward"], "rewards_before": b["rewards"],
+         "rewards_after": a["rewards"]}
+        for b, a in zip(before.pop("samples"), after.pop("samples"))
+    ])
