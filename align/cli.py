@@ -54,7 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_recipe_keys("model", "lora", "data", "run", "grpo"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for stage in (sft, reward, grpo):
+    ppo = commands.add_parser(
+        "ppo",
+        help="optimise the SFT policy with PPO (value model, per-token KL penalty to the SFT policy)",
+        description="Reinforcement learning with align's PPO loop (TRL has no PPOTrainer): one completion sampled "
+        "per prompt and scored by the recipe's reward functions (ppo.rewards); per-token rewards -ppo.beta x "
+        "(log pi - log pi_ref) plus the score at the last token; GAE advantages from a value model (initialised "
+        "from the reward model); clipped policy and value losses over several epochs per rollout. Policy, "
+        "reference, reward and value models are adapters on one 4-bit base. Reports held-out rewards before and "
+        "after and the KL per step. Writes runs/<run>/ppo/ (checkpoint/ = policy adapter, checkpoint/value/ = "
+        "value model).",
+        epilog=_recipe_keys("model", "lora", "data", "run", "ppo"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ppo.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint in runs/<run>/ppo/trainer/ (written every ppo.save_steps)")
+    for stage in (sft, reward, grpo, ppo):
         stage.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value",
                            help=f"recipe overrides, e.g. {stage.prog.split()[-1]}.learning_rate=1e-4")
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("sft", "reward", "grpo"):
+        if args.command in ("sft", "reward", "grpo", "ppo"):
             return _stage(args)
         if args.command == "data":
             return _data_check(args)
@@ -125,14 +140,17 @@ def _stage(args) -> int:
     from align.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
-    results = importlib.import_module(f"align.stages.{args.command}").run(recipe)
+    stage = importlib.import_module(f"align.stages.{args.command}")
+    results = stage.run(recipe, resume=args.resume) if args.command == "ppo" else stage.run(recipe)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
     console = Console()
-    {"sft": _print_sft, "reward": _print_reward, "grpo": _print_grpo}[args.command](console, results)
-    console.print(f"train loss {results['train_loss']:.4f}; checkpoint: {results['checkpoint']}", soft_wrap=True)
+    {"sft": _print_sft, "reward": _print_reward, "grpo": _print_rl, "ppo": _print_rl}[args.command](console, results)
+    if "train_loss" in results:
+        console.print(f"train loss {results['train_loss']:.4f}", soft_wrap=True)
+    console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True)
     console.print(f"run dir: {results['run_dir']}", soft_wrap=True)
     return 0
 
@@ -177,13 +195,15 @@ def _print_reward(console, results: dict) -> None:
     console.print(_before_after(f"reward model on {after['pairs']} held-out pairs", rows))
 
 
-def _print_grpo(console, results: dict) -> None:
+def _print_rl(console, results: dict) -> None:
+    """GRPO's and PPO's results: KL per token (GRPO) or per completion (PPO), rewards before and after."""
     before, after = results["before"], results["after"]
     console.print(f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
                   f"{results['steps']} steps in {results['train_seconds']:.0f} s", soft_wrap=True)
     kl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    console.print(f"KL to the reference: first step {kl(results['kl_first'])}, last {kl(results['kl_last'])}, "
-                  f"max {kl(results['kl_max'])}")
+    unit = "nats per completion" if "beta_last" in results else "nats per token"
+    console.print(f"KL to the reference ({unit}): first step {kl(results['kl_first'])}, last "
+                  f"{kl(results['kl_last'])}, max {kl(results['kl_max'])}")
     if not after:
         console.print("no held-out prompts (data.prompts.eval), so no before/after evaluation")
         return

@@ -160,6 +160,18 @@ class SharedBaseRewardModel(torch.nn.Module):
         """The adapter's LoRA weights and the head: what a trainable one optimises."""
         return [p for n, p in self.policy.named_parameters() if f".{self.adapter}." in n] + [self.score.weight]
 
+    def save(self, directory: str | Path) -> None:
+        """The adapter and head in a reward stage checkpoint's layout (what `checkpoint` takes)."""
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(self.policy, adapter_name=self.adapter)
+        weights["score.weight"] = self.score.weight
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "adapter_model.safetensors")
+        self.policy.peft_config[self.adapter].save_pretrained(str(directory))
+
     def token_scores(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         """The head's output at every position, (batch, length), in the policy's current train/eval mode."""
         from trl.trainer.utils import use_adapter

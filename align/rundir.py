@@ -127,17 +127,24 @@ class RunDir:
     trainer_dir = property(lambda self: self.path / "trainer")
 
     def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None,
-              **details: Any) -> None:
+              resumed_step: int | None = None, **details: Any) -> None:
         """Write config.yaml and the lineage known before training (`details`: what else the stage started
         from, e.g. its reward functions). A new run starts from nothing: the previous run's metrics, samples and
-        trainer checkpoints go; its finished checkpoint stays until replaced."""
+        trainer checkpoints go; its finished checkpoint stays until replaced. A run resumed from the trainer
+        checkpoint of `resumed_step` keeps the trainer checkpoints and the metrics logged up to that step."""
         if not _main_process():
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.trainer_dir, ignore_errors=True)
         self.samples_path.unlink(missing_ok=True)
         self.config_path.write_text(to_yaml(self.recipe))
-        self.metrics_path.write_text("")
+        if resumed_step is None:
+            shutil.rmtree(self.trainer_dir, ignore_errors=True)
+            self.metrics_path.write_text("")
+        else:
+            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            details["resumed_from_step"] = resumed_step
         for item in data:
             item["sha256"] = sha256_of(item["path"])
         self.lineage = {

@@ -1,0 +1,555 @@
+"""PPO: the SFT policy optimised against a weighted sum of rewards, with a per-token KL penalty to the frozen SFT
+policy and a learned value function as the baseline.
+
+    align ppo recipes/quickstart.yaml
+    align ppo recipes/quickstart.yaml ppo.beta=0.1 ppo.kl_target=2
+    align ppo recipes/quickstart.yaml --resume          # continue from the last checkpoint in runs/<run>/ppo/trainer
+
+This loop is align's own, on Accelerate + PEFT, because TRL 1.16 has no PPOTrainer (removed in 1.13). It follows
+the published recipe as TRL 0.12's PPOTrainer did (InstructGPT; Huang et al. 2024, "The N+ implementation details
+of RLHF with PPO"), with TRL's log-prob and entropy helpers. One PPO step:
+
+1. Rollout: one sampled completion per prompt, cut after its EOS; its score from the reward functions
+   (`align.rewards`, as in GRPO); per-token log-probs under the policy and the reference, and values.
+2. Rewards and advantages: -beta x (log pi - log pi_ref) at every completion token, plus the score at its last
+   token; GAE (gamma, lambda) over them; advantages whitened.
+3. Update: `num_ppo_epochs` passes over the rollout in `num_mini_batches` optimizer steps (micro-batches
+   accumulated), each with the clipped policy loss and vf_coef x the clipped value loss.
+
+Four models on one copy of the 4-bit base: the policy (LoRA adapter "default", trainable), the reference (its
+frozen copy "ref", as TRL's GRPO makes it), the reward model (adapter "reward" + score head, frozen) and the value
+model (adapter "value" + value head, trainable, initialised from the reward model) are adapters of one PeftModel;
+each forward pass selects its adapter. The policy and value losses are backpropagated one after the other, each
+while its own adapter is active: with activation checkpointing the backward pass recomputes the forward, which
+must see the adapter the forward saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from align import rl
+from align.data import load_prompts, load_train_eval
+from align.errors import AlignError
+from align.generation import generate_batch
+from align.modeling import load_adapter_weights, load_tokenizer, prompt_ids
+from align.recipe import Recipe, RecipeError
+from align.rewards import RewardFunc, SharedBaseRewardModel
+from align.rundir import RunDir, model_identity, replace_dir
+from align.stages import init_adapter
+
+log = logging.getLogger(__name__)
+
+
+class KLExceeded(AlignError, RuntimeError):
+    """The policy moved further from the reference than ppo.max_kl allows."""
+
+
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`, carry
+    on from the stage's last trainer checkpoint (policy and value adapters, optimizer, scheduler, KL controller,
+    random states, step), if there is one."""
+    from accelerate import Accelerator
+
+    _check(recipe)
+    cfg = recipe.ppo
+    accelerator = Accelerator()
+    run_dir = RunDir(recipe, "ppo")
+    init = init_adapter(recipe, "ppo")
+    specs = rl.RewardSpecs(recipe, cfg)
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, reports = load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
+                                               cfg.max_length - cfg.max_completion_length, what="prompts")
+    resume_from = _last_checkpoint(run_dir.trainer_dir) if resume else None
+    policy = rl.load_policy(recipe, cfg, init, "ppo")
+    _add_reference(policy)
+    rewards = specs.functions(policy)
+    value_from = resume_from / "value" if resume_from else _value_init(cfg.value_init, specs, policy)
+    value = SharedBaseRewardModel(policy, value_from, adapter="value", trainable=True)
+    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
+                  parent=str(init) if init else None, reference=rl.reference_description(init),
+                  rewards=specs.lineage(), value_init=str(value_from) if value_from else "the policy's adapter",
+                  resumed_step=_step_of(resume_from) if resume_from else None)
+    ppo = _trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
+    if resume_from:
+        ppo.load(resume_from)
+
+    before = ppo.evaluate("before")
+    start = time.monotonic()
+    ppo.train()
+    seconds = time.monotonic() - start
+    after = ppo.evaluate("after")
+
+    with run_dir.checkpoint() as staging:
+        ppo.save_models(staging)
+    results = {"init_from": str(init) if init else None, "steps": ppo.step, "train_seconds": round(seconds, 1),
+               "resumed_from_step": _step_of(resume_from) if resume_from else None,
+               "kl_first": ppo.kl_first, "kl_last": ppo.kl_last, "kl_max": ppo.kl_max, "beta_last": ppo.kl_ctl.value,
+               "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
+               "run_dir": str(run_dir.path)}
+    rl.write_samples(run_dir, before, after)
+    run_dir.finish(results)
+    return results
+
+
+def _check(recipe: Recipe) -> None:
+    """Settings that cannot work, refused before anything loads."""
+    cfg = recipe.ppo
+    if cfg is None:
+        raise RecipeError("the recipe has no ppo section; add one (see recipes/quickstart.yaml)")
+    if not cfg.rewards:
+        raise RecipeError("ppo.rewards is empty; list at least one reward, e.g. "
+                          "ppo.rewards=[{name: reward_model}] (see docs/rewards.md)")
+    if cfg.max_completion_length >= cfg.max_length:
+        raise RecipeError(f"ppo.max_completion_length={cfg.max_completion_length} leaves no room for the prompt in "
+                          f"ppo.max_length={cfg.max_length}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs"):
+        if getattr(cfg, key) < 1:
+            raise RecipeError(f"ppo.{key}={getattr(cfg, key)}; it must be at least 1")
+    if cfg.kl_target is not None and cfg.kl_target <= 0:
+        raise RecipeError(f"ppo.kl_target={cfg.kl_target}; set a positive KL per sequence (nats), or null for a fixed beta")
+
+
+def _add_reference(policy) -> None:
+    """The reference policy: a frozen copy "ref" of the policy's starting adapter on the same base (as TRL's GRPO
+    makes it), so the reference is exactly the policy the run starts from."""
+    policy.add_adapter("ref", policy.peft_config["default"])
+    for name, param in policy.named_parameters():
+        if ".default." in name:
+            policy.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+    for name, param in policy.named_parameters():
+        if ".ref." in name:
+            param.requires_grad_(False)
+
+
+def _value_init(choice: str, specs: rl.RewardSpecs, policy) -> Path | None:
+    """The checkpoint the value model starts from (a reward stage's adapter + score head), or None for a copy of
+    the policy's adapter with a zero head. A reward model that shares the policy's base is the usual start: it
+    already reads how good an answer is."""
+    shared = [specs.checkpoints[i] for i in sorted(specs.checkpoints)] if "reward" in policy.peft_config else []
+    if choice == "policy" or (choice == "auto" and not shared):
+        log.info("ppo: the value model starts from the policy's adapter with a zero value head")
+        return None
+    if choice in ("auto", "reward"):
+        if not shared:
+            raise RecipeError("ppo.value_init=reward, but no reward_model reward runs on the policy's base; list "
+                              "one in ppo.rewards, or set ppo.value_init=policy")
+        log.info("ppo: the value model starts from the reward model %s", shared[0])
+        return shared[0]
+    if not (Path(choice) / "adapter_config.json").is_file():
+        raise RecipeError(f"ppo.value_init={choice}: not auto, reward, policy, or a reward stage checkpoint "
+                          "directory (no adapter_config.json there)")
+    return Path(choice)
+
+
+# -- the maths, one function each (tests check them against hand-computed values) ------------------------------
+
+
+def completion_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for a completion's tokens up to and including its first EOS, 0 for what generation put after it
+    (padding, which may be the EOS token itself)."""
+    is_eos = (responses == eos_token_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum()
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """x scaled to unit variance over the masked entries (unbiased variance), and centred unless `shift_mean`
+    is off (rewards keep their mean)."""
+    mean = masked_mean(x, mask)
+    variance = masked_mean((x - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(variance + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta x (log pi - log pi_ref) at every completion token, plus the sequence's score at
+    its last token. Returns (rewards, per-token KL)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -beta * kl
+    last = mask.sum(1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each completion; the value after its last
+    token is 0 (the episode ends there). Returns (advantages, returns = advantages + values)."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(len(rewards), dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate: max(-A r, -A clip(r, 1-eps, 1+eps)) with r = pi / pi_old, mean over tokens."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    return loss, {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                  "approxkl": 0.5 * masked_mean(log_ratio**2, mask)}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """0.5 x max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -eps, eps), mean over tokens."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    return loss, {"value_clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over completion tokens: 1 is a perfect value function."""
+    variance = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)  # noqa: E731
+    return float(1 - variance(returns - values) / variance(returns).clamp(min=1e-8))
+
+
+@dataclass
+class KLController:
+    """beta of the KL penalty: fixed, or adapted towards `target` (Ziegler et al. 2019): after each rollout,
+    beta x= 1 + clip(KL / target - 1, -0.2, 0.2) x samples / horizon."""
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, kl: float, samples: int) -> None:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * samples / self.horizon
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One rollout, per completion (rows) and per completion token (columns)."""
+
+    query_responses: torch.Tensor  # prompt (left-padded) + completion (right-padded)
+    attention_mask: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor  # completion tokens
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+
+class PPOLoop:
+    def __init__(self, recipe: Recipe, policy, value: SharedBaseRewardModel, rewards: list[RewardFunc], tokenizer,
+                 train, held_out, run_dir: RunDir, accelerator):
+        from transformers import TrainerState, get_scheduler
+        from trl.trainer.utils import disable_dropout_in_model
+
+        self.cfg = cfg = recipe.ppo
+        self.recipe, self.policy, self.value, self.rewards = recipe, policy, value, rewards
+        self.tokenizer, self.train_data, self.held_out = tokenizer, train, held_out
+        self.run_dir, self.accelerator = run_dir, accelerator
+        disable_dropout_in_model(policy)  # dropout would make pi differ from pi_old and pi_ref on the same weights
+        self.prompts_per_rollout = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+        self.rollouts_per_epoch = len(train) // (self.prompts_per_rollout * accelerator.num_processes)
+        if self.rollouts_per_epoch == 0:
+            raise RecipeError(
+                f"{len(train)} training prompts are fewer than one rollout: ppo.per_device_train_batch_size x "
+                f"gradient_accumulation_steps x num_mini_batches = {self.prompts_per_rollout} per device x "
+                f"{accelerator.num_processes} devices; lower one of them or add prompts")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.rollouts_per_epoch)
+        self.trainable = [p for n, p in policy.named_parameters() if ".default." in n] + value.parameters_of_adapter()
+        # eps 1e-5: the N+ implementation details of PPO (TRL 0.12's PPO default).
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=1e-5)
+        updates = self.total_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
+        warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * updates)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, num_warmup_steps=int(warmup),
+                                       num_training_steps=updates)
+        self.kl_ctl = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
+        self.step = 0
+        self.state = TrainerState(max_steps=self.total_steps)  # what reward functions get as trainer_state
+        self.kl_first = self.kl_last = self.kl_max = None
+        self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p}
+
+    # The steps, in order.
+
+    def train(self) -> None:
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="ppo", disable=not self.accelerator.is_main_process)
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            rows = self._prompts(self.step)
+            rollout, stats = self.rollout(rows)
+            rollout_seconds = time.perf_counter() - started
+            stats.update(self.update(rollout))
+            self.step += 1
+            self.state.global_step = self.step
+            self.kl_ctl.update(stats["kl"], self.prompts_per_rollout * self.accelerator.num_processes)
+            seconds = time.perf_counter() - started
+            stats.update(step_seconds=seconds, rollout_seconds=rollout_seconds,
+                         tokens_per_second=stats.pop("completion_tokens") / seconds,
+                         learning_rate=self.scheduler.get_last_lr()[0])
+            if self.step == 1 or self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+                self.run_dir.log_metrics({"step": self.step, "epoch": self.step / self.rollouts_per_epoch, **stats})
+            bar.update(1)
+            bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("kl", "score")})
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                self.evaluate(f"step {self.step}")
+        bar.close()
+
+    def _prompts(self, step: int) -> list[dict]:
+        """This process's prompts for PPO step `step`: a shuffle of the prompts per epoch (the same on every
+        process, each taking its own slice), so a resumed run sees the same prompts at the same step."""
+        epoch, index = divmod(step, self.rollouts_per_epoch)
+        order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.recipe.run.seed + epoch))
+        n, rank = self.prompts_per_rollout, self.accelerator.process_index
+        start = (index * self.accelerator.num_processes + rank) * n
+        return self.train_data.select(order[start : start + n].tolist()).to_list()
+
+    @torch.no_grad()
+    def rollout(self, rows: list[dict]) -> tuple[Rollout, dict[str, float]]:
+        """Sample, score, and compute everything the update needs, with no gradients."""
+        from trl.trainer.utils import pad, use_adapter
+
+        cfg, tokenizer, policy = self.cfg, self.tokenizer, self.policy
+        device = self.accelerator.device
+        policy.eval()  # generation with the KV cache (training mode with checkpointing turns it off)
+        prompts = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
+        completions: list[list[int]] = []
+        for start in range(0, len(prompts), cfg.per_device_eval_batch_size):
+            _, _, out = generate_batch(policy, tokenizer, prompts[start : start + cfg.per_device_eval_batch_size],
+                                       max_new_tokens=cfg.max_completion_length, sampling=self.sampling)
+            keep = completion_mask(out, tokenizer.eos_token_id).sum(1).tolist()
+            completions.extend(ids[:n] for ids, n in zip(out.tolist(), keep))
+        has_eos = torch.tensor([ids[-1] == tokenizer.eos_token_id for ids in completions], device=device)
+
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+        per_reward, totals = rl.score_completions(self.rewards, [row["prompt"] for row in rows], texts, completions,
+                                                  columns, self.state)
+        scores = torch.tensor(totals, device=device, dtype=torch.float32)
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+
+        as_tensors = lambda seqs: [torch.tensor(s, device=device) for s in seqs]  # noqa: E731
+        query = pad(as_tensors(prompts), tokenizer.pad_token_id, padding_side="left")
+        query_mask = pad(as_tensors([[1] * len(p) for p in prompts]), 0, padding_side="left")
+        responses = pad(as_tensors(completions), tokenizer.pad_token_id, padding_side="right")
+        mask = pad(as_tensors([[1] * len(c) for c in completions]), 0, padding_side="right")
+        query_responses, attention_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
+
+        logprobs, ref_logprobs, values = [], [], []
+        for idx in torch.arange(len(rows), device=device).split(cfg.per_device_train_batch_size):
+            batch = (query_responses[idx], attention_mask[idx], responses[idx])
+            logprobs.append(self._logprobs(*batch))
+            with use_adapter(policy, "ref"):
+                ref_logprobs.append(self._logprobs(*batch))
+            values.append(self._values(*batch[:2], responses.shape[1]))
+        logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values) * mask
+
+        beta = self.kl_ctl.value
+        rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        kl_per_sequence = self._mean(kl.sum(1))
+        self._check_kl(kl_per_sequence)
+        stats = {"score": self._mean(scores), "kl": kl_per_sequence, "non_score_reward": self._mean(-beta * kl.sum(1)),
+                 "beta": beta, "completion_length": self._mean(mask.sum(1).float()),
+                 "eos_fraction": self._mean(has_eos.float()),
+                 "explained_variance": explained_variance(values, returns, mask),
+                 "completion_tokens": float(self.accelerator.reduce(mask.sum(), "sum")),
+                 **{f"rewards/{name}": self._mean(torch.tensor([v for v in vals if v is not None]))
+                    for name, vals in per_reward.items() if any(v is not None for v in vals)}}
+        stats["rlhf_reward"] = stats["score"] + stats["non_score_reward"]
+        return Rollout(query_responses, attention_mask, responses, mask, logprobs, values, advantages, returns), stats
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """num_ppo_epochs passes over the rollout in num_mini_batches optimizer steps each."""
+        cfg = self.cfg
+        self.policy.train()
+        generator = torch.Generator().manual_seed(self.recipe.run.seed * 100003 + self.step)
+        mini_batch = len(rollout) // cfg.num_mini_batches
+        totals: dict[str, list[float]] = {}
+        for _ in range(cfg.num_ppo_epochs):
+            order = torch.randperm(len(rollout), generator=generator).to(rollout.responses.device)
+            for mini in order.split(mini_batch):
+                micro_batches = mini.split(cfg.per_device_train_batch_size)
+                for idx in micro_batches:
+                    for key, value in self._losses(rollout, idx, len(micro_batches)).items():
+                        totals.setdefault(key, []).append(value)
+                self._optimizer_step()
+        return {key: self._mean(torch.tensor(values)) for key, values in totals.items()}
+
+    def _losses(self, rollout: Rollout, idx: torch.Tensor, accumulation: int) -> dict[str, float]:
+        """Policy loss, then value loss, each backpropagated while its adapter is active."""
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        cfg = self.cfg
+        query_responses, attention_mask, responses = rollout.query_responses[idx], rollout.attention_mask[idx], rollout.responses[idx]
+        mask = rollout.mask[idx]
+        logits = self._logits(query_responses, attention_mask, responses.shape[1])
+        logprobs = selective_log_softmax(logits, responses, temperature=cfg.temperature)
+        pg_loss, pg_stats = policy_loss(logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, cfg.cliprange)
+        self.accelerator.backward(pg_loss / accumulation)
+        with torch.no_grad():
+            entropy = masked_mean(entropy_from_logits(logits.detach() / cfg.temperature), mask)
+        del logits
+        values = self._values(query_responses, attention_mask, responses.shape[1])
+        vf_loss, vf_stats = value_loss(values, rollout.values[idx], rollout.returns[idx], mask, cfg.cliprange_value)
+        self.accelerator.backward(cfg.vf_coef * vf_loss / accumulation)
+        return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": entropy.item(),
+                **{k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}}
+
+    def _optimizer_step(self) -> None:
+        # Gradients are averaged across processes by hand, not by a DistributedDataParallel wrapper: the model
+        # runs several forward passes per backward (policy, value), on different adapters of one module.
+        if self.accelerator.num_processes > 1:
+            for param in self.trainable:
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, "mean")
+        self.accelerator.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate(self, when: str) -> dict[str, Any]:
+        """Held-out answers, greedy and sampled, scored by every reward (rl.evaluate); logged at this step."""
+        return rl.evaluate(self.policy, self.tokenizer, self.held_out, self.rewards, self.cfg, when,
+                           sampling=self.sampling, trainer_state=self.state,
+                           log_metrics=lambda metrics: self.run_dir.log_metrics({"step": self.step, **metrics}))
+
+    # Forward passes.
+
+    def _logits(self, query_responses, attention_mask, completion_length) -> torch.Tensor:
+        """The policy's next-token logits at the positions that predict the completion's tokens."""
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
+        logits = self.policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids).logits
+        return logits[:, -completion_length - 1 : -1].float()
+
+    def _logprobs(self, query_responses, attention_mask, responses) -> torch.Tensor:
+        from trl.trainer.utils import selective_log_softmax
+
+        logits = self._logits(query_responses, attention_mask, responses.shape[1])
+        return selective_log_softmax(logits, responses, temperature=self.cfg.temperature)
+
+    def _values(self, query_responses, attention_mask, completion_length: int) -> torch.Tensor:
+        """The value of each state a completion token is chosen in (the text before that token)."""
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        values = self.value.token_scores(query_responses, attention_mask, position_ids)
+        return values[:, -completion_length - 1 : -1].float()
+
+    # Bookkeeping.
+
+    def _mean(self, x: torch.Tensor) -> float:
+        """Mean over this process's values and every other process's."""
+        x = x.float().to(self.accelerator.device)
+        return float(self.accelerator.reduce(x.mean(), "mean"))
+
+    def _check_kl(self, kl: float) -> None:
+        if self.kl_first is None and self.step == 0:
+            self.kl_first = kl
+            rl.warn_if_first_kl_not_zero(kl)
+        self.kl_last, self.kl_max = kl, max(kl, self.kl_max if self.kl_max is not None else kl)
+        if self.cfg.max_kl is not None and kl > self.cfg.max_kl:
+            raise KLExceeded(
+                f"the KL to the reference reached {kl:.4g} nats per completion at step {self.step + 1}, above "
+                f"ppo.max_kl={self.cfg.max_kl:g}: the policy is drifting away from the SFT policy. Lower "
+                "ppo.learning_rate, raise ppo.beta (or set ppo.kl_target), or raise ppo.max_kl if this is intended "
+                "(no checkpoint written; metrics.jsonl has the run's curve)")
+
+    def save_models(self, directory: Path) -> None:
+        """The policy adapter (loads with stock PEFT) and tokenizer at the top; the value model (adapter + head,
+        in the reward stage's checkpoint layout) in value/."""
+        if self.accelerator.is_main_process:
+            self.policy.save_pretrained(str(directory), selected_adapters=["default"])
+            self.tokenizer.save_pretrained(str(directory))
+            self.value.save(directory / "value")
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        """A resumable checkpoint in trainer/checkpoint-<step>, renamed into place once written; only the last
+        save_total_limit are kept."""
+        if self.accelerator.is_main_process:
+            trainer_dir = self.run_dir.trainer_dir
+            staging = trainer_dir / f"checkpoint-{self.step}.tmp"
+            self.save_models(staging)
+            torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "kl_controller": asdict(self.kl_ctl),
+                        "kl": (self.kl_first, self.kl_last, self.kl_max), "rng": _rng_state()}, staging / "state.pt")
+            replace_dir(staging, trainer_dir / f"checkpoint-{self.step}")
+            for old in sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=_step_of)[:-self.cfg.save_total_limit]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+
+    def load(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint of save_checkpoint (the value adapter and head were loaded with the value
+        model): policy adapter, optimizer, scheduler, KL controller, random states, step."""
+        load_adapter_weights(self.policy, checkpoint, adapter_name="default")
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl = KLController(**state["kl_controller"])
+        self.kl_first, self.kl_last, self.kl_max = state["kl"]
+        self.step = self.state.global_step = state["step"]
+        _set_rng_state(state["rng"])
+        log.info("ppo: resumed from %s at step %d (beta %.4g)", checkpoint, self.step, self.kl_ctl.value)
+
+
+def _trainer(*args) -> PPOLoop:
+    return PPOLoop(*args)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def _last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The latest complete checkpoint-<step> (a .tmp one was never finished)."""
+    done = sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=_step_of) if trainer_dir.is_dir() else []
+    if not done:
+        log.info("ppo: nothing to resume in %s; starting from step 0", trainer_dir)
+    return done[-1] if done else None
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
