@@ -266,9 +266,11 @@ class RewardFunc:
     """A reward function with its recipe name, weight and arguments, callable as TRL calls reward functions.
     Its output is checked: one finite number (or None) per completion."""
 
-    def __init__(self, name: str, fn: Callable, weight: float, args: dict[str, Any]):
+    def __init__(self, name: str, fn: Callable, weight: float, args: dict[str, Any],
+                 scorer: "RewardModelScorer | None" = None):
         self.__name__ = name  # TRL logs rewards/<__name__>/mean and /std
         self.fn, self.weight, self.args = fn, weight, dict(args)
+        self.scorer = scorer  # the reward model behind a reward_model reward
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
         values = self.fn(prompts=prompts, completions=completions, **self.args, **kwargs)
@@ -300,7 +302,7 @@ def reward_function(spec, scorer: "RewardModelScorer | None" = None) -> RewardFu
             raise ValueError("the reward_model reward needs its scorer")
         check_reward_model_args(spec.args)
         return RewardFunc("reward_model", lambda prompts, completions, **_: scorer.score(prompts, completions),
-                          spec.weight, {})
+                          spec.weight, {}, scorer=scorer)
     if spec.name in RULES:
         fn = RULES[spec.name]
         _check_rule_args(spec.name, fn, spec.args)

@@ -112,3 +112,25 @@ def sft_adapter(tmp_path):
     path = tmp_path / "runs" / "test" / "sft" / "checkpoint"
     model.save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(tmp_path_factory):
+    """A saved reward model (LoRA + score head, non-zero weights) on the tiny base, as the reward stage saves it."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from align.modeling import load_tokenizer, lora_config
+    from align.recipe import LoraConfig as AlignLora, ModelConfig
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(str(TINY_BASE), num_labels=1)
+    model = get_peft_model(base, lora_config(AlignLora(r=4, alpha=8), task_type="SEQ_CLS"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    path = tmp_path_factory.mktemp("reward") / "checkpoint"
+    model.save_pretrained(str(path))
+    load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE))).save_pretrained(str(path))
+    return path

@@ -126,26 +126,6 @@ def test_none_means_not_applicable_and_passes(plugin, tmp_path):
     assert fn(PROMPTS, COMPLETIONS) == [None, 1.0]
 
 
-@pytest.fixture(scope="module")
-def reward_checkpoint(tmp_path_factory):
-    """A saved reward model (LoRA + score head, non-zero weights) on the tiny base, as the reward stage saves it."""
-    from transformers import AutoModelForSequenceClassification
-
-    from align.modeling import load_tokenizer, lora_config
-    from align.recipe import LoraConfig as AlignLora
-
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(str(TINY_BASE), num_labels=1)
-    model = get_peft_model(base, lora_config(AlignLora(r=4, alpha=8), task_type="SEQ_CLS"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.2)
-    path = tmp_path_factory.mktemp("reward") / "checkpoint"
-    model.save_pretrained(str(path))
-    load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE))).save_pretrained(str(path))
-    return path
-
-
 def test_reward_model_on_the_policy_base_scores_as_on_its_own(reward_checkpoint):
     cfg = ModelConfig(name_or_path=str(TINY_BASE))  # 4-bit NF4 on CPU, as in the stages
     policy = get_peft_model(load_model(cfg), LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -71,6 +71,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
                                                cfg.max_length - cfg.max_completion_length, what="prompts")
+    _rollouts_per_epoch(cfg, len(train), accelerator.num_processes)  # enough prompts, before loading the model
     resume_from = _last_checkpoint(run_dir.trainer_dir) if resume else None
     policy = rl.load_policy(recipe, cfg, init, "ppo")
     _add_reference(policy)
@@ -119,6 +120,21 @@ def _check(recipe: Recipe) -> None:
             raise RecipeError(f"ppo.{key}={getattr(cfg, key)}; it must be at least 1")
     if cfg.kl_target is not None and cfg.kl_target <= 0:
         raise RecipeError(f"ppo.kl_target={cfg.kl_target}; set a positive KL per sequence (nats), or null for a fixed beta")
+
+
+def _prompts_per_rollout(cfg) -> int:
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+
+
+def _rollouts_per_epoch(cfg, prompts: int, processes: int) -> int:
+    """Rollouts in one pass over the prompts (the last incomplete one is left out)."""
+    per_rollout = _prompts_per_rollout(cfg)
+    if prompts < per_rollout * processes:
+        raise RecipeError(
+            f"{prompts} training prompts are fewer than one rollout: ppo.per_device_train_batch_size x "
+            f"gradient_accumulation_steps x num_mini_batches = {per_rollout} per device x {processes} devices; "
+            "lower one of them or add prompts")
+    return prompts // (per_rollout * processes)
 
 
 def _add_reference(policy) -> None:
@@ -276,13 +292,8 @@ class PPOLoop:
         self.tokenizer, self.train_data, self.held_out = tokenizer, train, held_out
         self.run_dir, self.accelerator = run_dir, accelerator
         disable_dropout_in_model(policy)  # dropout would make pi differ from pi_old and pi_ref on the same weights
-        self.prompts_per_rollout = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
-        self.rollouts_per_epoch = len(train) // (self.prompts_per_rollout * accelerator.num_processes)
-        if self.rollouts_per_epoch == 0:
-            raise RecipeError(
-                f"{len(train)} training prompts are fewer than one rollout: ppo.per_device_train_batch_size x "
-                f"gradient_accumulation_steps x num_mini_batches = {self.prompts_per_rollout} per device x "
-                f"{accelerator.num_processes} devices; lower one of them or add prompts")
+        self.prompts_per_rollout = _prompts_per_rollout(cfg)
+        self.rollouts_per_epoch = _rollouts_per_epoch(cfg, len(train), accelerator.num_processes)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * self.rollouts_per_epoch)
         self.trainable = [p for n, p in policy.named_parameters() if ".default." in n] + value.parameters_of_adapter()
         # eps 1e-5: the N+ implementation details of PPO (TRL 0.12's PPO default).
