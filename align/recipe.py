@@ -284,9 +284,10 @@ class PPOStage(RLStage):
         "max_completion_length); encourages answers that finish. None: no penalty.")
     value_init: str = doc(
         "auto",
-        help="Where the value model starts. auto: the reward model (adapter + score head) when a reward_model "
-        "reward on the policy's base is listed, else the policy's starting adapter with a zero head; reward, "
-        "policy, or a reward stage checkpoint directory.")
+        help="Where the value model starts. reward: the reward model's adapter and score head (scaled by the "
+        "reward's weight; the reward model must share the policy's base); policy: the policy's starting adapter "
+        "with a zero head; or a reward stage checkpoint directory. auto: reward when the reward model is the only "
+        "reward, else policy (next to other rewards it predicts the wrong score at the wrong scale).")
 
 
 @dataclass

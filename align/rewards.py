@@ -51,10 +51,11 @@ def final_answer_match(completion: str, reference: str) -> bool:
 
 @torch.no_grad()
 def score_conversations(model, tokenizer, conversations: list[list[dict]], *, batch_size: int = 16,
-                        desc: str = "scoring") -> list[float]:
+                        desc: str | None = "scoring") -> list[float]:
     """The reward model's score of each whole conversation (prompt + answer). Batches are padded on the right,
     as TRL's DataCollatorForPreference pads them in training, and the model reads the score at the last token
-    that is not padding (transformers' sequence-classification heads, given config.pad_token_id)."""
+    that is not padding (transformers' sequence-classification heads, given config.pad_token_id). A progress
+    bar named `desc` shows for more than one batch; None: none."""
     pad = tokenizer.pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad token; batched scoring needs one (modeling.load_tokenizer sets it)")
@@ -64,7 +65,7 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], *, ba
     device = next(model.parameters()).device
     ids = conversation_ids(tokenizer, conversations)
     scores: list[float] = []
-    for start in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, disable=len(ids) <= batch_size):
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False, disable=desc is None or len(ids) <= batch_size):
         batch = ids[start : start + batch_size]
         width = max(len(x) for x in batch)
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch], device=device)
@@ -110,7 +111,8 @@ class RewardModelScorer:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         conversations = [as_messages(p, c) for p, c in zip(prompts, completions)]
-        return score_conversations(self.model, self.tokenizer, conversations, batch_size=self.batch_size)
+        # No progress bar of its own: it runs as a reward inside the RL stages' steps, which have theirs.
+        return score_conversations(self.model, self.tokenizer, conversations, batch_size=self.batch_size, desc=None)
 
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ARCHS = Path(__file__).parent / "archs"
-STAGES = ("sft", "reward", "grpo")
+STAGES = ("sft", "reward", "grpo", "ppo")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -116,12 +116,22 @@ def stage_overrides(args, work: Path, length: int) -> list[str]:
         return [f"data.preference.train={work / 'data.jsonl'}", "data.columns.prompt=question",
                 "reward.init_from=base", f"reward.max_length={length}",
                 f"reward.per_device_train_batch_size={args.batch_size}", *common]
-    # A rule reward: every completion has the same length, so advantages are 0, but generation, the policy
-    # and reference forward passes and the backward pass all run as in any GRPO step.
+    # A rule reward: every completion has the same length, so GRPO's advantages are 0, but generation, the
+    # policy and reference forward passes and the backward pass all run as in any RL step.
     rewards = "{name: length, args: {max_tokens: 16}}"
     if args.reward_model != "none":
         share = str(args.reward_model == "shared").lower()
         rewards += f", {{name: reward_model, args: {{checkpoint: {work / 'reward'}, share_base: {share}}}}}"
+    if args.stage == "ppo":  # a rollout of prompts_per_step prompts, micro-batches of batch_size, one mini-batch
+        return [
+            f"data.prompts.train={work / 'data.jsonl'}", "data.columns.prompt=question", f"ppo.rewards=[{rewards}]",
+            "ppo.init_from=base", f"ppo.per_device_train_batch_size={min(args.batch_size, args.prompts_per_step)}",
+            f"ppo.gradient_accumulation_steps={max(1, args.prompts_per_step // args.batch_size)}",
+            f"ppo.per_device_eval_batch_size={args.prompts_per_step}",
+            f"ppo.max_completion_length={args.completion_tokens}",
+            f"ppo.max_length={args.prompt_tokens + args.completion_tokens}", "ppo.eval_generations=0",
+            "ppo.max_kl=null", *common,
+        ]
     return [
         f"data.prompts.train={work / 'data.jsonl'}",
         "data.columns.prompt=question",
@@ -143,6 +153,12 @@ def tokens_per_step(args, metrics: list[dict], length: int) -> tuple[float, floa
         return args.batch_size * length, 0.0
     if args.stage == "reward":
         return 2 * args.batch_size * length, 0.0
+    if args.stage == "ppo":  # generated, read back by policy, reference and value, then the update's epochs
+        from align.recipe import PPOStage
+
+        generated = statistics.fmean(m["completion_length"] for m in metrics) * args.prompts_per_step
+        read = args.prompts_per_step * args.prompt_tokens + generated
+        return generated + (3 + PPOStage().num_ppo_epochs) * read, generated
     completions = args.prompts_per_step * args.num_generations
     generated = statistics.fmean(m["completions/mean_length"] for m in metrics) * completions
     # the generated tokens, then prompt + completion read back by the policy (the reference's pass not counted)
@@ -162,9 +178,9 @@ def measure(args, work: Path) -> dict:
 
     stage = importlib.import_module(f"align.stages.{args.stage}")
     matmul_params = build_base(args.arch, work / "base")
-    if args.stage == "grpo" and args.reward_model != "none" and not (work / "reward").is_dir():
+    if args.stage in ("grpo", "ppo") and args.reward_model != "none" and not (work / "reward").is_dir():
         reward_checkpoint(work / "base", work / "reward")
-    rows = args.steps * (args.prompts_per_step if args.stage == "grpo" else args.batch_size)
+    rows = args.steps * (args.prompts_per_step if args.stage in ("grpo", "ppo") else args.batch_size)
     length = write_data(work / "data.jsonl", work / "base", rows, args.prompt_tokens, args.completion_tokens,
                         args.seed)
     recipe = load_recipe(None, [
@@ -210,7 +226,10 @@ def measure(args, work: Path) -> dict:
         "overrides": args.overrides,
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
     }
-    if args.stage == "grpo":
+    if args.stage == "ppo":
+        record.update(prompts_per_step=args.prompts_per_step, batch_size=args.batch_size,
+                      reward_model=args.reward_model, generated_tokens_per_s=round(generated / step_s, 1))
+    elif args.stage == "grpo":
         record.update(num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
                       reward_model=args.reward_model, generated_tokens_per_s=round(generated / step_s, 1))
     else:

@@ -18,11 +18,12 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "grpo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "grpo", "ppo"])
 def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, stage):
     out = tmp_path / "results.jsonl"
     extra = ["--baseline"] if stage in ("sft", "grpo") else []
-    extra += ["--reward-model", "shared"] if stage == "grpo" else []
+    extra += ["--reward-model", "shared"] if stage in ("grpo", "ppo") else []
+    extra += ["--prompts-per-step", "4"] if stage == "ppo" else []
     assert bench.main([stage, "--arch", "tiny", "--steps", "2", "--prompt-tokens", "24", "--completion-tokens", "8",
                        "--num-generations", "4", "--batch-size", "4", "--out", str(out), *extra]) == 0
     (record,) = [json.loads(line) for line in out.open()]
@@ -31,7 +32,7 @@ def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, stage):
     assert record["seconds_per_step"] > 0 and record["tokens_per_s"] > 0
     assert record["device"] == "cpu" and record["peak_allocated_gib"] is None  # no CUDA here
     assert set(record["versions"]) == {"torch", "transformers", "trl", "peft", "bitsandbytes"}
-    if stage == "grpo":
+    if stage in ("grpo", "ppo"):
         assert record["reward_model"] == "shared" and record["tokens_per_s"] > record["generated_tokens_per_s"] > 0
     else:
         assert record["matmul_params"] > 0 and record["mfu"] is None  # no known peak FLOP/s for a CPU

@@ -4,6 +4,7 @@ rising on an easy task, resuming a run exactly)."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from align import rl
 from align.modeling import load_model
-from align.recipe import ModelConfig, RecipeError, load_recipe
+from align.recipe import ModelConfig, RecipeError, RewardFunction, load_recipe
 from align.stages import ppo
 from align.stages.ppo import (
     KLController,
@@ -144,7 +145,8 @@ def base_weight_storages(loop: ppo.PPOLoop) -> set[int]:
 
 def test_one_base_copy_kl_zero_at_first_and_what_the_run_writes(write_recipe, sft_adapter, reward_checkpoint):
     rewards = [*REWARDS, {"name": "reward_model", "weight": 0.1, "args": {"checkpoint": str(reward_checkpoint)}}]
-    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), ppo=ppo_section(rewards=rewards)))
+    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), ppo=ppo_section(rewards=rewards,
+                                                                                 value_init="reward")))
     results, loop = run_keeping_trainer(ppo, recipe)
 
     # Policy, reference, reward and value models: adapters on one copy of the 4-bit base.
@@ -188,6 +190,22 @@ def test_one_base_copy_kl_zero_at_first_and_what_the_run_writes(write_recipe, sf
     assert lineage["parent_checkpoint"] == str(sft_adapter) and lineage["value_init"] == str(reward_checkpoint)
     assert lineage["results"]["after"]["greedy"]["reward_mean"] == results["after"]["greedy"]["reward_mean"]
     assert len((Path(results["run_dir"]) / "samples.jsonl").read_text().splitlines()) == 8
+
+
+def test_value_model_starts_from_the_reward_model_only_when_it_is_the_whole_score():
+    rm = RewardFunction(name="reward_model", weight=0.5)
+    rule = RewardFunction(name="exact_match", args={"column": "answer"})
+    specs = lambda *rewards: SimpleNamespace(checkpoints={0: Path("rm")}, cfg=SimpleNamespace(rewards=list(rewards)))  # noqa: E731
+    shares = SimpleNamespace(peft_config={"default": None, "ref": None, "reward": None})
+    own_base = SimpleNamespace(peft_config={"default": None, "ref": None})
+    assert ppo._value_init("auto", specs(rm), shares) == (Path("rm"), 0.5)  # its head scaled by the weight
+    assert ppo._value_init("auto", specs(rm, rule), shares) == (None, 0.0)  # a zero head on the policy's adapter
+    assert ppo._value_init("auto", specs(rm), own_base) == (None, 0.0)
+    assert ppo._value_init("reward", specs(rm, rule), shares) == (Path("rm"), 0.5)
+    with pytest.raises(RecipeError, match=r"value_init=reward, but no reward_model reward runs on the policy's base"):
+        ppo._value_init("reward", specs(rm), own_base)
+    with pytest.raises(RecipeError, match=r"value_init=nowhere: not auto, reward, policy, or a reward stage"):
+        ppo._value_init("nowhere", specs(rm), shares)
 
 
 def test_a_reward_model_with_its_own_base_is_a_second_copy(write_recipe, sft_adapter, reward_checkpoint):

@@ -76,8 +76,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     policy = rl.load_policy(recipe, cfg, init, "ppo")
     _add_reference(policy)
     rewards = specs.functions(policy)
-    value_from = resume_from / "value" if resume_from else _value_init(cfg.value_init, specs, policy)
+    value_from, scale = (resume_from / "value", 1.0) if resume_from else _value_init(cfg.value_init, specs, policy)
     value = SharedBaseRewardModel(policy, value_from, adapter="value", trainable=True)
+    value.score.weight.data *= scale
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), value_init=str(value_from) if value_from else "the policy's adapter",
@@ -149,24 +150,29 @@ def _add_reference(policy) -> None:
             param.requires_grad_(False)
 
 
-def _value_init(choice: str, specs: rl.RewardSpecs, policy) -> Path | None:
-    """The checkpoint the value model starts from (a reward stage's adapter + score head), or None for a copy of
-    the policy's adapter with a zero head. A reward model that shares the policy's base is the usual start: it
-    already reads how good an answer is."""
-    shared = [specs.checkpoints[i] for i in sorted(specs.checkpoints)] if "reward" in policy.peft_config else []
-    if choice == "policy" or (choice == "auto" and not shared):
+def _value_init(choice: str, specs: rl.RewardSpecs, policy) -> tuple[Path | None, float]:
+    """Where the value model starts: (a reward stage checkpoint, the factor its score head is scaled by), or
+    (None, 0) for a copy of the policy's adapter with a zero head. The value model predicts the score, so the
+    reward model (scaled by its weight) is a good start when it is the whole score (auto); next to other rewards
+    it predicts the wrong thing at the wrong scale, and a zero head is the better start (auto)."""
+    shared = sorted(specs.checkpoints) if "reward" in policy.peft_config else []
+    if choice == "auto":
+        choice = "reward" if shared and len(specs.cfg.rewards) == 1 else "policy"
+    if choice == "policy":
         log.info("ppo: the value model starts from the policy's adapter with a zero value head")
-        return None
-    if choice in ("auto", "reward"):
+        return None, 0.0
+    if choice == "reward":
         if not shared:
             raise RecipeError("ppo.value_init=reward, but no reward_model reward runs on the policy's base; list "
                               "one in ppo.rewards, or set ppo.value_init=policy")
-        log.info("ppo: the value model starts from the reward model %s", shared[0])
-        return shared[0]
+        weight = specs.cfg.rewards[shared[0]].weight
+        log.info("ppo: the value model starts from the reward model %s, its head scaled by the reward's weight %g",
+                 specs.checkpoints[shared[0]], weight)
+        return specs.checkpoints[shared[0]], weight
     if not (Path(choice) / "adapter_config.json").is_file():
         raise RecipeError(f"ppo.value_init={choice}: not auto, reward, policy, or a reward stage checkpoint "
                           "directory (no adapter_config.json there)")
-    return Path(choice)
+    return Path(choice), 1.0
 
 
 # -- the maths, one function each (tests check them against hand-computed values) ------------------------------
