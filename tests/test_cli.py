@@ -66,6 +66,27 @@ def test_sft_under_accelerate_launch(write_recipe, tmp_path):
     assert (tmp_path / "runs" / "launched" / "sft" / "checkpoint" / "adapter_model.safetensors").exists()
 
 
+def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path):
+    """`accelerate launch ... -m align ppo` writes a resumable checkpoint; `align ppo --resume` continues from it."""
+    section = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4, "max_completion_length": 8,
+               "max_length": 64, "activation_checkpointing": False, "eval_generations": 0, "init_from": "base",
+               "rewards": [{"name": "length", "args": {"max_tokens": 4}}]}
+    recipe = write_recipe(data={"prompts": {"train": str(QA_TRAIN)}, "columns": {"prompt": "question"}}, ppo=section)
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
+                "-m", "align")
+    result = align("ppo", recipe, "run.name=launched", launcher=launcher)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "launched" / "ppo"
+    assert "KL to the reference (nats per completion): first step 0.0000" in result.stdout
+    assert (run_dir / "checkpoint" / "value" / "adapter_model.safetensors").exists()
+    assert [p.name for p in (run_dir / "trainer").iterdir()] == ["checkpoint-1"]  # the last step is the checkpoint
+
+    result = align("ppo", recipe, "run.name=launched", "--resume")
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stderr and "at step 1" in result.stderr
+    assert json.loads((run_dir / "lineage.json").read_text())["results"]["resumed_from_step"] == 1
+
+
 def test_bad_override_is_a_one_line_error(write_recipe):
     result = align("sft", write_recipe(sft={}), "sft.lerning_rate=1")
     assert result.returncode == 2
