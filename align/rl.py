@@ -10,12 +10,26 @@ from typing import Any, Callable
 
 from align.generation import generate
 from align.modeling import load_model, lora_config
-from align.recipe import Recipe, RLStage
+from align.recipe import Recipe, RecipeError, RLStage
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
 from align.rundir import RunDir
 from align.stages import adapter_dir, finished_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def check_section(recipe: Recipe, section: str) -> RLStage:
+    """The recipe's `section` (grpo, ppo), refused before anything loads if it cannot work."""
+    cfg = getattr(recipe, section)
+    if cfg is None:
+        raise RecipeError(f"the recipe has no {section} section; add one (see recipes/quickstart.yaml)")
+    if not cfg.rewards:
+        raise RecipeError(f"{section}.rewards is empty; list at least one reward, e.g. "
+                          f"{section}.rewards=[{{name: reward_model}}] (see docs/rewards.md)")
+    if cfg.max_completion_length >= cfg.max_length:
+        raise RecipeError(f"{section}.max_completion_length={cfg.max_completion_length} leaves no room for the "
+                          f"prompt in {section}.max_length={cfg.max_length}")
+    return cfg
 
 
 class RewardSpecs:

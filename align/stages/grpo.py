@@ -76,15 +76,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
 def _check(recipe: Recipe) -> None:
     """Settings that cannot work, refused before anything loads."""
-    cfg = recipe.grpo
-    if cfg is None:
-        raise RecipeError("the recipe has no grpo section; add one (see recipes/quickstart.yaml)")
-    if not cfg.rewards:
-        raise RecipeError("grpo.rewards is empty; list at least one reward, e.g. "
-                          "grpo.rewards=[{name: reward_model}] (see docs/rewards.md)")
-    if cfg.max_completion_length >= cfg.max_length:
-        raise RecipeError(f"grpo.max_completion_length={cfg.max_completion_length} leaves no room for the prompt in "
-                          f"grpo.max_length={cfg.max_length}")
+    cfg = rl.check_section(recipe, "grpo")
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     if per_step % cfg.num_generations:
         raise RecipeError(f"grpo.per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions "

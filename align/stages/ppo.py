@@ -107,15 +107,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
 
 def _check(recipe: Recipe) -> None:
     """Settings that cannot work, refused before anything loads."""
-    cfg = recipe.ppo
-    if cfg is None:
-        raise RecipeError("the recipe has no ppo section; add one (see recipes/quickstart.yaml)")
-    if not cfg.rewards:
-        raise RecipeError("ppo.rewards is empty; list at least one reward, e.g. "
-                          "ppo.rewards=[{name: reward_model}] (see docs/rewards.md)")
-    if cfg.max_completion_length >= cfg.max_length:
-        raise RecipeError(f"ppo.max_completion_length={cfg.max_completion_length} leaves no room for the prompt in "
-                          f"ppo.max_length={cfg.max_length}")
+    cfg = rl.check_section(recipe, "ppo")
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs"):
         if getattr(cfg, key) < 1:
             raise RecipeError(f"ppo.{key}={getattr(cfg, key)}; it must be at least 1")
