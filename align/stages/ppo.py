@@ -499,12 +499,11 @@ class PPOLoop:
 
     def save_models(self, directory: Path) -> None:
         """The policy adapter (loads with stock PEFT) and tokenizer at the top; the value model (adapter + head,
-        in the reward stage's checkpoint layout) in value/."""
+        in the reward stage's checkpoint layout) in value/. Main process only; the caller synchronises."""
         if self.accelerator.is_main_process:
             self.policy.save_pretrained(str(directory), selected_adapters=["default"])
             self.tokenizer.save_pretrained(str(directory))
             self.value.save(directory / "value")
-        self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> None:
         """A resumable checkpoint in trainer/checkpoint-<step>, renamed into place once written; only the last
