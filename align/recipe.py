@@ -261,7 +261,8 @@ class PPOStage(RLStage):
         8, help="Completions per device per PPO forward/backward pass (the micro-batch). A rollout is this x "
         "gradient_accumulation_steps x num_mini_batches prompts per device, one completion each.")
     max_steps: int = doc(-1, help="PPO steps (rollout + update) to run; -1: num_train_epochs passes over the prompts.")
-    num_mini_batches: int = doc(1, help="Optimizer steps per PPO epoch: the rollout is split into this many mini-batches.")
+    num_mini_batches: int = doc(1, help="Optimizer steps per PPO epoch: the rollout is split into this many mini-batches. "
+                                "(Rollouts are generated per_device_eval_batch_size prompts at a time.)")
     num_ppo_epochs: int = doc(4, help="Passes over each rollout (its mini-batches) before sampling the next.")
     beta: float = doc(
         0.05, help="Initial weight of the per-token KL penalty -beta x (log pi - log pi_ref) added to the rewards "

@@ -353,7 +353,7 @@ class PPOLoop:
         policy.eval()  # generation with the KV cache (training mode with checkpointing turns it off)
         prompts = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
         completions: list[list[int]] = []
-        for start in range(0, len(prompts), cfg.per_device_eval_batch_size):
+        for start in range(0, len(prompts), cfg.per_device_eval_batch_size):  # generation batches: no gradients
             _, _, out = generate_batch(policy, tokenizer, prompts[start : start + cfg.per_device_eval_batch_size],
                                        max_new_tokens=cfg.max_completion_length, sampling=self.sampling)
             keep = completion_mask(out, tokenizer.eos_token_id).sum(1).tolist()
