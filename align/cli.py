@@ -74,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument("overrides", nargs="*", metavar="key=value",
                            help=f"recipe overrides, e.g. {stage.prog.split()[-1]}.learning_rate=1e-4")
 
+    export = commands.add_parser(
+        "export",
+        help="merge a policy's LoRA adapter into its base and save a standard transformers model",
+        description="Merge the LoRA policy of a run (or of a stage checkpoint) into a full-precision copy of its "
+        "base model and save a model + tokenizer that AutoModelForCausalLM.from_pretrained loads without align or "
+        "PEFT. A 4-bit base is dequantised first, so the merged model computes what the adapter on the 4-bit base "
+        "computed.",
+        epilog="examples:\n  align export runs/quickstart --out exported/quickstart   # the run's RL policy (or SFT)\n"
+        "  align export runs/quickstart/sft --out exported/sft\n"
+        "  align export runs/quickstart/ppo/checkpoint --out exported/ppo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("source", help="a run dir (runs/<run>), a stage dir (runs/<run>/ppo) or a checkpoint dir")
+    export.add_argument("--out", required=True, type=Path, help="directory to write the merged model to")
+
     data = commands.add_parser("data", help="inspect data files").add_subparsers(dest="action", required=True)
     check = data.add_parser(
         "check",
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stage(args)
         if args.command == "data":
             return _data_check(args)
+        if args.command == "export":
+            return _export(args)
         if args.action == "pretrain":
             from align.tiny import pretrain as run_pretrain
 
@@ -217,6 +234,37 @@ def _print_rl(console, results: dict) -> None:
         rows += [(key.split("/", 1)[1], f"{b[key]:.4f}", f"{a[key]:.4f}") for key in a if key.startswith("rewards/")]
         rows.append(("answer tokens (mean)", f"{b['completion_tokens_mean']:.1f}", f"{a['completion_tokens_mean']:.1f}"))
         console.print(_before_after(title, rows))
+
+
+POLICY_STAGES = ("ppo", "grpo", "sft")
+
+
+def _export(args) -> int:
+    from align.modeling import export_merged
+    from align.recipe import load_recipe
+
+    checkpoint = _policy_checkpoint(Path(args.source))
+    config = checkpoint.parent / "config.yaml"  # how the stage loaded its base (4-bit or not)
+    cfg = load_recipe(config).model if config.is_file() else None
+    out = export_merged(checkpoint, args.out, cfg)
+    print(f"merged {checkpoint} into its base; saved to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _policy_checkpoint(source: Path) -> Path:
+    """The checkpoint a path names: itself, its stage's checkpoint/, or a run's RL (else SFT) checkpoint."""
+    from align.errors import AlignError
+
+    for candidate in (source, source / "checkpoint"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    finished = [s for s in POLICY_STAGES if (source / s / "checkpoint" / "adapter_config.json").is_file()]
+    if finished[:2] == ["ppo", "grpo"]:
+        raise AlignError(f"{source} has both a ppo and a grpo checkpoint; name one: {source / 'ppo'} or {source / 'grpo'}")
+    if not finished:
+        raise AlignError(f"{source}: no LoRA checkpoint here (adapter_config.json), nor a finished "
+                         f"{'/'.join(POLICY_STAGES)} stage under it")
+    return source / finished[0] / "checkpoint"
 
 
 def _data_check(args) -> int:

@@ -217,3 +217,33 @@ def conversation_ids(tokenizer, conversations: list[list[dict]]) -> list[list[in
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt as every stage renders it: chat template plus the generation prompt."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | None = None) -> Path:
+    """Merge a causal-LM LoRA checkpoint into a full-precision copy of its base and save a standard transformers
+    model + tokenizer at `out` (renamed into place once complete). A 4-bit base is dequantised first, so the
+    merged weights are those the adapter was trained on: the merged model computes what adapter + 4-bit base
+    computed. `cfg`: how the base was loaded in training (the run's config.yaml); by default the base named in
+    the adapter's config, in 4-bit NF4."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    from align.rundir import replace_dir
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    adapter = PeftConfig.from_pretrained(str(checkpoint))
+    if adapter.task_type != "CAUSAL_LM":
+        raise ModelLoadError(f"{checkpoint}: a {adapter.task_type} adapter (a reward model?), not a policy; export "
+                             "takes an sft, grpo or ppo checkpoint")
+    cfg = cfg or ModelConfig(name_or_path=adapter.base_model_name_or_path)
+    base = load_model(cfg)
+    if cfg.quantization != Quantization.none:
+        base = base.dequantize()  # NF4 -> the compute dtype, the values the adapter was trained against
+    merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
+    staging = out.with_name(out.name + ".tmp")
+    merged.save_pretrained(str(staging))
+    # The checkpoint's tokenizer carries the chat template the stage trained with; a bare adapter has none.
+    has_tokenizer = (checkpoint / "tokenizer_config.json").is_file()
+    (AutoTokenizer.from_pretrained(str(checkpoint)) if has_tokenizer else load_tokenizer(cfg)).save_pretrained(str(staging))
+    replace_dir(staging, out)
+    return out
