@@ -158,7 +158,13 @@ def _stage(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
     stage = importlib.import_module(f"align.stages.{args.command}")
-    results = stage.run(recipe, resume=args.resume) if args.command == "ppo" else stage.run(recipe)
+    import torch
+
+    try:
+        results = stage.run(recipe, resume=args.resume) if args.command == "ppo" else stage.run(recipe)
+    except torch.OutOfMemoryError as e:
+        print(_out_of_memory(args.command, recipe, e), file=sys.stderr)
+        return 3
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -170,6 +176,30 @@ def _stage(args) -> int:
     console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True)
     console.print(f"run dir: {results['run_dir']}", soft_wrap=True)
     return 0
+
+
+# What to lower when a stage runs out of GPU memory, the biggest saving first.
+MEMORY_SETTINGS = {
+    "sft": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)", "max_length",
+            "activation_checkpointing=true", "per_device_eval_batch_size"),
+    "reward": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)", "max_length",
+               "activation_checkpointing=true", "per_device_eval_batch_size"),
+    "grpo": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the prompts per step)",
+             "num_generations", "max_completion_length", "activation_checkpointing=true",
+             "per_device_eval_batch_size"),
+    "ppo": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the rollout)",
+            "per_device_eval_batch_size (the generation batch)", "max_completion_length",
+            "activation_checkpointing=true"),
+}
+
+
+def _out_of_memory(stage: str, recipe, error: Exception) -> str:
+    first_line = str(error).splitlines()[0] if str(error) else "out of memory"
+    settings = "\n".join(f"  {stage}.{setting}" for setting in MEMORY_SETTINGS[stage])
+    nf4 = "" if recipe.model.quantization.value == "nf4" else "\n  model.quantization=nf4 (a 4-bit base)"
+    return (f"error: the {stage} stage ran out of GPU memory ({first_line}).\nLower, the biggest saving first:\n"
+            f"{settings}{nf4}\nResumable checkpoints, if any were written, are in "
+            f"{recipe.run.root}/{recipe.run.name}/{stage}/trainer/.")
 
 
 def _before_after(title: str, rows: list[tuple[str, str, str]]):

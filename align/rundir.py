@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, to_yaml
 
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "omegaconf")
@@ -241,3 +243,51 @@ class ProgressBar(ProgressCallback):
         shown = {k: f"{logs[k]:.4g}" for k in self.keys if isinstance((logs or {}).get(k), (int, float))}
         if shown and self.training_bar is not None:
             self.training_bar.set_postfix(shown)
+
+
+class NonFinite(AlignError, RuntimeError):
+    """A loss, gradient norm, reward, KL or trainable weight became NaN or infinite; training stopped."""
+
+
+def non_finite_message(stage: str, what: str, value: Any, step: int) -> str:
+    return (f"{stage}: {what} is {value} at step {step}; training stopped without saving, and the last good "
+            f"resumable checkpoint (if any) is kept in the stage's trainer/ directory. Likely causes: fp16 on a GPU "
+            f"without bf16 (set model.compute_dtype=bfloat16, or float32); a learning rate too high "
+            f"({stage}.learning_rate); a reward plug-in returning NaN or huge values")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops a trainer at the first non-finite logged value, and before a save that would write non-finite
+    weights (a NaN between two logs must not become a checkpoint)."""
+
+    KEYS = ("loss", "grad_norm", "reward", "kl", "eval_loss")
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.problem: str | None = None
+
+    def _stop(self, control, what: str, value: Any, step: int):
+        self.problem = self.problem or non_finite_message(self.stage, what, value, step)
+        control.should_training_stop, control.should_save = True, False
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None:
+            bad = next((n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+            if bad:
+                self._stop(control, f"the trainable weight {bad}", "not finite", state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in self.KEYS:
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self._stop(control, f"the logged {key}", value, state.global_step)
+
+
+def guarded_train(trainer, stage: str, **kwargs):
+    """trainer.train(**kwargs) under a NonFiniteGuard; raises NonFinite if it stopped the run."""
+    guard = NonFiniteGuard(stage)
+    trainer.add_callback(guard)
+    output = trainer.train(**kwargs)
+    if guard.problem:
+        raise NonFinite(guard.problem)
+    return output

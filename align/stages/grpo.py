@@ -26,7 +26,7 @@ from align.errors import AlignError
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
-from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
 from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     before = _evaluate(trainer, held_out, rewards, recipe, "before")
     start = time.monotonic()
-    train_output = trainer.train()
+    train_output = guarded_train(trainer, "grpo")
     seconds = time.monotonic() - start
     guard.raise_if_exceeded()
     after = _evaluate(trainer, held_out, rewards, recipe, "after")

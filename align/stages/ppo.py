@@ -46,7 +46,7 @@ from align.generation import generate_batch
 from align.modeling import load_adapter_weights, load_tokenizer, prompt_ids
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
-from align.rundir import RunDir, model_identity, replace_dir
+from align.rundir import NonFinite, RunDir, model_identity, non_finite_message, replace_dir
 from align.stages import init_adapter
 
 log = logging.getLogger(__name__)
@@ -315,8 +315,10 @@ class PPOLoop:
             started = time.perf_counter()
             rows = self._prompts(self.step)
             rollout, stats = self.rollout(rows)
+            self._check_finite(stats, ("score", "kl"))  # before an update spreads it into the weights
             rollout_seconds = time.perf_counter() - started
             stats.update(self.update(rollout))
+            self._check_finite(stats, ("policy_loss", "value_loss"))
             self.step += 1
             self.state.global_step = self.step
             self.kl_ctl.update(stats["kl"], self.prompts_per_rollout * self.accelerator.num_processes)
@@ -484,6 +486,13 @@ class PPOLoop:
         """Mean over this process's values and every other process's."""
         x = x.float().to(self.accelerator.device)
         return float(self.accelerator.reduce(x.mean(), "mean"))
+
+    def _check_finite(self, stats: dict[str, float], keys: tuple[str, ...]) -> None:
+        """Stops the run at a NaN or infinite value, with the step's metrics logged and no checkpoint written."""
+        bad = next((k for k in keys if not math.isfinite(stats[k])), None)
+        if bad:
+            self.run_dir.log_metrics({"step": self.step + 1, **stats})
+            raise NonFinite(non_finite_message("ppo", f"the {bad}", stats[bad], self.step + 1))
 
     def _check_kl(self, kl: float) -> None:
         if self.kl_first is None and self.step == 0:

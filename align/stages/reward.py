@@ -32,7 +32,7 @@ from align.modeling import (
 )
 from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
-from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
 from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
     before = _evaluate(trainer, held_out, recipe, "before")
-    train_output = trainer.train()
+    train_output = guarded_train(trainer, "reward")
     after = _evaluate(trainer, held_out, recipe, "after")
 
     with run_dir.checkpoint() as staging:

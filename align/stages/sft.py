@@ -21,7 +21,7 @@ from align.generation import generate
 from align.modeling import load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
-from align.rundir import MetricsCallback, ProgressBar, RunDir, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
 from align.stages import trl_config
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
     before = _evaluate(trainer, held_out, recipe, "before")
-    train_output = trainer.train()
+    train_output = guarded_train(trainer, "sft")
     after = _evaluate(trainer, held_out, recipe, "after")
 
     with run_dir.checkpoint() as staging:
