@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         help="optimise the SFT policy with PPO (value model, per-token KL penalty to the SFT policy)",
         description="Reinforcement learning with align's PPO loop (TRL has no PPOTrainer): one completion sampled "
         "per prompt and scored by the recipe's reward functions (ppo.rewards); per-token rewards -ppo.beta x "
-        "(log pi - log pi_ref) plus the score at the last token; GAE advantages from a value model (initialised "
-        "from the reward model); clipped policy and value losses over several epochs per rollout. Policy, "
+        "(log pi - log pi_ref) plus the score at the last token; GAE advantages from a value model (by default "
+        "the reward model when it is the whole score); clipped policy and value losses over several epochs per rollout. Policy, "
         "reference, reward and value models are adapters on one 4-bit base. Reports held-out rewards before and "
         "after and the KL per step. Writes runs/<run>/ppo/ (checkpoint/ = policy adapter, checkpoint/value/ = "
         "value model).",
