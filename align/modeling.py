@@ -207,6 +207,13 @@ def load_adapter_weights(model, adapter_dir: str | Path, adapter_name: str = "de
     return {k: v for k, v in saved.items() if k not in current}
 
 
+def copy_adapter_weights(model, source: str, target: str) -> None:
+    """Copy the weights of LoRA adapter `source` into adapter `target` (same configuration) of one PeftModel."""
+    for name, param in model.named_parameters():
+        if f".{source}." in name:
+            model.get_parameter(name.replace(f".{source}.", f".{target}.")).data.copy_(param.data)
+
+
 def conversation_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Token ids of whole conversations (prompt + answer, no generation prompt): what the reward model is trained
     and scored on, and what TRL's trainers tokenize (the template's text, no special tokens added)."""

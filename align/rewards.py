@@ -128,7 +128,7 @@ class SharedBaseRewardModel(torch.nn.Module):
     def __init__(self, policy, checkpoint: str | Path | None, *, adapter: str = "reward", trainable: bool = False):
         from peft import PeftConfig
 
-        from align.modeling import load_adapter_weights
+        from align.modeling import copy_adapter_weights, load_adapter_weights
 
         super().__init__()
         self.__dict__["policy"] = policy  # not a submodule: eval()/train() of the scorer must not touch the policy
@@ -144,9 +144,7 @@ class SharedBaseRewardModel(torch.nn.Module):
                                   f"{sorted(head) or 'none'}; set the reward_model's args.share_base=false")
             weight = next(iter(head.values()))
         else:
-            for name, param in policy.named_parameters():
-                if ".default." in name:
-                    policy.get_parameter(name.replace(".default.", f".{adapter}.")).data.copy_(param.data)
+            copy_adapter_weights(policy, "default", adapter)
             weight = torch.zeros(1, policy.get_base_model().config.hidden_size)
         for name, param in policy.named_parameters():
             if f".{adapter}." in name:

@@ -43,7 +43,7 @@ from align import rl
 from align.data import load_prompts, load_train_eval
 from align.errors import AlignError
 from align.generation import generate_batch
-from align.modeling import load_adapter_weights, load_tokenizer, prompt_ids
+from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
 from align.rundir import NonFinite, RunDir, model_identity, non_finite_message, replace_dir
@@ -134,9 +134,7 @@ def _add_reference(policy) -> None:
     """The reference policy: a frozen copy "ref" of the policy's starting adapter on the same base (as TRL's GRPO
     makes it), so the reference is exactly the policy the run starts from."""
     policy.add_adapter("ref", policy.peft_config["default"])
-    for name, param in policy.named_parameters():
-        if ".default." in name:
-            policy.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+    copy_adapter_weights(policy, "default", "ref")
     for name, param in policy.named_parameters():
         if ".ref." in name:
             param.requires_grad_(False)
