@@ -147,18 +147,16 @@ def stage_overrides(args, work: Path, length: int) -> list[str]:
     ]
 
 
-def tokens_per_step(args, metrics: list[dict], length: int) -> tuple[float, float]:
+def tokens_per_step(args, metrics: list[dict], length: int, recipe) -> tuple[float, float]:
     """(tokens through the model, of which generated) per optimizer step."""
     if args.stage == "sft":
         return args.batch_size * length, 0.0
     if args.stage == "reward":
         return 2 * args.batch_size * length, 0.0
     if args.stage == "ppo":  # generated, read back by policy, reference and value, then the update's epochs
-        from align.recipe import PPOStage
-
         generated = statistics.fmean(m["completion_length"] for m in metrics) * args.prompts_per_step
         read = args.prompts_per_step * args.prompt_tokens + generated
-        return generated + (3 + PPOStage().num_ppo_epochs) * read, generated
+        return generated + (3 + recipe.ppo.num_ppo_epochs) * read, generated
     completions = args.prompts_per_step * args.num_generations
     generated = statistics.fmean(m["completions/mean_length"] for m in metrics) * completions
     # the generated tokens, then prompt + completion read back by the policy (the reference's pass not counted)
@@ -204,7 +202,7 @@ def measure(args, work: Path) -> dict:
     steps = [m for m in metrics if "step_seconds" in m]
     timed = steps[1:] or steps  # the first step includes CUDA and allocator warm-up
     step_s = statistics.median(m["step_seconds"] for m in timed)
-    tokens, generated = tokens_per_step(args, timed, length)
+    tokens, generated = tokens_per_step(args, timed, length, recipe)
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
     record = {

@@ -493,7 +493,7 @@ class PPOLoop:
             raise NonFinite(non_finite_message("ppo", f"the {bad}", stats[bad], self.step + 1))
 
     def _check_kl(self, kl: float) -> None:
-        if self.kl_first is None and self.step == 0:
+        if self.kl_first is None:  # the first rollout, before any update (a resumed run has it already)
             self.kl_first = kl
             rl.warn_if_first_kl_not_zero(kl)
         self.kl_last, self.kl_max = kl, max(kl, self.kl_max if self.kl_max is not None else kl)
