@@ -26,6 +26,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser(
+        "run",
+        help="run every stage of a recipe in order (sft, reward, grpo|ppo), skipping finished ones",
+        description="Run the recipe's stages in order, each starting from the previous ones' checkpoints: sft, "
+        "reward, then grpo or ppo (rl.algorithm). A stage that finished with the same inputs (recipe keys, data "
+        "files, earlier stages) is skipped; one that was interrupted resumes from its last trainer checkpoint; one "
+        "whose inputs changed re-runs, with every stage after it, and the log says which inputs changed. Gates: "
+        "RL waits for a reward model with held-out accuracy >= rl.min_reward_accuracy, and every stage must render "
+        "prompts to the same token ids (rl.check_prompt_rendering). Ends with a table of what each stage achieved. "
+        "Decisions are appended to runs/<run>/pipeline.jsonl.",
+        epilog="examples:\n  align run recipes/quickstart.yaml\n  align run recipes/quickstart.yaml --from reward\n"
+        "  align run recipes/quickstart.yaml --only sft sft.max_steps=100\n"
+        "  accelerate launch --config_file accelerate_config.yaml -m align run recipes/quickstart.yaml\n\n"
+        + _recipe_keys("rl"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--from", dest="start", metavar="STAGE",
+                     help="re-run this stage (sft, reward, rl) and every one after it, even if finished")
+    run.add_argument("--only", metavar="STAGE", help="run just this stage (sft, reward, rl); earlier ones must be finished")
+    run.add_argument("--fresh", action="store_true",
+                     help="ignore finished and interrupted stages: run every selected stage from step 0")
+
     sft = commands.add_parser(
         "sft",
         help="supervised fine-tuning with LoRA (loss on answers only)",
@@ -67,12 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_recipe_keys("model", "lora", "data", "run", "ppo"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ppo.add_argument("--resume", action="store_true",
-                     help="continue from the last checkpoint in runs/<run>/ppo/trainer/ (written every ppo.save_steps)")
     for stage in (sft, reward, grpo, ppo):
+        name = stage.prog.split()[-1]
+        stage.add_argument("--resume", action="store_true",
+                           help=f"continue from the last complete checkpoint in runs/<run>/{name}/trainer/ (written "
+                           f"every {name}.save_steps); `align run` does this by itself for an interrupted stage")
+    for stage in (run, sft, reward, grpo, ppo):
+        name = stage.prog.split()[-1]
         stage.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value",
-                           help=f"recipe overrides, e.g. {stage.prog.split()[-1]}.learning_rate=1e-4")
+                           help=f"recipe overrides, e.g. {name if stage is not run else 'sft'}.learning_rate=1e-4")
 
     export = commands.add_parser(
         "export",
@@ -129,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("sft", "reward", "grpo", "ppo"):
+        if args.command in ("run", "sft", "reward", "grpo", "ppo"):
             return _stage(args)
         if args.command == "data":
             return _data_check(args)
@@ -157,25 +183,73 @@ def _stage(args) -> int:
     from align.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
-    stage = importlib.import_module(f"align.stages.{args.command}")
     import torch
 
+    running = {"stage": args.command}
     try:
-        results = stage.run(recipe, resume=args.resume) if args.command == "ppo" else stage.run(recipe)
+        if args.command == "run":
+            from align import pipeline
+
+            names = pipeline.validate(recipe)  # a recipe error before anything trains
+            outcomes = pipeline.run(recipe, start=args.start, only=args.only, fresh=args.fresh,
+                                    on_stage=lambda name: running.update(stage=name))
+        else:
+            results = importlib.import_module(f"align.stages.{args.command}").run(recipe, resume=args.resume)
     except torch.OutOfMemoryError as e:
-        print(_out_of_memory(args.command, recipe, e), file=sys.stderr)
+        print(_out_of_memory(running["stage"], recipe, e), file=sys.stderr)
         return 3
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
         return 0
     console = Console()
-    {"sft": _print_sft, "reward": _print_reward, "grpo": _print_rl, "ppo": _print_rl}[args.command](console, results)
+    if args.command == "run":
+        _print_pipeline(console, names, outcomes, recipe)
+        return 0
+    PRINTERS[args.command](console, results)
     if "train_loss" in results:
         console.print(f"train loss {results['train_loss']:.4f}", soft_wrap=True)
     console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True)
     console.print(f"run dir: {results['run_dir']}", soft_wrap=True)
     return 0
+
+
+def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
+    """One row per stage: what happened to it and what it achieved on held-out data (before -> after)."""
+    from rich.table import Table
+
+    arrow = lambda b, a, f: f"{f(b)} -> {f(a)}"  # noqa: E731
+    pct, num = (lambda v: f"{v:.1%}"), (lambda v: f"{v:.3f}")  # noqa: E731
+    table = Table(title=f"align run {recipe.run.name}: held-out results (before -> after)")
+    for column in ("stage", "", "result"):
+        table.add_column(column)
+    by_name = {o.stage: o for o in outcomes}
+    for name in names:
+        outcome = by_name.get(name)
+        if outcome is None:
+            table.add_row(name, "not selected", "")
+            continue
+        r = outcome.results
+        b, a = r.get("before") or {}, r.get("after") or {}
+        lines = []
+        if name == "sft" and a:
+            lines.append(f"answer loss {arrow(b['answer_loss'], a['answer_loss'], num)}")
+            if "answer_accuracy" in a:
+                lines.append(f"accuracy {arrow(b['answer_accuracy'], a['answer_accuracy'], pct)}")
+        elif name == "reward" and a:
+            lines.append(f"pair accuracy {arrow(b['pair_accuracy'], a['pair_accuracy'], pct)}")
+        elif a:
+            for decoding in ("greedy", "sampled"):
+                if decoding in a:
+                    lines.append(f"{decoding} reward {arrow(b[decoding]['reward_mean'], a[decoding]['reward_mean'], num)}")
+                    if "rewards/exact_match" in a[decoding]:
+                        lines.append(f"{decoding} accuracy {arrow(b[decoding]['rewards/exact_match'], a[decoding]['rewards/exact_match'], pct)}")
+        if name in ("grpo", "ppo") and r.get("kl_last") is not None:
+            unit = "nats/completion" if name == "ppo" else "nats/token"
+            lines.append(f"KL {r['kl_first']:.3g} -> {r['kl_last']:.3g} {unit} (max {r['kl_max']:.3g})")
+        table.add_row(name, outcome.action, "\n".join(lines) or "(no held-out data)")
+    console.print(table)
+    console.print(f"run dir: {Path(recipe.run.root) / recipe.run.name} (checkpoints: <stage>/checkpoint)", soft_wrap=True)
 
 
 # What to lower when a stage runs out of GPU memory, the biggest saving first.
@@ -266,6 +340,7 @@ def _print_rl(console, results: dict) -> None:
         console.print(_before_after(title, rows))
 
 
+PRINTERS = {"sft": _print_sft, "reward": _print_reward, "grpo": _print_rl, "ppo": _print_rl}
 POLICY_STAGES = ("ppo", "grpo", "sft")
 
 

@@ -43,7 +43,8 @@ AUTO_COLUMNS = {
     "responses": ("responses", "completions", "response", "completion"),
     "scores": ("scores", "ratings", "score", "rating"),
 }
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")
+# owner/name, owner/name:split, owner/name:config:split; a split may be sliced as datasets slices it: test[:500]
+HUB_ID = re.compile(r"^(?P<name>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+)(?=:))?(?::(?P<split>[\w.-]+(?:\[[\d:%-]*\])?))?$")
 ROLES = ("system", "user", "assistant")
 
 
@@ -166,13 +167,13 @@ def _read_saved_dataset(path: Path) -> list[Record]:
 def _read_hub(spec: str) -> list[Record]:
     from datasets import load_dataset
 
-    name, _, split = spec.partition(":")
+    name, config, split = HUB_ID.match(spec).group("name", "config", "split")
     split = split or "train"
     try:
-        ds = load_dataset(name, split=split)
+        ds = load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001  (no network, no such dataset or split: datasets raises many types)
-        raise DataError(f"{spec}: not a local file, and loading it as hub dataset {name!r} split {split!r} failed: "
-                        f"{type(e).__name__}: {e}") from None
+        raise DataError(f"{spec}: not a local file, and loading it as hub dataset {name!r} "
+                        f"{f'config {config!r} ' if config else ''}split {split!r} failed: {type(e).__name__}: {e}") from None
     return [Record(f"{spec} row {i}", row) for i, row in enumerate(ds, start=1)]
 
 
@@ -286,7 +287,7 @@ def _score(value: Any, column: str) -> float:
     return score
 
 
-def _with_system(prompt: list[dict], system_prompt: str | None) -> list[dict]:
+def with_system_prompt(prompt: list[dict], system_prompt: str | None) -> list[dict]:
     if system_prompt and prompt[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *prompt]
     return prompt
@@ -306,7 +307,7 @@ def qa_example(values: dict, columns: dict[str, str], system_prompt: str | None)
     else:
         prompt = [{"role": "user", "content": _text(values, columns["prompt"])}]
         completion = [{"role": "assistant", "content": _text(values, columns["completion"])}]
-    return {"prompt": _with_system(prompt, system_prompt), "completion": completion}
+    return {"prompt": with_system_prompt(prompt, system_prompt), "completion": completion}
 
 
 def _prompt_lengths(tokenizer, examples: list[dict]) -> list[int]:
@@ -359,9 +360,12 @@ def preference_columns(path: str, available: list[str], mapping: Columns) -> tup
 
 def pair_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, list[dict]]:
     """One chosen/rejected row as {prompt, chosen, rejected} messages. Without a prompt column, chosen and
-    rejected must be conversations, and the turns they share at the start are the prompt."""
+    rejected must be conversations, and the turns they share at the start are the prompt; so are they when they
+    are whole conversations next to a prompt column (as in UltraFeedback-style data, which has both)."""
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
-    if "prompt" in columns:
+    whole = values.get(chosen_col)
+    is_conversation = isinstance(whole, list) and whole and isinstance(whole[0], dict) and whole[0].get("role") != "assistant"
+    if "prompt" in columns and not is_conversation:
         prompt = _prompt(values, columns["prompt"])
         chosen, rejected = _answer(values.get(chosen_col), chosen_col), _answer(values.get(rejected_col), rejected_col)
     else:
@@ -382,7 +386,7 @@ def pair_example(values: dict, columns: dict[str, str], system_prompt: str | Non
         chosen, rejected = _answer(chosen or None, chosen_col), _answer(rejected or None, rejected_col)
     if chosen == rejected:
         raise Invalid("identical", f"fields '{chosen_col}' and '{rejected_col}' hold the same answer")
-    return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
+    return {"prompt": with_system_prompt(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
 
 
 @dataclass
@@ -401,7 +405,7 @@ def _rated_prompts(records: list[Record], columns: dict[str, str], system_prompt
     for row, record in enumerate(records):
         try:
             values = _values(record)
-            prompt = _with_system(_prompt(values, columns["prompt"]), system_prompt)
+            prompt = with_system_prompt(_prompt(values, columns["prompt"]), system_prompt)
             responses, scores = values.get(columns["responses"]), values.get(columns["scores"])
             if isinstance(responses, list) and responses and not isinstance(responses[0], dict):
                 if not isinstance(scores, list) or len(scores) != len(responses):
@@ -510,7 +514,7 @@ def prompt_columns(path: str, available: list[str], mapping: Columns) -> tuple[d
 def prompt_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, Any]:
     """One row as {prompt: messages, <every other column>: its value}."""
     column = columns["prompt"]
-    prompt = _with_system(_prompt(values, column), system_prompt)
+    prompt = with_system_prompt(_prompt(values, column), system_prompt)
     return {"prompt": prompt, **{k: v for k, v in values.items() if k != column}}
 
 

@@ -7,6 +7,7 @@ with `model.quantization: none`. LoRA adapters train on top; nothing of the base
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -96,12 +97,22 @@ def quantization_config(cfg: ModelConfig):
         )
     from transformers import BitsAndBytesConfig
 
+    # FSDP shards float tensors only, and wraps a block's modules together only when they share one dtype: under
+    # FSDP the packed 4-bit weights are stored in the compute dtype instead of uint8 (bitsandbytes' FSDP-QLoRA
+    # guide). Elsewhere uint8 storage is the tested default.
+    storage = {"bnb_4bit_quant_storage": compute_dtype(cfg)} if fsdp_launched() else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype(cfg),
+        **storage,
     )
+
+
+def fsdp_launched() -> bool:
+    """Whether `accelerate launch` runs this process with an FSDP config (recipes/accelerate/fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: bool = False):
@@ -121,8 +132,10 @@ def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: 
         attn_implementation=cfg.attn_implementation,
     )
     if quant is not None:
-        # bitsandbytes quantises while loading, onto the device it is given: this process's device.
-        kwargs.update(quantization_config=quant, device_map={"": device()})
+        kwargs["quantization_config"] = quant
+        if not fsdp_launched():  # under FSDP, FSDP places the shards
+            # bitsandbytes quantises while loading, onto the device it is given: this process's device.
+            kwargs["device_map"] = {"": device()}
     if head == "score":
         from trl.trainer.reward_trainer import suppress_seqcls_warning
 

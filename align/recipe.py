@@ -96,7 +96,7 @@ class Columns:
 
 @dataclass
 class DataFiles:
-    train: Optional[str] = doc(None, help="Training data: .jsonl, .json, .csv, .parquet, a save_to_disk directory, or a hub dataset id 'owner/name' (split: 'owner/name:test'; default train).")
+    train: Optional[str] = doc(None, help="Training data: .jsonl, .json, .csv, .parquet, a save_to_disk directory, or a hub dataset id 'owner/name' (split: 'owner/name:test', default train; config and split: 'owner/name:main:test').")
     eval: Optional[str] = doc(None, help="Held-out data in the same forms (optional; enables the before/after evaluation).")
 
 
@@ -130,6 +130,10 @@ class RunConfig:
     name: Optional[str] = doc(None, help="Run name; the run dir is <root>/<name>/<stage>. None: the recipe file's name.")
     root: str = doc("runs", help="Directory that holds all runs.")
     seed: int = doc(42, help="Seed for data order, LoRA init and sampling.")
+    report_to: List[str] = doc(
+        list, help="Experiment trackers every stage also logs to, as transformers' report_to names them: "
+        "tensorboard, wandb, trackio, mlflow, ... (each installed separately; tensorboard writes under the stage's "
+        "trainer/runs/). Empty: metrics.jsonl only.")
 
 
 @dataclass
@@ -291,6 +295,28 @@ class PPOStage(RLStage):
         "reward, else policy (next to other rewards it predicts the wrong score at the wrong scale).")
 
 
+class RLAlgorithm(Enum):
+    auto = "auto"
+    grpo = "grpo"
+    ppo = "ppo"
+
+
+@dataclass
+class RLChoice:
+    """What `align run` does at the RL step."""
+
+    algorithm: RLAlgorithm = doc(
+        RLAlgorithm.auto, help="The RL stage `align run` runs: grpo, ppo, or auto: the one the recipe has a section "
+        "for (a recipe with both must choose).")
+    min_reward_accuracy: float = doc(
+        0.6, help="Gate: `align run` does not start RL on a reward model whose held-out pairwise accuracy is below "
+        "this (a weak reward model is the usual cause of runaway KL). Applies when the RL rewards include "
+        "reward_model; 0: no gate.")
+    check_prompt_rendering: bool = doc(
+        True, help="Gate: before each stage, `align run` renders one prompt with every stage's settings and stops "
+        "with a diff if the token ids differ (chat template, system prompt, generation prompt).")
+
+
 @dataclass
 class Recipe:
     model: ModelConfig = doc(ModelConfig, help="Base model and how it is loaded.")
@@ -301,6 +327,7 @@ class Recipe:
     reward: Optional[RewardStage] = doc(None, help="Reward model stage (pairwise, LoRA + score head).")
     grpo: Optional[GRPOStage] = doc(None, help="GRPO stage (policy LoRA, KL penalty to the frozen SFT policy).")
     ppo: Optional[PPOStage] = doc(None, help="PPO stage (policy and value LoRA, KL penalty to the frozen SFT policy).")
+    rl: RLChoice = doc(RLChoice, help="`align run`: which RL stage, and the gates before it.")
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

@@ -24,7 +24,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -36,13 +36,13 @@ PACKAGES = ("align", "torch", "transformers", "trl", "peft", "accelerate", "data
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def _main_process() -> bool:
+def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -114,12 +114,94 @@ def complete_checkpoint(stage_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+# The file each trainer writes last into a resumable checkpoint: transformers' Trainer writes checkpoint-N/ in
+# place, model first and trainer_state.json last; align's PPO loop renames a finished checkpoint-N/ into place.
+LAST_WRITTEN = ("trainer_state.json", "state.pt")
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def last_trainer_checkpoint(trainer_dir: Path) -> Path | None:
+    """The latest complete resumable checkpoint-<step> in `trainer_dir`. A run killed while saving leaves an
+    incomplete one (no trainer_state.json, or one cut short; or PPO's .tmp): it is removed, and logged, so that
+    the run resumes from the one before and no later save trips over it."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    found = sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of) if trainer_dir.is_dir() else []
+    complete = []
+    for checkpoint in found:
+        if _complete(checkpoint):
+            complete.append(checkpoint)
+        elif is_main_process():
+            log.warning("%s is incomplete (the run was stopped while saving it); removed", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    for staging in trainer_dir.glob("checkpoint-*.tmp") if trainer_dir.is_dir() else ():
+        if is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    if (checkpoint / "state.pt").is_file():
+        return True
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# What each stage's result depends on: its own recipe keys (besides those every stage reads: model, lora, seed,
+# the data settings shared by all files), and the stages it starts from.
+STAGE_KEYS = {"sft": ("sft", "data.sft"), "reward": ("reward", "data.preference", "data.pair_rule"),
+              "grpo": ("grpo", "data.prompts"), "ppo": ("ppo", "data.prompts")}
+SHARED_KEYS = ("model", "lora", "run.seed", "data.columns", "data.system_prompt", "data.skip_invalid")
+UPSTREAM = {"sft": (), "reward": ("sft",), "grpo": ("sft", "reward"), "ppo": ("sft", "reward")}
+
+
+def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
+    """What a stage's result depends on, as flat `key: value`: its recipe keys, the sha256 of its local data
+    files, and the digest of each earlier stage in the recipe (a changed SFT stage changes what the reward and
+    RL stages start from). `align run` re-runs a finished stage whose inputs changed."""
+    from omegaconf import OmegaConf
+
+    recipe_dict = OmegaConf.to_container(OmegaConf.structured(recipe), enum_to_str=True)
+    inputs: dict[str, Any] = {}
+    for key in SHARED_KEYS + STAGE_KEYS[stage]:
+        value = recipe_dict
+        for part in key.split("."):
+            value = value[part]
+        inputs.update(_flat(key, value))
+    files = recipe_dict["data"][STAGE_KEYS[stage][1].removeprefix("data.")]
+    for path in filter(None, (files["train"], files["eval"])):
+        if Path(path).exists():  # a hub dataset is named by its id (and revision) alone
+            inputs[f"sha256({path})"] = sha256_of(path)
+    for earlier in UPSTREAM[stage]:
+        if getattr(recipe, earlier) is not None:
+            inputs[f"{earlier} stage"] = inputs_digest(stage_inputs(recipe, earlier))
+    return inputs
+
+
+def _flat(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for name, item in value.items() for k, v in _flat(f"{key}.{name}", item).items()}
+    return {key: value}
+
+
+def inputs_digest(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class RunDir:
     def __init__(self, recipe: Recipe, stage: str):
         self.recipe = recipe
         self.stage = stage
         self.path = Path(recipe.run.root) / recipe.run.name / stage
         self.lineage: dict[str, Any] = {}
+        self._before: dict[str, Any] | None = None
 
     config_path = property(lambda self: self.path / "config.yaml")
     lineage_path = property(lambda self: self.path / "lineage.json")
@@ -128,17 +210,32 @@ class RunDir:
     samples_path = property(lambda self: self.path / "samples.jsonl")
     trainer_dir = property(lambda self: self.path / "trainer")
 
+    def resume_from(self) -> Path | None:
+        """The last complete resumable checkpoint of this stage (None: nothing to resume, start at step 0)."""
+        import logging
+
+        checkpoint = last_trainer_checkpoint(self.trainer_dir)
+        logging.getLogger(__name__).info(
+            "%s: %s", self.stage, f"resuming from {checkpoint}" if checkpoint else
+            f"nothing to resume in {self.trainer_dir}; starting from step 0")
+        return checkpoint
+
     def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None,
-              resumed_step: int | None = None, **details: Any) -> None:
+              resumed_from: Path | None = None, **details: Any) -> None:
         """Write config.yaml and the lineage known before training (`details`: what else the stage started
         from, e.g. its reward functions). A new run starts from nothing: the previous run's metrics, samples and
         trainer checkpoints go; its finished checkpoint stays until replaced. A run resumed from the trainer
-        checkpoint of `resumed_step` keeps the trainer checkpoints and the metrics logged up to that step."""
-        if not _main_process():
+        checkpoint `resumed_from` keeps the trainer checkpoints, the metrics logged up to its step, and the
+        held-out evaluation from before training (`evaluated_before`)."""
+        self._before = None
+        if resumed_from and self.lineage_path.is_file():  # read by every process: all of them skip the evaluation
+            self._before = json.loads(self.lineage_path.read_text()).get("before")
+        if not is_main_process():
             return
         self.path.mkdir(parents=True, exist_ok=True)
         self.samples_path.unlink(missing_ok=True)
         self.config_path.write_text(to_yaml(self.recipe))
+        resumed_step = step_of(resumed_from) if resumed_from else None
         if resumed_step is None:
             shutil.rmtree(self.trainer_dir, ignore_errors=True)
             self.metrics_path.write_text("")
@@ -149,6 +246,7 @@ class RunDir:
             details["resumed_from_step"] = resumed_step
         for item in data:
             item["sha256"] = sha256_of(item["path"])
+        inputs = stage_inputs(self.recipe, self.stage)
         self.lineage = {
             "stage": self.stage,
             "run": self.recipe.run.name,
@@ -160,19 +258,30 @@ class RunDir:
             "command": sys.argv,
             "git": git_commit(),
             "packages": package_versions(),
-            "start_time": _now(),
+            "start_time": utc_now(),
             "end_time": None,
+            "inputs_sha256": inputs_digest(inputs),
+            "inputs": inputs,
         }
         self._write_lineage()
 
+    def evaluated_before(self, evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The held-out evaluation before training: `evaluate()`, kept in lineage.json at once so that a resumed
+        run takes it from there instead of measuring (and logging) it again."""
+        before = self._before if self._before is not None else evaluate()
+        if is_main_process():
+            self.lineage["before"] = before
+            self._write_lineage()
+        return before
+
     def log_metrics(self, record: dict[str, Any]) -> None:
-        if _main_process():
+        if is_main_process():
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def write_samples(self, rows: list[dict[str, Any]]) -> None:
         """samples.jsonl: the stage's held-out examples with its outputs, one JSON object per line."""
-        if _main_process():
+        if is_main_process():
             self.samples_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
     @contextlib.contextmanager
@@ -182,17 +291,18 @@ class RunDir:
         from accelerate import PartialState
 
         staging = self.path / "checkpoint.tmp"
-        if _main_process():
+        if is_main_process():
             shutil.rmtree(staging, ignore_errors=True)
         PartialState().wait_for_everyone()
         yield staging
         PartialState().wait_for_everyone()
-        if _main_process():
+        if is_main_process():
             replace_dir(staging, self.checkpoint_path)
 
     def finish(self, results: dict[str, Any]) -> None:
-        if _main_process():
-            self.lineage.update(end_time=_now(), checkpoint=str(self.checkpoint_path), results=results)
+        if is_main_process():
+            self.lineage.pop("before", None)  # it is in results now
+            self.lineage.update(end_time=utc_now(), checkpoint=str(self.checkpoint_path), results=results)
             self._write_lineage()
 
     def _write_lineage(self) -> None:

@@ -16,7 +16,7 @@ def align(*args, launcher=(sys.executable, "-m", "align")):
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.parametrize("command", [[], ["sft"], ["reward"], ["grpo"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
+@pytest.mark.parametrize("command", [[], ["run"], ["sft"], ["reward"], ["grpo"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
                                      ["tiny", "data"], ["ppo"], ["export"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:

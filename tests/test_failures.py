@@ -66,14 +66,16 @@ def test_a_nan_in_ppo_stops_with_the_step_logged(write_recipe, sft_adapter, monk
     assert torch.isnan(torch.tensor(logged[-1]["value_loss"]))
 
 
-def test_out_of_gpu_memory_is_answered_with_the_settings_to_lower(write_recipe, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["sft", "run"])
+def test_out_of_gpu_memory_is_answered_with_the_settings_to_lower(write_recipe, monkeypatch, capsys, command):
     from align.cli import main
 
-    def out_of_memory(recipe):
+    def out_of_memory(recipe, resume):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
 
     monkeypatch.setattr(sft, "run", out_of_memory)
-    assert main(["sft", str(write_recipe(sft={})), "model.quantization=none"]) == 3
+    recipe = write_recipe(sft={}, data={"sft": {"train": str(QA_TRAIN)}})
+    assert main([command, str(recipe), "model.quantization=none"]) == 3
     err = capsys.readouterr().err
     assert "the sft stage ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB" in err
     assert "sft.per_device_train_batch_size (raise gradient_accumulation_steps" in err and "sft.max_length" in err

@@ -4,10 +4,11 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_BASE
+from conftest import ROOT, TINY_BASE
 
 from align.modeling import (
-    DEFAULT_CHAT_TEMPLATE, ModelLoadError, load_model, load_tokenizer, lora_config, prompt_ids,
+    DEFAULT_CHAT_TEMPLATE, ModelLoadError, compute_dtype, load_model, load_tokenizer, lora_config, prompt_ids,
+    quantization_config,
 )
 from align.recipe import LoraConfig, ModelConfig, Quantization
 
@@ -67,3 +68,27 @@ def test_prompt_is_a_token_prefix_of_prompt_and_answer():
 def test_lora_targets():
     assert lora_config(LoraConfig()).target_modules == "all-linear"
     assert lora_config(LoraConfig(target_modules="q_proj, v_proj")).target_modules == {"q_proj", "v_proj"}
+
+
+def test_under_fsdp_the_4bit_weights_are_stored_in_the_compute_dtype_and_compute_the_same(monkeypatch):
+    """FSDP-QLoRA (recipes/accelerate/fsdp_qlora.yaml): FSDP shards float tensors only, so the packed NF4 weights
+    are stored in the compute dtype; the values the model computes do not change."""
+    cfg = ModelConfig(name_or_path=str(TINY_BASE))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8
+    plain = load_model(cfg)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert quantization_config(cfg).bnb_4bit_quant_storage == compute_dtype(cfg) == torch.float32
+    sharded = load_model(cfg)
+    weight = sharded.get_submodule("model.layers.0.self_attn.q_proj").weight
+    assert type(weight).__name__ == "Params4bit" and weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, sharded(ids).logits)
+
+
+def test_every_accelerate_config_loads_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = [ROOT / "accelerate_config.yaml", *sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))]
+    kinds = {path.stem: str(load_config_from_file(str(path)).distributed_type) for path in configs}
+    assert kinds == {"accelerate_config": "NO", "ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "fsdp_qlora": "FSDP"}

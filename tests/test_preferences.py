@@ -40,6 +40,8 @@ SHAPES = {
     "text": [TEXT_ROW],
     "messages_with_prompt": [{"prompt": USER, "chosen": GOOD, "rejected": BAD}],
     "conversations, prompt implicit": [{"chosen": USER + GOOD, "rejected": USER + BAD}],
+    "conversations next to a prompt column (UltraFeedback)": [
+        {"prompt": USER[0]["content"], "chosen": USER + GOOD, "rejected": USER + BAD, "score_chosen": 8.0}],
     "rated, lists per row": [{"prompt": USER[0]["content"], "responses": [BAD[0]["content"], GOOD[0]["content"]],
                               "scores": [1, 9.5]}],
     "rated, one response per row": [{"prompt": USER[0]["content"], "response": BAD[0]["content"], "score": "1"},
@@ -133,15 +135,17 @@ def test_hub_dataset_ids_load_through_datasets(tmp_path, tokenizer, monkeypatch)
 
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
         if name == "nobody/nothing":
             raise FileNotFoundError("Couldn't find a dataset script or file")
         return Dataset.from_list([TEXT_ROW])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     dataset, report = load("someone/prefs:test", tokenizer)
-    assert calls == [("someone/prefs", "test")] and messages_only(dataset[0]) == PAIR
+    assert calls == [("someone/prefs", None, "test")] and messages_only(dataset[0]) == PAIR
+    load("openai/gsm8k-like:main:test[:200]", tokenizer)
+    assert calls[-1] == ("openai/gsm8k-like", "main", "test[:200]")
     with pytest.raises(DataError, match=r"^nobody/nothing: not a local file, and loading it as hub dataset "
                                         r"'nobody/nothing' split 'train' failed: FileNotFoundError"):
         load("nobody/nothing", tokenizer)

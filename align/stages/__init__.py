@@ -10,7 +10,7 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
                **fixed: Any):
     """The stage's TRL config (SFTConfig, RewardConfig, ...): its recipe section, plus what align sets in every
     stage: where the trainer writes, the seed, precision from the model's compute dtype (TRL defaults to bf16
-    even on CPUs), non-reentrant checkpointing, no external loggers. `defaults` may be overridden by the
+    even on CPUs), non-reentrant checkpointing, the recipe's trackers (run.report_to). `defaults` may be overridden by the
     stage's trainer_args; `fixed` may not."""
     import torch
 
@@ -27,7 +27,7 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
         eval_strategy="steps" if has_eval and stage.eval_steps else "no",
         save_strategy="steps",
         activation_checkpointing_kwargs={"use_reentrant": False},
-        report_to="none",
+        report_to=recipe.run.report_to or "none",
         **precision_args(recipe.model),
         **fixed,
     ))

@@ -26,7 +26,7 @@ from align.errors import AlignError
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
-from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
+from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity, step_of
 from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ class KLExceeded(AlignError, RuntimeError):
     """The policy moved further from the reference than grpo.max_kl allows."""
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
-    """Train, evaluate before and after, save; returns the results written to lineage.json."""
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
+    carry on from the stage's last complete trainer checkpoint, if there is one."""
     _check(recipe)
     cfg = recipe.grpo
     run_dir = RunDir(recipe, "grpo")
@@ -48,14 +49,15 @@ def run(recipe: Recipe) -> dict[str, Any]:
                                                cfg.max_length - cfg.max_completion_length, what="prompts")
     model = rl.load_policy(recipe, cfg, init, "grpo")
     rewards = specs.functions(model)
+    resume_from = run_dir.resume_from() if resume else None
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
-                  rewards=specs.lineage())
+                  rewards=specs.lineage(), resumed_from=resume_from)
     trainer, guard = _trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
 
-    before = _evaluate(trainer, held_out, rewards, recipe, "before")
+    before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, rewards, recipe, "before"))
     start = time.monotonic()
-    train_output = guarded_train(trainer, "grpo")
+    train_output = guarded_train(trainer, "grpo", resume_from_checkpoint=resume_from)
     seconds = time.monotonic() - start
     guard.raise_if_exceeded()
     after = _evaluate(trainer, held_out, rewards, recipe, "after")
@@ -66,6 +68,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         trainer.processing_class.save_pretrained(str(staging))
     results = {"train_loss": train_output.training_loss, "init_from": str(init) if init else None,
                "steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
+               "resumed_from_step": step_of(resume_from) if resume_from else None,
                "kl_first": guard.first, "kl_last": guard.last, "kl_max": guard.max,
                "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
                "run_dir": str(run_dir.path)}

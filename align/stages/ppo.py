@@ -46,7 +46,9 @@ from align.generation import generate_batch
 from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
-from align.rundir import NonFinite, RunDir, model_identity, non_finite_message, replace_dir
+from align.rundir import (
+    NonFinite, RunDir, model_identity, non_finite_message, replace_dir, stage_inputs, step_of,
+)
 from align.stages import init_adapter
 
 log = logging.getLogger(__name__)
@@ -64,15 +66,16 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
 
     _check(recipe)
     cfg = recipe.ppo
-    accelerator = Accelerator()
     run_dir = RunDir(recipe, "ppo")
+    # The trackers the HF stages reach through report_to, through Accelerate's tracking API here.
+    accelerator = Accelerator(log_with=recipe.run.report_to or None, project_dir=str(run_dir.trainer_dir / "runs"))
     init = init_adapter(recipe, "ppo")
     specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
                                                cfg.max_length - cfg.max_completion_length, what="prompts")
     _rollouts_per_epoch(cfg, len(train), accelerator.num_processes)  # enough prompts, before loading the model
-    resume_from = _last_checkpoint(run_dir.trainer_dir) if resume else None
+    resume_from = run_dir.resume_from() if resume else None
     policy = rl.load_policy(recipe, cfg, init, "ppo")
     _add_reference(policy)
     rewards = specs.functions(policy)
@@ -82,21 +85,23 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), value_init=str(value_from) if value_from else "the policy's adapter",
-                  resumed_step=_step_of(resume_from) if resume_from else None)
+                  resumed_from=resume_from)
     ppo = _trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
+    accelerator.init_trackers(f"{recipe.run.name}-ppo", config=stage_inputs(recipe, "ppo"))
     if resume_from:
         ppo.load(resume_from)
 
-    before = ppo.evaluate("before")
+    before = run_dir.evaluated_before(lambda: ppo.evaluate("before"))
     start = time.monotonic()
     ppo.train()
     seconds = time.monotonic() - start
     after = ppo.evaluate("after")
 
+    accelerator.end_training()
     with run_dir.checkpoint() as staging:
         ppo.save_models(staging)
     results = {"init_from": str(init) if init else None, "steps": ppo.step, "train_seconds": round(seconds, 1),
-               "resumed_from_step": _step_of(resume_from) if resume_from else None,
+               "resumed_from_step": step_of(resume_from) if resume_from else None,
                "kl_first": ppo.kl_first, "kl_last": ppo.kl_last, "kl_max": ppo.kl_max, "beta_last": ppo.kl_ctl.value,
                "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
                "run_dir": str(run_dir.path)}
@@ -325,7 +330,7 @@ class PPOLoop:
                          tokens_per_second=stats.pop("completion_tokens") / seconds,
                          learning_rate=self.scheduler.get_last_lr()[0])
             if self.step == 1 or self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                self.run_dir.log_metrics({"step": self.step, "epoch": self.step / self.rollouts_per_epoch, **stats})
+                self._log({"epoch": self.step / self.rollouts_per_epoch, **stats})
             bar.update(1)
             bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("kl", "score")})
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
@@ -456,7 +461,12 @@ class PPOLoop:
         """Held-out answers, greedy and sampled, scored by every reward (rl.evaluate); logged at this step."""
         return rl.evaluate(self.policy, self.tokenizer, self.held_out, self.rewards, self.cfg, when,
                            sampling=self.sampling, trainer_state=self.state,
-                           log_metrics=lambda metrics: self.run_dir.log_metrics({"step": self.step, **metrics}))
+                           log_metrics=self._log)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        """metrics.jsonl, and the trackers of run.report_to (Accelerate's tracking API)."""
+        self.run_dir.log_metrics({"step": self.step, **metrics})
+        self.accelerator.log(metrics, step=self.step)
 
     # Forward passes.
 
@@ -523,7 +533,7 @@ class PPOLoop:
                         "scheduler": self.scheduler.state_dict(), "kl_controller": asdict(self.kl_ctl),
                         "kl": (self.kl_first, self.kl_last, self.kl_max), "rng": _rng_state()}, staging / "state.pt")
             replace_dir(staging, trainer_dir / f"checkpoint-{self.step}")
-            for old in sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=_step_of)[:-self.cfg.save_total_limit]:
+            for old in sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of)[:-self.cfg.save_total_limit]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
@@ -543,18 +553,6 @@ class PPOLoop:
 
 def _trainer(*args) -> PPOLoop:
     return PPOLoop(*args)
-
-
-def _step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("checkpoint-"))
-
-
-def _last_checkpoint(trainer_dir: Path) -> Path | None:
-    """The latest complete checkpoint-<step> (a .tmp one was never finished)."""
-    done = sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=_step_of) if trainer_dir.is_dir() else []
-    if not done:
-        log.info("ppo: nothing to resume in %s; starting from step 0", trainer_dir)
-    return done[-1] if done else None
 
 
 def _rng_state() -> dict[str, Any]:

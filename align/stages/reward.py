@@ -38,8 +38,9 @@ from align.stages import init_adapter, trl_config
 log = logging.getLogger(__name__)
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
-    """Train, evaluate before and after, save; returns the results written to lineage.json."""
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
+    carry on from the stage's last complete trainer checkpoint, if there is one."""
     if recipe.reward is None:
         raise RecipeError("the recipe has no reward section; add one (see recipes/quickstart.yaml)")
     run_dir = RunDir(recipe, "reward")
@@ -47,12 +48,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = _load_data(recipe, tokenizer)
     model = _model(recipe, init)
+    resume_from = run_dir.resume_from() if resume else None
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
-                  parent=str(init) if init else None)
+                  parent=str(init) if init else None, resumed_from=resume_from)
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
-    before = _evaluate(trainer, held_out, recipe, "before")
-    train_output = guarded_train(trainer, "reward")
+    before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, recipe, "before"))
+    train_output = guarded_train(trainer, "reward", resume_from_checkpoint=resume_from)
     after = _evaluate(trainer, held_out, recipe, "after")
 
     with run_dir.checkpoint() as staging:

@@ -1,0 +1,267 @@
+"""`align run`: a recipe's stages in order (sft -> reward -> grpo|ppo, those the recipe has), each starting from the
+checkpoints of the ones before it, with the gates between them.
+
+    align run recipes/quickstart.yaml
+    align run recipes/quickstart.yaml --from reward       # re-run reward and RL, keep SFT
+    align run recipes/quickstart.yaml --only sft sft.max_steps=100
+    accelerate launch --config_file accelerate_config.yaml -m align run recipes/quickstart.yaml
+
+Each stage, unless `--fresh` or `--from` forces it to run from step 0:
+- finished (complete checkpoint/, lineage end_time) with the same inputs as now: skipped;
+- interrupted with the same inputs: resumed from its last complete trainer checkpoint (HF Trainer's
+  resume_from_checkpoint, or the PPO loop's own), or run from step 0 if it had saved none;
+- never run, or its inputs changed (recipe keys, data files, an earlier stage: `rundir.stage_inputs`): run, saying
+  which inputs changed. Once a stage runs, every stage after it runs too: its parent checkpoint is new.
+Gates, before a stage starts: the prompt it renders has the token ids the finished stages rendered
+(`rl.check_prompt_rendering`), and RL waits for a reward model good enough to be optimised against
+(`rl.min_reward_accuracy`). Every decision is logged and appended to runs/<run>/pipeline.jsonl.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from align.errors import AlignError
+from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
+from align.rundir import is_main_process, utc_now, complete_checkpoint, inputs_digest, stage_inputs
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "reward", "rl")
+PROBE = [{"role": "user", "content": "What is 2 + 3?"}]  # any text: templates and system prompts do not read it
+PROBE_ANSWER = [{"role": "assistant", "content": "2 + 3 = 5."}]
+
+
+class GateError(AlignError, RuntimeError):
+    """A gate between stages did not pass; the message says what was measured and how to go on."""
+
+
+@dataclass
+class Outcome:
+    stage: str
+    action: str  # skipped, resumed, ran
+    reason: str
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_names(recipe: Recipe) -> list[str]:
+    """The recipe's stages in order: sft, reward, and grpo or ppo."""
+    names = [s for s in ("sft", "reward") if getattr(recipe, s) is not None]
+    rl = rl_stage(recipe)
+    return names + ([rl] if rl else [])
+
+
+def rl_stage(recipe: Recipe) -> str | None:
+    choice = recipe.rl.algorithm
+    present = [s for s in ("grpo", "ppo") if getattr(recipe, s) is not None]
+    if choice == RLAlgorithm.auto:
+        if len(present) > 1:
+            raise RecipeError("the recipe has both a grpo and a ppo section; choose one for `align run` with "
+                              "rl.algorithm=grpo or rl.algorithm=ppo")
+        return present[0] if present else None
+    if getattr(recipe, choice.value) is None:
+        raise RecipeError(f"rl.algorithm={choice.value}, but the recipe has no {choice.value} section")
+    return choice.value
+
+
+DATA = {"sft": "sft", "reward": "preference", "grpo": "prompts", "ppo": "prompts"}
+
+
+def validate(recipe: Recipe) -> list[str]:
+    """The recipe's stages, after refusing what any of them would refuse once the earlier ones have trained for
+    hours: missing data files (hub ids are taken on trust: no network needed), settings a stage rejects, unknown
+    reward functions, a starting point that no stage provides. Nothing is downloaded or loaded."""
+    from align.data import HUB_ID
+
+    FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+    from align.rewards import check_reward_model_args, reward_function
+    from align.stages import adapter_dir
+
+    names = stage_names(recipe)
+    for name in names:
+        files = getattr(recipe.data, DATA[name])
+        if files.train is None:
+            raise RecipeError(f"data.{DATA[name]}.train is not set, and the {name} stage needs it")
+        for split, path in (("train", files.train), ("eval", files.eval)):
+            if path and not Path(path).exists() and (not HUB_ID.match(path) or path.endswith(FORMATS)):
+                raise RecipeError(f"data.{DATA[name]}.{split}={path}: no such file or directory (nor a hub dataset id "
+                                  "such as owner/name:split)")
+        if name in ("grpo", "ppo"):
+            importlib.import_module(f"align.stages.{name}")._check(recipe)
+            for spec in getattr(recipe, name).rewards:
+                if spec.name != "reward_model":
+                    reward_function(spec)
+                    continue
+                check_reward_model_args(spec.args)
+                where = spec.args.get("checkpoint", "auto")
+                if where == "auto" and recipe.reward is None:
+                    _need_stage(recipe, "reward", f"{name}.rewards: reward_model (args.checkpoint=auto)")
+                elif where != "auto":
+                    adapter_dir(where, f"{name}.rewards: reward_model args.checkpoint={where}", "not a reward checkpoint")
+        if name != "sft":
+            choice = getattr(recipe, name).init_from
+            if choice == "sft" and recipe.sft is None:
+                _need_stage(recipe, "sft", f"{name}.init_from=sft")
+            elif choice not in ("auto", "sft", "base"):
+                adapter_dir(choice, f"{name}.init_from={choice}", "not auto, sft, base, or a LoRA adapter directory")
+    return names
+
+
+def _need_stage(recipe: Recipe, stage: str, setting: str) -> None:
+    if complete_checkpoint(Path(recipe.run.root) / recipe.run.name / stage) is None:
+        raise RecipeError(f"{setting} needs a {stage} stage: add a {stage} section to the recipe, or point it at a "
+                          "checkpoint")
+
+
+def run(recipe: Recipe, *, start: str | None = None, only: str | None = None, fresh: bool = False,
+        on_stage: Callable[[str], None] = lambda name: None) -> list[Outcome]:
+    """Run (or skip, or resume) the recipe's stages; `start`: re-run from this stage on; `only`: just this one.
+    Stage names: sft, reward, rl (or grpo/ppo). `on_stage(name)` is called as each stage begins."""
+    names = validate(recipe)
+    if not names:
+        raise RecipeError("the recipe has no stage sections (sft, reward, grpo, ppo); add one (see "
+                          "recipes/quickstart.yaml)")
+    selected = names
+    for option, wanted in (("--from", start), ("--only", only)):
+        if wanted is None:
+            continue
+        name = rl_stage(recipe) if wanted in ("rl", "grpo", "ppo") else wanted
+        if wanted in ("grpo", "ppo") and name != wanted or name not in names:
+            raise RecipeError(f"{option} {wanted}: this recipe's stages are {', '.join(names)}")
+        selected = names[names.index(name):] if option == "--from" else [name]
+    forced = "--fresh" if fresh else f"--from {start}" if start else None
+    outcomes = []
+    for name in selected:
+        on_stage(name)
+        outcome = _run_stage(recipe, name, forced)
+        if outcome.action != "skipped" and not forced:  # what follows starts from a new checkpoint
+            forced = f"the {name} stage before it ran"
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _run_stage(recipe: Recipe, name: str, forced: str | None) -> Outcome:
+    stage_dir = Path(recipe.run.root) / recipe.run.name / name
+    action, reason = _decide(recipe, name, stage_dir, forced)
+    _record(recipe, {"stage": name, "action": action, "reason": reason})
+    log.info("%s: %s (%s)", name, action, reason)
+    if action == "skip":
+        lineage = json.loads((stage_dir / "lineage.json").read_text())
+        return Outcome(name, "skipped", reason, lineage["results"])
+    if recipe.rl.check_prompt_rendering:
+        check_prompt_rendering(recipe, name)
+    if name in ("grpo", "ppo"):
+        check_reward_accuracy(recipe, name)
+    module = importlib.import_module(f"align.stages.{name}")
+    results = module.run(recipe, resume=action == "resume")
+    _record(recipe, {"stage": name, "action": "finished", "checkpoint": results["checkpoint"]})
+    return Outcome(name, "resumed" if action == "resume" else "ran", reason, results)
+
+
+def _decide(recipe: Recipe, name: str, stage_dir: Path, forced: str | None) -> tuple[str, str]:
+    """("skip" | "resume" | "run", why); `forced`: why it must run from step 0, if it must."""
+    if forced:
+        return "run", forced
+    lineage_path = stage_dir / "lineage.json"
+    if not lineage_path.is_file():
+        return "run", "not run before"
+    lineage = json.loads(lineage_path.read_text())
+    now = stage_inputs(recipe, name)
+    if lineage.get("inputs_sha256") != inputs_digest(now):
+        return "run", "its inputs changed since it ran: " + _changes(lineage.get("inputs") or {}, now)
+    if lineage.get("end_time") and complete_checkpoint(stage_dir):
+        return "skip", f"finished at {lineage['end_time']} with the same inputs; checkpoint {stage_dir / 'checkpoint'}"
+    return "resume", "interrupted; resuming from its last complete trainer checkpoint, if any"
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any], shown: int = 5) -> str:
+    changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys())
+               if before.get(k) != now.get(k)]
+    more = f" (and {len(changed) - shown} more)" if len(changed) > shown else ""
+    return "; ".join(changed[:shown]) + more
+
+
+def _record(recipe: Recipe, event: dict[str, Any]) -> None:
+    if is_main_process():
+        path = Path(recipe.run.root) / recipe.run.name / "pipeline.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps({"time": utc_now(), **event}) + "\n")
+
+
+def check_reward_accuracy(recipe: Recipe, rl: str) -> None:
+    """The gate before RL: each reward model it is scored by had at least `rl.min_reward_accuracy` held-out
+    pairwise accuracy when its stage finished."""
+    from align.rl import RewardSpecs
+
+    threshold = recipe.rl.min_reward_accuracy
+    checkpoints = RewardSpecs(recipe, getattr(recipe, rl)).checkpoints.values()
+    if not checkpoints or threshold <= 0:
+        why = "no reward_model reward" if not checkpoints else "rl.min_reward_accuracy=0"
+        _record(recipe, {"gate": "min_reward_accuracy", "passed": True, "skipped": why})
+        return
+    for checkpoint in checkpoints:
+        lineage_path = Path(checkpoint).parent / "lineage.json"
+        after = json.loads(lineage_path.read_text()).get("results", {}).get("after") if lineage_path.is_file() else None
+        if not after:
+            raise GateError(f"{rl}: the reward model {checkpoint} has no held-out accuracy to check against "
+                            f"rl.min_reward_accuracy={threshold:g} (its stage ran without data.preference.eval, or "
+                            "outside align). Add held-out pairs and re-run the reward stage, or set "
+                            "rl.min_reward_accuracy=0 to skip this gate")
+        accuracy = after["pair_accuracy"]
+        passed = accuracy >= threshold
+        _record(recipe, {"gate": "min_reward_accuracy", "checkpoint": str(checkpoint), "accuracy": accuracy,
+                         "threshold": threshold, "passed": passed})
+        if not passed:
+            raise GateError(f"{rl} not started: the reward model {checkpoint} ranks {accuracy:.1%} of held-out pairs "
+                            f"correctly, below rl.min_reward_accuracy={threshold:g}. Optimising against a weak reward "
+                            "model mostly finds its mistakes (reward up, quality down, KL running away). Improve it "
+                            "(more or cleaner preference data, more reward.max_steps) and re-run with --from reward, "
+                            f"or lower the gate with rl.min_reward_accuracy={accuracy:.2f}")
+        log.info("gate passed: reward model held-out accuracy %.1f%% >= %.1f%%", 100 * accuracy, 100 * threshold)
+
+
+def check_prompt_rendering(recipe: Recipe, stage: str) -> None:
+    """The gate before every stage: the probe prompt's token ids as this stage will see them equal those every
+    finished earlier stage (its config.yaml) saw. A stage sees the prompt as: SFT and the reward model, the start
+    of the rendered prompt + answer they train on (TRL's SFTTrainer cuts the completion where the two renderings
+    diverge); RL, the prompt with the generation prompt, which it generates from."""
+    from align.rundir import UPSTREAM
+
+    mine = rendered_prompt(recipe, stage)
+    for earlier in UPSTREAM[stage]:
+        config = Path(recipe.run.root) / recipe.run.name / earlier / "config.yaml"
+        if getattr(recipe, earlier) is None or not config.is_file():
+            continue
+        theirs = rendered_prompt(load_recipe(config), earlier)
+        if theirs[0] != mine[0]:
+            _record(recipe, {"gate": "prompt_rendering", "stage": stage, "against": earlier, "passed": False})
+            first = next((i for i, (a, b) in enumerate(zip(theirs[0], mine[0])) if a != b),
+                         min(len(theirs[0]), len(mine[0])))
+            raise GateError(f"{stage} would see prompts rendered differently from the {earlier} stage ({config}); "
+                            "the policy would be trained or scored on text it was not taught to answer.\n"
+                            f"  {earlier}: {len(theirs[0])} tokens {theirs[1]!r}\n  {stage}: {len(mine[0])} tokens "
+                            f"{mine[1]!r}\n  first difference at token {first}: {theirs[2][first:first + 3]} vs "
+                            f"{mine[2][first:first + 3]}\nUse the same model.name_or_path, model.chat_template and "
+                            "data.system_prompt for every stage (or re-run the earlier stages with this recipe: "
+                            "--from), or set rl.check_prompt_rendering=false if this is intended")
+    _record(recipe, {"gate": "prompt_rendering", "stage": stage, "passed": True})
+
+
+def rendered_prompt(recipe: Recipe, stage: str) -> tuple[list[int], str, list[str]]:
+    """The probe prompt's token ids as `stage` of `recipe` sees them (see check_prompt_rendering), their text, and
+    each token's text."""
+    from align.data import with_system_prompt
+    from align.modeling import conversation_ids, load_tokenizer, prompt_ids
+
+    tokenizer = load_tokenizer(recipe.model)
+    prompt = with_system_prompt(PROBE, recipe.data.system_prompt)
+    ids = prompt_ids(tokenizer, prompt)
+    if stage in ("sft", "reward"):
+        ids = conversation_ids(tokenizer, [prompt + PROBE_ANSWER])[0][:len(ids)]
+    return ids, tokenizer.decode(ids), [tokenizer.decode([i]) for i in ids]

@@ -1,0 +1,201 @@
+"""`align run`: stages in order, finished ones skipped, changed ones re-run (and those after), interrupted ones
+resumed after a kill -9, and the gates between stages."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+
+from align import pipeline
+from align.recipe import RecipeError, load_recipe, to_yaml
+from align.rundir import last_trainer_checkpoint
+
+RL_SECTION = {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8,
+              "max_length": 64, "activation_checkpointing": False, "logging_steps": 1, "eval_generations": 4,
+              "eval_samples": 0, "per_device_eval_batch_size": 8}
+
+
+@pytest.fixture
+def recipe_path(write_recipe, tmp_path):
+    """SFT -> reward -> GRPO on the tiny base, a few steps each, small held-out files."""
+    qa_heldout, pref_heldout = tmp_path / "qa_heldout.jsonl", tmp_path / "pref_heldout.jsonl"
+    qa_heldout.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:8]))
+    pref_heldout.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    return write_recipe(
+        data={"sft": {"train": str(QA_TRAIN), "eval": str(qa_heldout)},
+              "preference": {"train": str(PREF_TRAIN), "eval": str(pref_heldout)},
+              "prompts": {"train": str(QA_TRAIN), "eval": str(qa_heldout)},
+              "columns": {"prompt": "question", "completion": "answer"}},
+        sft=sft_section(max_steps=6, eval_generations=4),
+        reward={"max_steps": 4, "max_length": 128, "activation_checkpointing": False, "logging_steps": 2},
+        grpo={**RL_SECTION, "rewards": [{"name": "exact_match", "args": {"column": "answer"}},
+                                        {"name": "reward_model", "weight": 0.1}]},
+    )
+
+
+def actions(outcomes):
+    return [(o.stage, o.action) for o in outcomes]
+
+
+def test_finished_stages_are_skipped_and_a_changed_one_reruns_with_those_after(recipe_path, tmp_path):
+    run = lambda *overrides, **kw: pipeline.run(load_recipe(recipe_path, ["rl.min_reward_accuracy=0", *overrides]), **kw)  # noqa: E731
+    first = run()
+    assert actions(first) == [("sft", "ran"), ("reward", "ran"), ("grpo", "ran")]
+    assert first[2].results["kl_first"] == pytest.approx(0, abs=1e-4)
+    lineage = lambda stage: json.loads((tmp_path / "runs" / "test" / stage / "lineage.json").read_text())  # noqa: E731
+    started = {s: lineage(s)["start_time"] for s in ("sft", "reward", "grpo")}
+
+    again = run()
+    assert actions(again) == [("sft", "skipped"), ("reward", "skipped"), ("grpo", "skipped")]
+    assert again[1].results == first[1].results | {"before": again[1].results["before"]}  # from lineage.json
+    assert {s: lineage(s)["start_time"] for s in started} == started  # nothing ran
+
+    changed = run("reward.max_steps=5")
+    assert actions(changed) == [("sft", "skipped"), ("reward", "ran"), ("grpo", "ran")]
+    assert "reward.max_steps: 4 -> 5" in changed[1].reason
+    assert lineage("grpo")["inputs"]["reward stage"] == lineage("reward")["inputs_sha256"]
+
+    assert actions(run("reward.max_steps=5", only="sft")) == [("sft", "skipped")]
+    assert actions(run("reward.max_steps=5", start="rl")) == [("grpo", "ran")]
+    events = [json.loads(line) for line in (tmp_path / "runs" / "test" / "pipeline.jsonl").read_text().splitlines()]
+    assert any(e.get("stage") == "reward" and e.get("action") == "skip" for e in events)
+    assert any(e.get("gate") == "prompt_rendering" and e["passed"] for e in events)
+
+
+def test_stage_choice_errors(write_recipe):
+    both = write_recipe(grpo={"rewards": [{"name": "length"}]}, ppo={"rewards": [{"name": "length"}]})
+    with pytest.raises(RecipeError, match="both a grpo and a ppo section; choose one .* rl.algorithm=grpo"):
+        pipeline.run(load_recipe(both))
+    assert pipeline.stage_names(load_recipe(both, ["rl.algorithm=ppo"])) == ["ppo"]
+    with pytest.raises(RecipeError, match=r"--only reward: this recipe's stages are ppo"):
+        pipeline.run(load_recipe(both, ["rl.algorithm=ppo"]), only="reward")
+    with pytest.raises(RecipeError, match="rl.algorithm=grpo, but the recipe has no grpo section"):
+        pipeline.stage_names(load_recipe(write_recipe(sft={}), ["rl.algorithm=grpo"]))
+
+
+def fake_reward_stage(recipe, reward_checkpoint, accuracy):
+    """A finished reward stage of `recipe`'s run whose lineage records held-out pair `accuracy` (None: no held-out)."""
+    stage = Path(recipe.run.root) / recipe.run.name / "reward"
+    shutil.copytree(reward_checkpoint, stage / "checkpoint")
+    after = {"pair_accuracy": accuracy} if accuracy is not None else {}
+    (stage / "lineage.json").write_text(json.dumps({"results": {"after": after}}))
+
+
+@pytest.mark.parametrize("accuracy", [0.55, None])
+def test_rl_does_not_start_on_a_weak_reward_model(write_recipe, reward_checkpoint, accuracy):
+    recipe = load_recipe(write_recipe(grpo={"rewards": [{"name": "reward_model"}]}))
+    fake_reward_stage(recipe, reward_checkpoint, accuracy)
+    message = ("ranks 55.0% of held-out pairs correctly, below rl.min_reward_accuracy=0.6" if accuracy else
+               "has no held-out accuracy to check against rl.min_reward_accuracy=0.6")
+    with pytest.raises(pipeline.GateError, match=message):
+        pipeline.check_reward_accuracy(recipe, "grpo")
+    recipe.rl.min_reward_accuracy = 0.5 if accuracy else 0  # overridable
+    pipeline.check_reward_accuracy(recipe, "grpo")
+
+
+def write_stage_config(recipe, stage, **data):
+    """config.yaml of a finished `stage` run with `recipe`'s settings but for `data` (e.g. another system prompt)."""
+    other = load_recipe(None, [f"model.name_or_path={recipe.model.name_or_path}"] +
+                        [f"data.{k}={v}" for k, v in data.items()])
+    path = Path(recipe.run.root) / recipe.run.name / stage / "config.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(to_yaml(other))
+
+
+def test_a_prompt_rendered_differently_from_the_sft_stage_stops_the_run_with_a_diff(write_recipe):
+    recipe = load_recipe(write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]}))
+    write_stage_config(recipe, "sft", system_prompt="Be brief.")
+    with pytest.raises(pipeline.GateError, match=r"grpo would see prompts rendered differently from the sft stage"
+                                                 r"(?s:.*)sft: 36 tokens 'Be brief.\\n\\nUser: What is 2 \+ 3\?\\nAssistant:'"
+                                                 r"\n  grpo: 25 tokens 'User: (?s:.*)first difference at token 0: \['B"):
+        pipeline.check_prompt_rendering(recipe, "grpo")
+    recipe.data.system_prompt = "Be brief."
+    pipeline.check_prompt_rendering(recipe, "grpo")
+
+
+def test_a_template_whose_generation_prompt_is_not_what_sft_trains_on_is_caught(write_recipe):
+    # The prompt alone ends in "<|assistant|>\n"; prompt + answer renders "<|assistant|>" then the answer.
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}<|assistant|>{{ m.content }}{% else %}"
+                "<|user|>\n{{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
+                "{% endif %}")
+    recipe = load_recipe(write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]}),
+                         [f"model.chat_template={json.dumps(template)}"])
+    path = Path(recipe.run.root) / recipe.run.name / "sft" / "config.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(to_yaml(recipe))
+    with pytest.raises(pipeline.GateError, match="grpo would see prompts rendered differently from the sft stage"):
+        pipeline.check_prompt_rendering(recipe, "grpo")
+
+
+def test_an_incomplete_trainer_checkpoint_is_never_resumed_from(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        checkpoint.mkdir()
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+        if complete:
+            (checkpoint / "trainer_state.json").write_text('{"global_step": %d}' % step)
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # killed while writing it
+    assert last_trainer_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+def align_run(recipe_path, *overrides, launcher=(sys.executable, "-m", "align"), kill_when=None):
+    """`align run` in a subprocess; with `kill_when` (a path), kill -9 its process group once that path exists."""
+    command = [*launcher, "run", str(recipe_path), "rl.min_reward_accuracy=0", *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+    if kill_when is None:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        return out, err
+    deadline = time.monotonic() + 300
+    while not kill_when.exists():
+        assert process.poll() is None, f"finished before {kill_when} appeared: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    return None
+
+
+def complete_checkpoints(run_dir):
+    return sorted(p.parent.name for p in run_dir.glob("*/checkpoint") if (p / "adapter_model.safetensors").exists())
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(write_recipe, tmp_path, stage):
+    """Killed mid-SFT or mid-GRPO (under accelerate launch), `align run` again resumes that stage from its last
+    complete trainer checkpoint and ends with the checkpoints an uninterrupted run leaves."""
+    rewards = [{"name": "exact_match", "args": {"column": "answer"}}]
+    recipe = write_recipe(
+        data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(QA_TRAIN)},
+              "columns": {"prompt": "question", "completion": "answer"}},
+        sft=sft_section(max_steps=150 if stage == "sft" else 4, save_steps=5, eval_generations=0),
+        grpo={**RL_SECTION, "max_steps": 40 if stage == "grpo" else 2, "save_steps": 2, "eval_generations": 0,
+              "rewards": rewards})
+    run_dir = tmp_path / "runs" / "test"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "accelerate_config.yaml"), "-m", "align") if stage == "grpo" else (sys.executable, "-m", "align")
+    kill_at = "checkpoint-10" if stage == "sft" else "checkpoint-4"
+    align_run(recipe, launcher=launcher, kill_when=run_dir / stage / "trainer" / kill_at)
+    assert not (run_dir / stage / "checkpoint").exists() and not (run_dir / "grpo" / "checkpoint").exists()
+    resumable = last_trainer_checkpoint(run_dir / stage / "trainer")
+    assert resumable is not None
+    step = int(resumable.name.split("-")[1])
+
+    out, err = align_run(recipe, launcher=launcher)
+    assert f"{stage}: resuming from {resumable}" in err
+    lineage = json.loads((run_dir / stage / "lineage.json").read_text())
+    assert lineage["resumed_from_step"] == step and lineage["end_time"]
+    assert complete_checkpoints(run_dir) == ["grpo", "sft"]
+    assert not list(run_dir.rglob("*.tmp"))
+    steps = [json.loads(line)["step"] for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # the metrics of the interrupted run up to its checkpoint, then the resumed run's
+    assert "resumed" in out and "align run test" in out
