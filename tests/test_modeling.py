@@ -90,5 +90,5 @@ def test_every_accelerate_config_loads_with_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = [ROOT / "accelerate_config.yaml", *sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))]
-    kinds = {path.stem: str(load_config_from_file(str(path)).distributed_type) for path in configs}
+    kinds = {path.stem: load_config_from_file(str(path)).distributed_type.value for path in configs}
     assert kinds == {"accelerate_config": "NO", "ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "fsdp_qlora": "FSDP"}

@@ -70,7 +70,9 @@ def test_finished_stages_are_skipped_and_a_changed_one_reruns_with_those_after(r
 
 
 def test_stage_choice_errors(write_recipe):
-    both = write_recipe(grpo={"rewards": [{"name": "length"}]}, ppo={"rewards": [{"name": "length"}]})
+    length = [{"name": "length", "args": {"max_tokens": 8}}]
+    both = write_recipe(grpo={"rewards": length}, ppo={"rewards": length},
+                        data={"prompts": {"train": str(QA_TRAIN)}})
     with pytest.raises(RecipeError, match="both a grpo and a ppo section; choose one .* rl.algorithm=grpo"):
         pipeline.run(load_recipe(both))
     assert pipeline.stage_names(load_recipe(both, ["rl.algorithm=ppo"])) == ["ppo"]

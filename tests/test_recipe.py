@@ -101,3 +101,15 @@ def test_trainer_args_are_checked_against_trl():
         trainer_kwargs(SFTStage(trainer_args={"neftune_alpha": 5}), SFTConfig)
     with pytest.raises(RecipeError, match="align sets this itself"):
         trainer_kwargs(SFTStage(trainer_args={"output_dir": "x"}), SFTConfig, output_dir="runs/x")
+
+
+def test_report_to_passes_through_to_the_trl_config(write_recipe, tmp_path):
+    from trl import GRPOConfig
+
+    from align.rundir import RunDir
+    from align.stages import trl_config
+
+    recipe = load_recipe(write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]}), ["run.report_to=[tensorboard]"])
+    assert trl_config(SFTConfig, recipe.sft, recipe, RunDir(recipe, "sft"), has_eval=False).report_to == ["tensorboard"]
+    recipe = load_recipe(write_recipe(grpo={"rewards": [{"name": "length"}]}))
+    assert trl_config(GRPOConfig, recipe.grpo, recipe, RunDir(recipe, "grpo"), has_eval=False).report_to == []

@@ -87,7 +87,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                   rewards=specs.lineage(), value_init=str(value_from) if value_from else "the policy's adapter",
                   resumed_from=resume_from)
     ppo = _trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
-    accelerator.init_trackers(f"{recipe.run.name}-ppo", config=stage_inputs(recipe, "ppo"))
+    hparams = {k: v for k, v in stage_inputs(recipe, "ppo").items() if isinstance(v, (bool, int, float, str))}
+    accelerator.init_trackers(f"{recipe.run.name}-ppo", config=hparams)
     if resume_from:
         ppo.load(resume_from)
 
