@@ -274,6 +274,12 @@ class RunDir:
             self._write_lineage()
         return before
 
+    def logged(self) -> list[dict[str, Any]]:
+        """The records in metrics.jsonl (on a resumed run: those up to its checkpoint)."""
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+
     def log_metrics(self, record: dict[str, Any]) -> None:
         if is_main_process():
             with self.metrics_path.open("a") as f:

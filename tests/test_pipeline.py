@@ -196,6 +196,8 @@ def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(
     assert f"{stage}: resuming from {resumable}" in err
     lineage = json.loads((run_dir / stage / "lineage.json").read_text())
     assert lineage["resumed_from_step"] == step and lineage["end_time"]
+    if stage == "grpo":  # the KL before the first update, logged by the interrupted run, is still the first
+        assert lineage["results"]["kl_first"] == pytest.approx(0, abs=1e-4)
     assert complete_checkpoints(run_dir) == ["grpo", "sft"]
     assert not list(run_dir.rglob("*.tmp"))
     steps = [json.loads(line)["step"] for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]

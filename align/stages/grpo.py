@@ -54,6 +54,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), resumed_from=resume_from)
     trainer, guard = _trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
+    if resume_from:  # the KL the interrupted run logged up to its checkpoint: the first one is before any update
+        guard.restore([record["kl"] for record in run_dir.logged() if "kl" in record])
 
     before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, rewards, recipe, "before"))
     start = time.monotonic()
@@ -146,6 +148,11 @@ class KLGuard(ProgressBar):
                              f"grpo.max_kl={self.max_kl:g}: the policy is drifting away from the SFT policy. Lower "
                              "grpo.learning_rate, raise grpo.beta, or raise grpo.max_kl if this is intended")
             control.should_training_stop = True
+
+    def restore(self, logged: list[float]) -> None:
+        """Carry on from the KL values an interrupted run logged (none: a new run)."""
+        if logged:
+            self.first, self.last, self.max = logged[0], logged[-1], max(logged)
 
     def raise_if_exceeded(self) -> None:
         if self.exceeded:
