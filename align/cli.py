@@ -115,6 +115,47 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("source", help="a run dir (runs/<run>), a stage dir (runs/<run>/ppo) or a checkpoint dir")
     export.add_argument("--out", required=True, type=Path, help="directory to write the merged model to")
 
+    compare = commands.add_parser(
+        "compare",
+        help="compare checkpoints side by side: reward, win rate, KL to the reference, accuracy, length, samples",
+        description="Every checkpoint answers every prompt of the eval file (same seed and decoding for all), and "
+        "each is measured: reward under the reward model (mean, std, 95%% bootstrap interval), win rate against "
+        "the baseline judged by the reward model (ties separate), KL to its reference (mean over prompts of "
+        "sum_t log pi - log pi_ref on its own answers; the reference is the policy an RL checkpoint started from, "
+        "from its lineage, or --reference), accuracy against the eval file's reference answers, answer length. "
+        "Checkpoints load one at a time. Writes results.json, report.md and a self-contained report.html (plots "
+        "embedded) to --out.",
+        epilog="checkpoints: a run dir (its RL policy, else SFT), a stage dir or checkpoint, an exported model dir, "
+        "or a hub model id; name=path labels one.\nexample:\n  align compare base=data/tiny-base "
+        "sft=runs/quickstart/sft rl=runs/quickstart/grpo \\\n      --eval data/arithmetic/sft_heldout.jsonl "
+        "--reward runs/quickstart/reward --out runs/quickstart/compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("checkpoints", nargs="+", metavar="[NAME=]CHECKPOINT", help="what to compare")
+    compare.add_argument("--eval", required=True, help="prompts (jsonl, json, csv, parquet, saved dir, hub id), "
+                         "with a reference answer column for accuracy")
+    compare.add_argument("--reward", help="reward model: a run dir or reward checkpoint (default: the one the RL "
+                         "checkpoints were trained with, from their lineage)")
+    compare.add_argument("--baseline", help="the checkpoint win rates are against (default: the first)")
+    compare.add_argument("--reference", help="reference policy for the KL of every checkpoint (default: each RL "
+                         "checkpoint's own starting policy; none for others)")
+    compare.add_argument("--accuracy", help="plug-in check 'pkg.mod:fn' (reward-function signature; 1 = right) "
+                         "instead of exact match of the final number")
+    compare.add_argument("--answer-column", help="the eval file's reference answer column (default: answer)")
+    compare.add_argument("--prompt-column", help="the eval file's prompt column (default: auto-detected)")
+    compare.add_argument("--out", type=Path, default=Path("compare"), help="output directory (default: ./compare)")
+    compare.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
+    compare.add_argument("--temperature", type=float, default=1.0,
+                         help="sampling temperature (default 1.0, where the KL estimate is unbiased); 0: greedy")
+    compare.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    compare.add_argument("--answers-per-prompt", type=int, default=1,
+                         help="sampled answers per prompt (default 1); more narrow the intervals of every mean")
+    compare.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    compare.add_argument("--samples", type=int, default=5, help="prompts shown with every answer (default 5)")
+    compare.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    compare.add_argument("--quantization", choices=("nf4", "none"), default="nf4",
+                         help="how to load bases and models that have no recipe config (default nf4)")
+
     data = commands.add_parser("data", help="inspect data files").add_subparsers(dest="action", required=True)
     check = data.add_parser(
         "check",
@@ -161,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return _data_check(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.action == "pretrain":
             from align.tiny import pretrain as run_pretrain
 
@@ -341,35 +384,50 @@ def _print_rl(console, results: dict) -> None:
 
 
 PRINTERS = {"sft": _print_sft, "reward": _print_reward, "grpo": _print_rl, "ppo": _print_rl}
-POLICY_STAGES = ("ppo", "grpo", "sft")
+
+
+def _compare(args) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from align.compare import compare
+    from align.recipe import Quantization
+    from align.report import metrics_table
+
+    started = time.monotonic()
+    results = compare(args.checkpoints, args.eval, out=args.out, reward=args.reward, baseline=args.baseline,
+                      reference=args.reference, accuracy=args.accuracy, answer_column=args.answer_column,
+                      columns={"prompt": args.prompt_column} if args.prompt_column else None,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      answers_per_prompt=args.answers_per_prompt,
+                      batch_size=args.batch_size, samples=args.samples, seed=args.seed,
+                      quantization=Quantization(args.quantization))
+    header, rows = metrics_table(results)
+    table = Table(title=f"{results['eval']['prompts']} prompts from {args.eval} (95% bootstrap intervals)")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    console.print(f"{time.monotonic() - started:.0f} s; report: {args.out / 'report.html'} (and report.md, "
+                  f"results.json)", soft_wrap=True)
+    return 0
 
 
 def _export(args) -> int:
     from align.modeling import export_merged
     from align.recipe import load_recipe
+    from align.rundir import policy_checkpoint
 
-    checkpoint = _policy_checkpoint(Path(args.source))
+    checkpoint = policy_checkpoint(Path(args.source))
     config = checkpoint.parent / "config.yaml"  # how the stage loaded its base (4-bit or not)
     cfg = load_recipe(config).model if config.is_file() else None
     out = export_merged(checkpoint, args.out, cfg)
     print(f"merged {checkpoint} into its base; saved to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
-
-
-def _policy_checkpoint(source: Path) -> Path:
-    """The checkpoint a path names: itself, its stage's checkpoint/, or a run's RL (else SFT) checkpoint."""
-    from align.errors import AlignError
-
-    for candidate in (source, source / "checkpoint"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    finished = [s for s in POLICY_STAGES if (source / s / "checkpoint" / "adapter_config.json").is_file()]
-    if finished[:2] == ["ppo", "grpo"]:
-        raise AlignError(f"{source} has both a ppo and a grpo checkpoint; name one: {source / 'ppo'} or {source / 'grpo'}")
-    if not finished:
-        raise AlignError(f"{source}: no LoRA checkpoint here (adapter_config.json), nor a finished "
-                         f"{'/'.join(POLICY_STAGES)} stage under it")
-    return source / finished[0] / "checkpoint"
 
 
 def _data_check(args) -> int:

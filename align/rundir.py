@@ -407,3 +407,20 @@ def guarded_train(trainer, stage: str, **kwargs):
     if guard.problem:
         raise NonFinite(guard.problem)
     return output
+
+
+POLICY_STAGES = ("ppo", "grpo", "sft")
+
+
+def policy_checkpoint(source: Path) -> Path:
+    """The policy checkpoint a path names: itself, its stage's checkpoint/, or a run's RL (else SFT) checkpoint."""
+    for candidate in (source, source / "checkpoint"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    finished = [s for s in POLICY_STAGES if (source / s / "checkpoint" / "adapter_config.json").is_file()]
+    if finished[:2] == ["ppo", "grpo"]:
+        raise AlignError(f"{source} has both a ppo and a grpo checkpoint; name one: {source / 'ppo'} or {source / 'grpo'}")
+    if not finished:
+        raise AlignError(f"{source}: no LoRA checkpoint here (adapter_config.json), nor a finished "
+                         f"{'/'.join(POLICY_STAGES)} stage under it")
+    return source / finished[0] / "checkpoint"

@@ -1,0 +1,128 @@
+"""`align compare`: metrics on hand-made cases, a checkpoint against itself, the report files, clear errors before
+any generation, and the HTML in headless Chromium when it is installed."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import QA_HELDOUT, TINY_BASE
+
+from align import compare as compare_module
+from align.compare import CompareError, bootstrap, compare, resolve, summarise, win_rate
+from align.data import DataError
+
+
+def test_win_rate_counts_ties_as_half_and_apart():
+    assert win_rate(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.0, 2.0, 5.0, 4.0])) == {
+        "win_rate": 0.5, "wins": 0.25, "ties": 0.5, "losses": 0.25}
+    same = np.array([0.3, -1.0, 2.0])
+    assert win_rate(same, same) == {"win_rate": 0.5, "wins": 0.0, "ties": 1.0, "losses": 0.0}
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_prompts():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(1.0, 1.0, 50), rng.normal(1.0, 1.0, 2000)
+    lo_s, hi_s = bootstrap(small, np.mean)
+    lo_l, hi_l = bootstrap(large, np.mean)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3  # ~ 1/sqrt(n)
+    constant = np.full(20, 0.25)
+    assert bootstrap(constant, np.mean) == (0.25, 0.25)
+
+
+def test_summary_of_a_checkpoint_against_itself():
+    rewards, tokens = np.array([[0.1], [0.5], [-0.2]]), np.array([[3.0], [5.0], [4.0]])
+    result = summarise(rewards, rewards, np.zeros((3, 1)), np.array([[1.0], [0.0], [1.0]]), tokens, tokens * 4, seed=0)
+    assert result["win_rate"]["win_rate"] == 0.5 and result["win_rate"]["ties"] == 1.0
+    assert result["win_rate"]["ci95"] == (0.5, 0.5)
+    assert result["kl"]["mean"] == 0.0 and result["accuracy"]["mean"] == pytest.approx(2 / 3)
+    assert result["length_tokens"] == 4.0 and result["length_chars"] == 16.0
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:12]))
+    return path
+
+
+def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter, reward_checkpoint, eval_file,
+                                                                    tmp_path):
+    out = tmp_path / "report"
+    results = compare([f"a={sft_adapter}", f"b={sft_adapter}", f"base={TINY_BASE}"], str(eval_file), out=out,
+                      reward=str(reward_checkpoint), reference=str(sft_adapter), max_new_tokens=12, batch_size=8,
+                      samples=3, answers_per_prompt=2)
+    a, b, base = (results["checkpoints"][n]["metrics"] for n in ("a", "b", "base"))
+    assert a["win_rate"]["win_rate"] == 0.5 and a["win_rate"]["ties"] == 1.0  # a is the baseline
+    assert b["win_rate"] == a["win_rate"] and b["reward"] == a["reward"]  # same seed, same answers
+    assert a["kl"]["mean"] == pytest.approx(0.0, abs=1e-5) and b["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    assert base["kl"]["mean"] > 0.01  # the base samples answers the SFT adapter (the reference) finds unlikely
+    assert 0.0 <= base["win_rate"]["wins"] + base["win_rate"]["ties"] <= 1.0
+    for metrics in (a, base):
+        assert metrics["reward"]["ci95"][0] <= metrics["reward"]["mean"] <= metrics["reward"]["ci95"][1]
+        assert "accuracy" in metrics and 0 < metrics["length_tokens"] <= 12
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["eval"]["prompts"] == 12 and len(saved["eval"]["sha256"]) == 64
+    assert saved["settings"]["baseline"] == "a" and saved["settings"]["accuracy"] == "exact_match"
+    assert set(saved["checkpoints"]) == {"a", "b", "base"}
+    assert saved["checkpoints"]["a"]["adapter"] == str(sft_adapter)
+    assert len(saved["checkpoints"]["base"]["rewards"]) == 24 and len(saved["samples"]) == 3  # 12 prompts x 2
+    assert set(saved["samples"][0]["answers"]) == {"a", "b", "base"} and "reference" in saved["samples"][0]
+
+    page = (out / "report.html").read_text()
+    assert all(f"<td>{name}</td>" in page for name in ("a", "b", "base"))
+    assert len(re.findall(r'<img alt="[a-z_]+" src="data:image/png;base64,', page)) == 4
+    assert not re.search(r"https?://", page) and "<script" not in page and "<link" not in page
+    markdown = (out / "report.md").read_text()
+    assert "| checkpoint | reward | win rate vs baseline |" in markdown and "![reward_vs_kl](reward_vs_kl.png)" in markdown
+
+
+def test_an_rl_checkpoint_is_measured_against_the_policy_it_started_from(tmp_path, sft_adapter):
+    stage = tmp_path / "runs" / "x" / "grpo"
+    shutil.copytree(sft_adapter, stage / "checkpoint")
+    (stage / "lineage.json").write_text(json.dumps({"run": "x", "stage": "grpo", "parent_checkpoint": str(sft_adapter)}))
+    checkpoint = resolve(str(tmp_path / "runs" / "x"))
+    assert checkpoint.name == "x/grpo" and checkpoint.adapter == stage / "checkpoint"
+    assert checkpoint.reference.adapter == sft_adapter
+    assert resolve(f"sft={sft_adapter}").reference is None  # no reference implied for SFT
+
+
+def test_bad_inputs_fail_before_any_generation(tmp_path, sft_adapter, eval_file, monkeypatch):
+    monkeypatch.setattr(compare_module, "load", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(CompareError, match=r"nowhere/run: no such run dir, checkpoint or model directory"):
+        compare([str(sft_adapter), "nowhere/run"], str(eval_file), out=tmp_path / "out")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CompareError, match=r"empty_run: .*no LoRA checkpoint here"):
+        compare([str(tmp_path / "empty_run")], str(eval_file), out=tmp_path / "out")
+    no_prompts = tmp_path / "no_prompts.jsonl"
+    no_prompts.write_text('{"question": "What is 1 + 2?", "answer": "3"}\n{"question": "", "answer": "4"}\n')
+    with pytest.raises(DataError, match=r"no_prompts.jsonl:2: field 'question' is empty"):
+        compare([str(sft_adapter)], str(no_prompts), out=tmp_path / "out")
+    with pytest.raises(CompareError, match="same name"):
+        compare([f"x={sft_adapter}", f"x={TINY_BASE}"], str(eval_file), out=tmp_path / "out")
+    with pytest.raises(CompareError, match="--baseline nope: not one of the checkpoints"):
+        compare([str(sft_adapter)], str(eval_file), out=tmp_path / "out", baseline="nope")
+    with pytest.raises(CompareError, match="--answers-per-prompt 4: .* 1 with greedy decoding"):
+        compare([str(sft_adapter)], str(eval_file), out=tmp_path / "out", answers_per_prompt=4, temperature=0)
+    with pytest.raises(CompareError, match="--answer-column ref: the eval file has no such column"):
+        compare([str(sft_adapter)], str(eval_file), out=tmp_path / "out", answer_column="ref")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium is not installed")
+def test_report_renders_in_headless_chromium(sft_adapter, reward_checkpoint, eval_file, tmp_path):
+    out = tmp_path / "report"
+    compare([f"a={sft_adapter}", f"base={TINY_BASE}"], str(eval_file), out=out, reward=str(reward_checkpoint),
+            reference=str(sft_adapter), max_new_tokens=8, batch_size=12, samples=2)
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             f"--screenshot={shot}", "--window-size=1200,2400", f"file://{out / 'report.html'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shot.stat().st_size > 20_000  # a page with a table and four plots, not a blank one
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--dump-dom", f"file://{out / 'report.html'}"], capture_output=True, text=True, timeout=120)
+    assert dom.stdout.count("data:image/png;base64,") == 4 and "<td>base</td>" in dom.stdout
