@@ -126,3 +126,16 @@ def test_report_renders_in_headless_chromium(sft_adapter, reward_checkpoint, eva
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                           "--dump-dom", f"file://{out / 'report.html'}"], capture_output=True, text=True, timeout=120)
     assert dom.stdout.count("data:image/png;base64,") == 4 and "<td>base</td>" in dom.stdout
+
+
+def test_compare_command_prints_the_table_and_writes_the_report(sft_adapter, reward_checkpoint, eval_file, tmp_path,
+                                                                capsys):
+    from align.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", f"sft={sft_adapter}", f"base={TINY_BASE}", "--eval", str(eval_file), "--reward",
+                 str(reward_checkpoint), "--max-new-tokens", "8", "--out", str(out), "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 prompts from" in printed and "sft" in printed and "base" in printed and "report.html" in printed
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["temperature"] == 0 and settings["baseline"] == "sft"
