@@ -70,6 +70,7 @@ def rl_stage(recipe: Recipe) -> str | None:
 
 
 DATA = {"sft": "sft", "reward": "preference", "grpo": "prompts", "ppo": "prompts"}
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # a missing path with one of these is a file, not a hub id
 
 
 def validate(recipe: Recipe) -> list[str]:
@@ -77,8 +78,6 @@ def validate(recipe: Recipe) -> list[str]:
     hours: missing data files (hub ids are taken on trust: no network needed), settings a stage rejects, unknown
     reward functions, a starting point that no stage provides. Nothing is downloaded or loaded."""
     from align.data import HUB_ID
-
-    FORMATS = (".jsonl", ".json", ".csv", ".parquet")
     from align.rewards import check_reward_model_args, reward_function
     from align.stages import adapter_dir
 
@@ -88,7 +87,7 @@ def validate(recipe: Recipe) -> list[str]:
         if files.train is None:
             raise RecipeError(f"data.{DATA[name]}.train is not set, and the {name} stage needs it")
         for split, path in (("train", files.train), ("eval", files.eval)):
-            if path and not Path(path).exists() and (not HUB_ID.match(path) or path.endswith(FORMATS)):
+            if path and not Path(path).exists() and (not HUB_ID.match(path) or path.endswith(FILE_SUFFIXES)):
                 raise RecipeError(f"data.{DATA[name]}.{split}={path}: no such file or directory (nor a hub dataset id "
                                   "such as owner/name:split)")
         if name in ("grpo", "ppo"):
