@@ -160,6 +160,21 @@ def _score(model, tokenizer, prompts, columns, rewards, cfg, trainer_state, desc
     return summary, scores, totals, answers
 
 
+def finish(run_dir: RunDir, *, init: Path | None, resume_from: Path | None, steps: int, seconds: float,
+           kl: tuple[float | None, float | None, float | None], before: dict, after: dict, **extra: Any) -> dict:
+    """An RL stage's results (lineage.json, the CLI's report), with samples.jsonl written: where the policy
+    started, steps and time, the KL to the reference (first, last, max), the held-out evaluations, and `extra`."""
+    from align.rundir import step_of
+
+    results = {**extra, "init_from": str(init) if init else None, "steps": steps, "train_seconds": round(seconds, 1),
+               "resumed_from_step": step_of(resume_from) if resume_from else None,
+               "kl_first": kl[0], "kl_last": kl[1], "kl_max": kl[2], "before": before, "after": after,
+               "checkpoint": str(run_dir.checkpoint_path), "run_dir": str(run_dir.path)}
+    write_samples(run_dir, before, after)
+    run_dir.finish(results)
+    return results
+
+
 def write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
     """Held-out answers before and after training, side by side, in samples.jsonl."""
     if not after:

@@ -3,7 +3,6 @@ the adapter on the 4-bit base computed."""
 
 import shutil
 
-import pytest
 import torch
 from conftest import TINY_BASE
 from peft import PeftModel

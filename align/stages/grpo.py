@@ -26,7 +26,7 @@ from align.errors import AlignError
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
-from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity, step_of
+from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
 from align.stages import init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
         # The policy adapter only: TRL's "ref" copy and the reward adapter are not part of the result.
         trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
         trainer.processing_class.save_pretrained(str(staging))
-    results = {"train_loss": train_output.training_loss, "init_from": str(init) if init else None,
-               "steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
-               "resumed_from_step": step_of(resume_from) if resume_from else None,
-               "kl_first": guard.first, "kl_last": guard.last, "kl_max": guard.max,
-               "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
-               "run_dir": str(run_dir.path)}
-    rl.write_samples(run_dir, before, after)
-    run_dir.finish(results)
-    return results
+    return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
+                     kl=(guard.first, guard.last, guard.max), before=before, after=after,
+                     train_loss=train_output.training_loss)
 
 
 def _check(recipe: Recipe) -> None:

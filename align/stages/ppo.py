@@ -101,14 +101,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     accelerator.end_training()
     with run_dir.checkpoint() as staging:
         ppo.save_models(staging)
-    results = {"init_from": str(init) if init else None, "steps": ppo.step, "train_seconds": round(seconds, 1),
-               "resumed_from_step": step_of(resume_from) if resume_from else None,
-               "kl_first": ppo.kl_first, "kl_last": ppo.kl_last, "kl_max": ppo.kl_max, "beta_last": ppo.kl_ctl.value,
-               "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
-               "run_dir": str(run_dir.path)}
-    rl.write_samples(run_dir, before, after)
-    run_dir.finish(results)
-    return results
+    return rl.finish(run_dir, init=init, resume_from=resume_from, steps=ppo.step, seconds=seconds,
+                     kl=(ppo.kl_first, ppo.kl_last, ppo.kl_max), before=before, after=after,
+                     beta_last=ppo.kl_ctl.value)
 
 
 def _check(recipe: Recipe) -> None:
