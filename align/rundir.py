@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -31,6 +32,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, to_yaml
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "omegaconf")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -114,11 +117,6 @@ def complete_checkpoint(stage_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-# The file each trainer writes last into a resumable checkpoint: transformers' Trainer writes checkpoint-N/ in
-# place, model first and trainer_state.json last; align's PPO loop renames a finished checkpoint-N/ into place.
-LAST_WRITTEN = ("trainer_state.json", "state.pt")
-
-
 def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("checkpoint-"))
 
@@ -127,9 +125,6 @@ def last_trainer_checkpoint(trainer_dir: Path) -> Path | None:
     """The latest complete resumable checkpoint-<step> in `trainer_dir`. A run killed while saving leaves an
     incomplete one (no trainer_state.json, or one cut short; or PPO's .tmp): it is removed, and logged, so that
     the run resumes from the one before and no later save trips over it."""
-    import logging
-
-    log = logging.getLogger(__name__)
     found = sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of) if trainer_dir.is_dir() else []
     complete = []
     for checkpoint in found:
@@ -145,6 +140,8 @@ def last_trainer_checkpoint(trainer_dir: Path) -> Path | None:
 
 
 def _complete(checkpoint: Path) -> bool:
+    """align's PPO loop renames a finished checkpoint-N/ into place (state.pt in it); transformers' Trainer writes
+    checkpoint-N/ in place, model first and trainer_state.json last."""
     if (checkpoint / "state.pt").is_file():
         return True
     try:
@@ -212,10 +209,8 @@ class RunDir:
 
     def resume_from(self) -> Path | None:
         """The last complete resumable checkpoint of this stage (None: nothing to resume, start at step 0)."""
-        import logging
-
         checkpoint = last_trainer_checkpoint(self.trainer_dir)
-        logging.getLogger(__name__).info(
+        log.info(
             "%s: %s", self.stage, f"resuming from {checkpoint}" if checkpoint else
             f"nothing to resume in {self.trainer_dir}; starting from step 0")
         return checkpoint
