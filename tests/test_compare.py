@@ -139,3 +139,17 @@ def test_compare_command_prints_the_table_and_writes_the_report(sft_adapter, rew
     assert "12 prompts from" in printed and "sft" in printed and "base" in printed and "report.html" in printed
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert settings["temperature"] == 0 and settings["baseline"] == "sft"
+
+
+def test_a_plugin_check_gives_the_accuracy(sft_adapter, eval_file, tmp_path, monkeypatch):
+    (tmp_path / "my_checks.py").write_text(
+        "def even_length(prompts, completions, **columns):\n"
+        "    return [1.0 if len(c[0]['content']) % 2 == 0 else 0.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = compare([f"sft={sft_adapter}"], str(eval_file), out=tmp_path / "out", accuracy="my_checks:even_length",
+                      max_new_tokens=6, temperature=0, samples=12)
+    answers = [s["answers"]["sft"] for s in results["samples"]]  # all 12: greedy, one answer each
+    expected = sum(len(a) % 2 == 0 for a in answers) / len(answers)
+    assert 0 < expected < 1  # a check that tells answers apart
+    assert results["checkpoints"]["sft"]["metrics"]["accuracy"]["mean"] == pytest.approx(expected)
+    assert "even_length" in results["settings"]["accuracy"]
