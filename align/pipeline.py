@@ -32,7 +32,6 @@ from align.rundir import is_main_process, utc_now, complete_checkpoint, inputs_d
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "reward", "rl")
 PROBE = [{"role": "user", "content": "What is 2 + 3?"}]  # any text: templates and system prompts do not read it
 PROBE_ANSWER = [{"role": "assistant", "content": "2 + 3 = 5."}]
 
