@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,10 +116,20 @@ def fsdp_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
-def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: bool = False):
+def checkpointing(stage) -> dict[str, Any] | None:
+    """A stage section's activation checkpointing as transformers' activation_checkpointing_kwargs (None: off).
+    Non-reentrant: the reentrant variant needs every checkpointed input to require grad."""
+    if not stage.activation_checkpointing:
+        return None
+    return {"use_reentrant": False, "every_n_layers": stage.activation_checkpointing_every_n_layers,
+            "offload": stage.activation_checkpointing_offload}
+
+
+def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: dict[str, Any] | None = None):
     """The base model on this process's device, frozen and ready for LoRA (on 4-bit, with activation
-    checkpointing: inputs that carry gradients through the checkpointed layers). head="lm": the causal LM;
-    head="score": the same body with a fresh one-output linear head (a reward model; the LM head is dropped)."""
+    checkpointing (`checkpointing(stage)`): inputs that carry gradients through the checkpointed layers).
+    head="lm": the causal LM; head="score": the same body with a fresh one-output linear head (a reward model;
+    the LM head is dropped)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if head not in ("lm", "score"):
@@ -149,7 +160,9 @@ def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: 
         # time on a 7B model (bench/README.md), and TRL's own trainers do without it.
         model.requires_grad_(False)
         if activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = dict(activation_checkpointing)
+            model.activation_checkpointing_enable(every_n_layers=kwargs.pop("every_n_layers"),
+                                                  offload=kwargs.pop("offload"), activation_checkpointing_kwargs=kwargs)
             model.enable_input_require_grads()
     return model
 

@@ -158,6 +158,12 @@ class TrainingStage:
     activation_checkpointing: bool = doc(
         True, help="Gradient (activation) checkpointing: recompute activations in the backward pass; less memory, slower."
     )
+    activation_checkpointing_every_n_layers: int = doc(
+        1, help="Checkpoint only every n-th decoder layer; the others keep their activations: more memory, less "
+        "recompute (1: every layer).")
+    activation_checkpointing_offload: bool = doc(
+        False, help="Keep the checkpointed activations in pinned CPU memory: less GPU memory at long sequences, "
+        "slower steps.")
     # Logging and saving
     logging_steps: int = doc(10, help="Log loss and learning rate every N steps (metrics.jsonl, progress bar).")
     eval_steps: Optional[int] = doc(None, help="Also evaluate every N steps; None: only before and after training.")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from align.generation import generate
-from align.modeling import load_model, lora_config
+from align.modeling import checkpointing, load_model, lora_config
 from align.recipe import Recipe, RecipeError, RLStage
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
 from align.rundir import RunDir
@@ -77,7 +77,7 @@ def load_policy(recipe: Recipe, cfg: RLStage, init: Path | None, stage: str):
     from transformers import set_seed
 
     set_seed(recipe.run.seed)  # a fresh adapter's initial weights
-    model = load_model(recipe.model, activation_checkpointing=cfg.activation_checkpointing)
+    model = load_model(recipe.model, activation_checkpointing=checkpointing(cfg))
     if init is None:
         log.info("%s: no SFT adapter to start from: the policy is a fresh LoRA adapter, and the reference is the "
                  "base model (a frozen copy of that adapter, whose LoRA update is zero)", stage)

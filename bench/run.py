@@ -104,63 +104,100 @@ def reward_checkpoint(base: Path, out: Path) -> Path:
 
 
 def stage_overrides(args, work: Path, length: int) -> list[str]:
-    """The stage's recipe section: a fresh adapter, the stated lengths and batch, a log every step, no
-    held-out evaluation, no checkpoint before the end. `length`: a rendered conversation's tokens."""
+    """The stage's recipe section: a fresh adapter, the stated lengths and batch (a --recipe's own batch and
+    lengths), a log every step, no held-out evaluation, no checkpoint before the end. `length`: a rendered
+    conversation's tokens."""
     common = [f"{args.stage}.max_steps={args.steps}", f"{args.stage}.logging_steps=1",
               f"{args.stage}.save_steps={args.steps + 1}",
               f"{args.stage}.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
+    if args.recipe:
+        common.append(f"data.{'sft' if args.stage == 'sft' else 'preference' if args.stage == 'reward' else 'prompts'}"
+                      ".eval=null")
+    sized = lambda *keys: [] if args.recipe else list(keys)  # noqa: E731  (a recipe keeps its own)
     if args.stage == "sft":
-        return [f"data.sft.train={work / 'data.jsonl'}", "data.columns.prompt=question", f"sft.max_length={length}",
-                f"sft.per_device_train_batch_size={args.batch_size}", "sft.eval_generations=0", *common]
+        return [f"data.sft.train={work / 'data.jsonl'}", "data.columns.prompt=question", "sft.eval_generations=0",
+                *sized(f"sft.max_length={length}", f"sft.per_device_train_batch_size={args.batch_size}"), *common]
     if args.stage == "reward":
         return [f"data.preference.train={work / 'data.jsonl'}", "data.columns.prompt=question",
-                "reward.init_from=base", f"reward.max_length={length}",
-                f"reward.per_device_train_batch_size={args.batch_size}", *common]
+                "reward.init_from=base",
+                *sized(f"reward.max_length={length}", f"reward.per_device_train_batch_size={args.batch_size}"),
+                *common]
     # A rule reward: every completion has the same length, so GRPO's advantages are 0, but generation, the
     # policy and reference forward passes and the backward pass all run as in any RL step.
     rewards = "{name: length, args: {max_tokens: 16}}"
     if args.reward_model != "none":
         share = str(args.reward_model == "shared").lower()
         rewards += f", {{name: reward_model, args: {{checkpoint: {work / 'reward'}, share_base: {share}}}}}"
+    rl = [f"data.prompts.train={work / 'data.jsonl'}", "data.columns.prompt=question",
+          f"{args.stage}.rewards=[{rewards}]", f"{args.stage}.init_from=base", f"{args.stage}.eval_generations=0",
+          f"{args.stage}.max_kl=null", *common,
+          *sized(f"{args.stage}.max_completion_length={args.completion_tokens}",
+                 f"{args.stage}.max_length={args.prompt_tokens + args.completion_tokens}")]
     if args.stage == "ppo":  # a rollout of prompts_per_step prompts, micro-batches of batch_size, one mini-batch
-        return [
-            f"data.prompts.train={work / 'data.jsonl'}", "data.columns.prompt=question", f"ppo.rewards=[{rewards}]",
-            "ppo.init_from=base", f"ppo.per_device_train_batch_size={min(args.batch_size, args.prompts_per_step)}",
-            f"ppo.gradient_accumulation_steps={max(1, args.prompts_per_step // args.batch_size)}",
-            f"ppo.per_device_eval_batch_size={args.prompts_per_step}",
-            f"ppo.max_completion_length={args.completion_tokens}",
-            f"ppo.max_length={args.prompt_tokens + args.completion_tokens}", "ppo.eval_generations=0",
-            "ppo.max_kl=null", *common,
-        ]
-    return [
-        f"data.prompts.train={work / 'data.jsonl'}",
-        "data.columns.prompt=question",
-        f"grpo.rewards=[{rewards}]",
-        "grpo.init_from=base",
-        f"grpo.num_generations={args.num_generations}",
-        f"grpo.per_device_train_batch_size={args.prompts_per_step * args.num_generations}",
-        f"grpo.max_completion_length={args.completion_tokens}",
-        f"grpo.max_length={args.prompt_tokens + args.completion_tokens}",
-        "grpo.eval_generations=0",
-        "grpo.max_kl=null",
-        *common,
-    ]
+        return [*rl, *sized(f"ppo.per_device_train_batch_size={min(args.batch_size, args.prompts_per_step)}",
+                            f"ppo.gradient_accumulation_steps={max(1, args.prompts_per_step // args.batch_size)}",
+                            f"ppo.per_device_eval_batch_size={args.prompts_per_step}")]
+    return [*rl, *sized(f"grpo.num_generations={args.num_generations}",
+                        f"grpo.per_device_train_batch_size={args.prompts_per_step * args.num_generations}")]
 
 
-def tokens_per_step(args, metrics: list[dict], length: int, recipe) -> tuple[float, float]:
-    """(tokens through the model, of which generated) per optimizer step."""
+def size_from_recipe(args) -> None:
+    """Set the batch, lengths and checkpointing of `args` from the stage section of the recipe `args.recipe`:
+    every sequence as long as the section's max_length allows (the worst case for memory), its batch and
+    gradient accumulation per optimizer step."""
+    from align.recipe import RecipeError, load_recipe
+
+    section = getattr(load_recipe(args.recipe), args.stage)
+    if section is None:
+        raise RecipeError(f"{args.recipe} has no {args.stage} section")
+    args.accumulation = section.gradient_accumulation_steps
+    per_step = section.per_device_train_batch_size * args.accumulation
+    args.activation_checkpointing = section.activation_checkpointing
+    if args.stage in ("sft", "reward"):
+        args.batch_size = per_step
+        args.prompt_tokens = section.max_length // 2
+        args.completion_tokens = section.max_length - args.prompt_tokens - 2  # end of turn and EOS: measured below
+        return
+    args.prompt_tokens = section.max_length - section.max_completion_length
+    args.completion_tokens = section.max_completion_length
+    if args.stage == "grpo":
+        args.num_generations = section.num_generations
+        args.prompts_per_step = per_step // section.num_generations
+    else:
+        args.batch_size, args.prompts_per_step = section.per_device_train_batch_size, per_step
+
+
+
+def tokens_per_step(args, length: int, completion_length: float, recipe) -> tuple[float, float]:
+    """(tokens through the model, of which generated) per optimizer step. `length`: a rendered conversation's
+    tokens; `completion_length`: the mean generated completion (RL)."""
     if args.stage == "sft":
         return args.batch_size * length, 0.0
     if args.stage == "reward":
         return 2 * args.batch_size * length, 0.0
     if args.stage == "ppo":  # generated, read back by policy, reference and value, then the update's epochs
-        generated = statistics.fmean(m["completion_length"] for m in metrics) * args.prompts_per_step
+        generated = completion_length * args.prompts_per_step
         read = args.prompts_per_step * args.prompt_tokens + generated
         return generated + (3 + recipe.ppo.num_ppo_epochs) * read, generated
     completions = args.prompts_per_step * args.num_generations
-    generated = statistics.fmean(m["completions/mean_length"] for m in metrics) * completions
+    generated = completion_length * completions
     # the generated tokens, then prompt + completion read back by the policy (the reference's pass not counted)
     return generated + completions * args.prompt_tokens + generated, generated
+
+
+def speed(args, step_s: float, length: int, completion_length: float, recipe, matmul_params: int,
+          peak: float | None) -> dict:
+    """tokens/s (and generated tokens/s for RL, model FLOPs utilisation for SFT and reward) at `step_s` s/step:
+    one counting for align and the baseline."""
+    tokens, generated = tokens_per_step(args, length, completion_length, recipe)
+    out = {"seconds_per_step": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1)}
+    if args.stage in ("grpo", "ppo"):
+        out["generated_tokens_per_s"] = round(generated / step_s, 1)
+    else:
+        # 6 FLOPs per matmul parameter per token: forward 2, backward through the frozen base 2 (activation
+        # gradients only), the checkpointed forward again 2; LoRA's own FLOPs and attention are left out.
+        out["mfu"] = round(6 * matmul_params * tokens / step_s / peak, 4) if peak else None
+    return out
 
 
 # Dense bf16 peak of the GPUs this has run on (NVIDIA's data sheets, SXM parts), for model FLOPs utilisation.
@@ -181,16 +218,18 @@ def measure(args, work: Path) -> dict:
     rows = args.steps * (args.prompts_per_step if args.stage in ("grpo", "ppo") else args.batch_size)
     length = write_data(work / "data.jsonl", work / "base", rows, args.prompt_tokens, args.completion_tokens,
                         args.seed)
-    recipe = load_recipe(None, [
+    recipe = load_recipe(args.recipe, [
         f"model.name_or_path={work / 'base'}",
         f"model.quantization={args.quantization}",
         f"run.root={work / 'runs'}",
         f"run.name=bench-{args.stage}",
         f"run.seed={args.seed}",
-        f"{args.stage}={{}}",
+        *([] if args.recipe else [f"{args.stage}={{}}"]),  # the schema's defaults, or the recipe's section
         *stage_overrides(args, work, length),
         *args.overrides,
     ])
+    if args.stage in ("sft", "reward") and length > getattr(recipe, args.stage).max_length:
+        raise SystemExit(f"a conversation is {length} tokens, over {args.stage}.max_length")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
@@ -202,9 +241,10 @@ def measure(args, work: Path) -> dict:
     steps = [m for m in metrics if "step_seconds" in m]
     timed = steps[1:] or steps  # the first step includes CUDA and allocator warm-up
     step_s = statistics.median(m["step_seconds"] for m in timed)
-    tokens, generated = tokens_per_step(args, timed, length, recipe)
+    lengths = [m[key] for m in timed for key in ("completions/mean_length", "completion_length") if key in m]
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+    count = dict(length=length, recipe=recipe, matmul_params=matmul_params, peak=peak)
     record = {
         "stage": args.stage,
         "arch": args.arch,
@@ -215,40 +255,45 @@ def measure(args, work: Path) -> dict:
         "completion_tokens": args.completion_tokens,
         "sequence_tokens": length,
         "activation_checkpointing": args.activation_checkpointing,
+        "recipe": str(args.recipe) if args.recipe else None,
         "steps": len(steps),
-        "seconds_per_step": round(step_s, 3),
-        "tokens_per_s": round(tokens / step_s, 1),
+        **speed(args, step_s, completion_length=statistics.fmean(lengths) if lengths else 0.0, **count),
         "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         "wall_seconds": round(wall, 1),
         "overrides": args.overrides,
         "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "trl", "peft", "bitsandbytes")},
     }
-    if args.stage == "ppo":
-        record.update(prompts_per_step=args.prompts_per_step, batch_size=args.batch_size,
-                      reward_model=args.reward_model, generated_tokens_per_s=round(generated / step_s, 1))
-    elif args.stage == "grpo":
-        record.update(num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
-                      reward_model=args.reward_model, generated_tokens_per_s=round(generated / step_s, 1))
+    if args.stage in ("grpo", "ppo"):
+        record.update(prompts_per_step=args.prompts_per_step, reward_model=args.reward_model)
+        if args.stage == "grpo":
+            record["num_generations"] = args.num_generations
+        else:
+            record["batch_size"] = args.batch_size
     else:
-        # 6 FLOPs per matmul parameter per token: forward 2, backward through the frozen base 2 (activation
-        # gradients only), the checkpointed forward again 2; LoRA's own FLOPs and attention are left out.
-        record.update(batch_size=args.batch_size, matmul_params=matmul_params,
-                      mfu=round(6 * matmul_params * tokens / step_s / peak, 4) if peak else None)
-    if args.baseline and args.stage in ("sft", "grpo"):
-        record["baseline_trl"] = baseline(args, work, length)
+        record.update(batch_size=args.batch_size, matmul_params=matmul_params)
+    if args.baseline:
+        measured = baseline(args, work, length)
+        timed_lengths = measured.pop("completion_lengths")[1:]
+        measured.update(speed(args, measured["seconds_per_step"], **count,
+                              completion_length=statistics.fmean(timed_lengths) if timed_lengths else 0.0))
+        record["baseline_trl"] = measured
     return record
 
 
 def baseline(args, work: Path, length: int) -> dict:
     """bench/baseline_trl.py on the same base and data, in its own process (its own peak memory)."""
-    batch = args.batch_size if args.stage == "sft" else args.prompts_per_step * args.num_generations
+    batch = args.prompts_per_step * args.num_generations if args.stage == "grpo" else args.batch_size
     command = [sys.executable, str(Path(__file__).with_name("baseline_trl.py")), args.stage,
                "--base", str(work / "base"), "--data", str(work / "data.jsonl"), "--length", str(length),
-               "--batch-size", str(batch), "--steps", str(args.steps), "--num-generations", str(args.num_generations),
+               "--batch-size", str(batch // args.accumulation), "--gradient-accumulation-steps",
+               str(args.accumulation), *([] if args.activation_checkpointing else ["--no-gradient-checkpointing"]),
+               "--steps", str(args.steps), "--num-generations", str(args.num_generations),
                "--prompt-tokens", str(args.prompt_tokens), "--completion-tokens", str(args.completion_tokens)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"the baseline failed (exit {done.returncode}): {' '.join(command)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,20 +309,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-step", type=int, default=1)
     parser.add_argument("--quantization", default="nf4", choices=("nf4", "none"))
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="a recipe whose stage section (batch, gradient accumulation, lengths, checkpointing), "
+                        "model and LoRA settings to run with, every sequence as long as its max_length allows; "
+                        "replaces --batch-size, --prompt-tokens, --completion-tokens, --num-generations, "
+                        "--prompts-per-step")
     parser.add_argument("--reward-model", default="none", choices=("none", "shared", "own"),
                         help="add a reward_model reward (an untrained checkpoint on the same base): on the policy's "
                         "base (shared) or on its own copy (own)")
     parser.add_argument("--baseline", action="store_true",
-                        help="also run bench/baseline_trl.py (stock TRL + PEFT) on the same base and data (sft, grpo)")
+                        help="also run bench/baseline_trl.py (stock TRL + PEFT) on the same base and data (sft, "
+                        "reward, grpo; TRL 1.16 has no PPOTrainer to compare PPO with)")
     parser.add_argument("--work", type=Path, default=None,
                         help="keep the built base (and runs) here and reuse it (default: a temporary dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON-lines file the record is appended to")
     parser.add_argument("overrides", nargs="*", help="more recipe overrides, key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not (ARCHS / f"{args.arch}.json").is_file():
         parser.error(f"no bench/archs/{args.arch}.json")
+    args.accumulation = 1
+    if args.recipe:
+        size_from_recipe(args)
+    if args.baseline and args.stage == "ppo":
+        parser.error("--baseline: TRL 1.16 has no PPOTrainer, so there is no stock PPO to compare with")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
         record = measure(args, args.work)

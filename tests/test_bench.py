@@ -1,5 +1,5 @@
 """The benchmark scripts' CPU path: two steps of each stage on the tiny architecture, with the stock-TRL
-baseline where there is one, and a record with every field."""
+baseline where there is one, and a record with every field; a recipe's sizes; the results table."""
 
 import importlib.util
 import json
@@ -7,21 +7,25 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parent.parent / "bench" / "run.py"
+BENCH = Path(__file__).parent.parent / "bench"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+@pytest.fixture(scope="module")
+def bench():
+    return load("run")
+
+
 @pytest.mark.parametrize("stage", ["sft", "reward", "grpo", "ppo"])
 def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, stage):
     out = tmp_path / "results.jsonl"
-    extra = ["--baseline"] if stage in ("sft", "grpo") else []
+    extra = ["--baseline"] if stage != "ppo" else []  # TRL has no PPOTrainer
     extra += ["--reward-model", "shared"] if stage in ("grpo", "ppo") else []
     extra += ["--prompts-per-step", "4"] if stage == "ppo" else []
     assert bench.main([stage, "--arch", "tiny", "--steps", "2", "--prompt-tokens", "24", "--completion-tokens", "8",
@@ -36,8 +40,49 @@ def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, stage):
         assert record["reward_model"] == "shared" and record["tokens_per_s"] > record["generated_tokens_per_s"] > 0
     else:
         assert record["matmul_params"] > 0 and record["mfu"] is None  # no known peak FLOP/s for a CPU
-    if extra and extra[0] == "--baseline":
-        assert record["baseline_trl"]["steps"] == 2 and record["baseline_trl"]["seconds_per_step"] > 0
+    if stage != "ppo":
+        baseline = record["baseline_trl"]
+        assert baseline["steps"] == 2 and baseline["seconds_per_step"] > 0 and baseline["tokens_per_s"] > 0
+        if stage == "grpo":  # counted as align's are: the same work, so tokens/s differ only by speed
+            assert baseline["tokens_per_s"] / record["tokens_per_s"] == pytest.approx(
+                record["seconds_per_step"] / baseline["seconds_per_step"], rel=0.01)
+        else:
+            assert set(baseline) >= {"mfu", "peak_allocated_gib"}
+
+
+def test_a_recipe_sizes_the_run(bench, tmp_path):
+    """--recipe: the stage section's batch and max_length, every conversation as long as it allows."""
+    out, quickstart = tmp_path / "results.jsonl", BENCH.parent / "recipes" / "quickstart.yaml"
+    assert bench.main(["sft", "--arch", "tiny", "--recipe", str(quickstart), "--steps", "2", "--out", str(out)]) == 0
+    (record,) = [json.loads(line) for line in out.open()]
+    assert record["recipe"] == str(quickstart)
+    assert record["sequence_tokens"] == 128 and record["batch_size"] == 16  # quickstart's sft section
+    assert record["activation_checkpointing"] is False
+
+
+def test_ppo_has_no_baseline_to_compare_with(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["ppo", "--arch", "tiny", "--baseline"])
+    assert "no PPOTrainer" in capsys.readouterr().err
+
+
+def test_the_table_puts_align_beside_the_baseline(tmp_path, capsys):
+    record = {"arch": "qwen2.5-1.5b", "stage": "sft", "device": "NVIDIA H100 80GB HBM3", "seconds_per_step": 0.5,
+              "tokens_per_s": 8000.0, "mfu": 0.077, "peak_allocated_gib": 2.0, "overrides": ["sft.x=1"],
+              "baseline_trl": {"seconds_per_step": 0.4, "tokens_per_s": 10000.0, "mfu": 0.096,
+                               "peak_allocated_gib": 2.5}}
+    ppo = {"arch": "tiny", "stage": "ppo", "device": "cpu", "seconds_per_step": 1.0, "tokens_per_s": 900.0,
+           "peak_allocated_gib": None, "overrides": [], "recipe": "recipes/quickstart.yaml"}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(record) + "\n" + json.dumps(ppo) + "\n")
+    assert load("table").main([str(results)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 runs on NVIDIA H100 80GB HBM3, cpu" in lines[0]
+    sft_row, ppo_row = (line.split(" | ") for line in lines[-2:])
+    assert sft_row[2:12] == ["2.00", "0.500", "8,000", "7.7%", "2.50", "0.400", "10,000", "9.6%", "0.80x", "0.80x"]
+    assert sft_row[12] == "`sft.x=1` |"
+    assert ppo_row[2:12] == ["-", "1.000", "900", "-", "-", "-", "-", "-", "-", "-"]
+    assert ppo_row[12] == "sized by recipes/quickstart.yaml |"
 
 
 def test_prompts_have_the_stated_length(bench, tmp_path):

@@ -8,7 +8,7 @@ from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_s
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from align.modeling import load_model, load_tokenizer, prompt_ids, quantization_config
+from align.modeling import checkpointing, load_model, load_tokenizer, prompt_ids, quantization_config
 from align.recipe import load_recipe
 from align.rundir import RunDir
 from align.stages import sft
@@ -132,3 +132,22 @@ def test_the_progress_bar_shows_the_loss_and_prints_no_log_dicts(trained):
     bars[0].on_log(trainer.args, trainer.state, trainer.control, logs={"loss": 0.123456, "grad_norm": 1.0})
     assert bars[0].training_bar.postfix == {"loss": "0.1235"}
     bars[0].training_bar = None
+
+
+def test_checkpointing_every_second_layer_recomputes_half_the_layers_and_trains_the_same(write_recipe):
+    """activation_checkpointing_every_n_layers reaches the layers through the trainer, and checkpointing only
+    trades memory for compute: the losses of the same steps are those of checkpointing every layer."""
+    losses, flags = {}, {}
+    for every in (1, 2):
+        section = sft_section(max_steps=3, logging_steps=1, activation_checkpointing=True,
+                              activation_checkpointing_every_n_layers=every, eval_generations=0)
+        recipe = load_recipe(write_recipe(name=f"every{every}", data=DATA, sft=section))
+        tokenizer = load_tokenizer(recipe.model)
+        train, held_out, _ = sft._load_data(recipe, tokenizer)
+        model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
+        trainer = sft._trainer(recipe, model, tokenizer, train, held_out, RunDir(recipe, "sft"))
+        trainer.train()
+        flags[every] = [layer.gradient_checkpointing for layer in model.model.layers]
+        losses[every] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert flags == {1: [True, True, True, True], 2: [True, False, True, False]}
+    assert len(losses[1]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-5)

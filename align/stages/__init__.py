@@ -14,7 +14,7 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
     stage's trainer_args; `fixed` may not."""
     import torch
 
-    from align.modeling import precision_args
+    from align.modeling import checkpointing, precision_args
     from align.recipe import trainer_kwargs
 
     return config_cls(**trainer_kwargs(
@@ -26,7 +26,7 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
         data_seed=recipe.run.seed,
         eval_strategy="steps" if has_eval and stage.eval_steps else "no",
         save_strategy="steps",
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs=checkpointing(stage) or {"use_reentrant": False},
         report_to=recipe.run.report_to or "none",
         **precision_args(recipe.model),
         **fixed,

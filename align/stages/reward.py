@@ -23,6 +23,7 @@ from typing import Any
 from align.data import load_preferences, load_train_eval
 from align.modeling import (
     ModelLoadError,
+    checkpointing,
     load_adapter_weights,
     load_model,
     load_tokenizer,
@@ -79,7 +80,7 @@ def _model(recipe: Recipe, init: Path | None):
     from transformers import set_seed
 
     set_seed(recipe.run.seed)  # the score head is drawn at random when the model loads
-    model = load_model(recipe.model, head="score", activation_checkpointing=recipe.reward.activation_checkpointing)
+    model = load_model(recipe.model, head="score", activation_checkpointing=checkpointing(recipe.reward))
     peft_config = lora_config(recipe.lora, task_type="SEQ_CLS")
     if init is not None:
         # The adapter's shape is the saved one's; dropout stays a training choice of this stage.

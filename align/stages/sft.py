@@ -18,7 +18,7 @@ from typing import Any
 
 from align.data import load_qa, load_train_eval
 from align.generation import generate
-from align.modeling import load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
+from align.modeling import checkpointing, load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
@@ -36,7 +36,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = _load_data(recipe, tokenizer)
-    model = load_model(recipe.model, activation_checkpointing=recipe.sft.activation_checkpointing)
+    model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
     resume_from = run_dir.resume_from() if resume else None
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   resumed_from=resume_from)
