@@ -77,11 +77,13 @@ def validate(recipe: Recipe) -> list[str]:
     hours: missing data files (hub ids are taken on trust: no network needed), settings a stage rejects, unknown
     reward functions, a starting point that no stage provides. Nothing is downloaded or loaded."""
     from align.data import HUB_ID
+    from align.modeling import checkpointing
     from align.rewards import check_reward_model_args, reward_function
     from align.stages import adapter_dir
 
     names = stage_names(recipe)
     for name in names:
+        checkpointing(getattr(recipe, name))
         files = getattr(recipe.data, DATA[name])
         if files.train is None:
             raise RecipeError(f"data.{DATA[name]}.train is not set, and the {name} stage needs it")

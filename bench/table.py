@@ -4,7 +4,8 @@
 
 Columns: peak allocated GiB, s/step, tokens/s and MFU (SFT, reward) for align, then for the baseline where the
 run had one (--baseline), then align's tokens/s and peak memory as multiples of the baseline's. The last column
-names a run's --recipe and recipe overrides (the speed levers). Rows keep the file's order.
+names a run's --recipe, activation checkpointing when off, and recipe overrides (the speed levers). Rows keep the
+file's order.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def settings(run: dict) -> str:
-    """What the run changed: a recipe's sizes (--recipe) and recipe overrides (the speed levers)."""
-    named = ([f"sized by {run['recipe']}"] if run.get("recipe") else []) + [f"`{o}`" for o in run.get("overrides", [])]
-    return " ".join(named) or "-"
+    """What the run changed: a recipe's sizes (--recipe), checkpointing off, recipe overrides (the speed levers)."""
+    named = ([f"sized by {run['recipe']}"] if run.get("recipe") else []) + (
+        ["no activation checkpointing"] if run.get("activation_checkpointing") is False else []) + [
+        f"`{o}`" for o in run.get("overrides", [])]
+    return ", ".join(named) or "-"
 
 
 def table(records: list[dict]) -> str:

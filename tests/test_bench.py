@@ -72,7 +72,8 @@ def test_the_table_puts_align_beside_the_baseline(tmp_path, capsys):
               "baseline_trl": {"seconds_per_step": 0.4, "tokens_per_s": 10000.0, "mfu": 0.096,
                                "peak_allocated_gib": 2.5}}
     ppo = {"arch": "tiny", "stage": "ppo", "device": "cpu", "seconds_per_step": 1.0, "tokens_per_s": 900.0,
-           "peak_allocated_gib": None, "overrides": [], "recipe": "recipes/quickstart.yaml"}
+           "peak_allocated_gib": None, "overrides": [], "recipe": "recipes/quickstart.yaml",
+           "activation_checkpointing": False}
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps(record) + "\n" + json.dumps(ppo) + "\n")
     assert load("table").main([str(results)]) == 0
@@ -82,7 +83,7 @@ def test_the_table_puts_align_beside_the_baseline(tmp_path, capsys):
     assert sft_row[2:12] == ["2.00", "0.500", "8,000", "7.7%", "2.50", "0.400", "10,000", "9.6%", "0.80x", "0.80x"]
     assert sft_row[12] == "`sft.x=1` |"
     assert ppo_row[2:12] == ["-", "1.000", "900", "-", "-", "-", "-", "-", "-", "-"]
-    assert ppo_row[12] == "sized by recipes/quickstart.yaml |"
+    assert ppo_row[12] == "sized by recipes/quickstart.yaml, no activation checkpointing |"
 
 
 def test_prompts_have_the_stated_length(bench, tmp_path):

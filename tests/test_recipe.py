@@ -34,6 +34,11 @@ def test_validation_refuses_what_a_later_stage_would(write_recipe):
     with pytest.raises(Exception, match="unknown_pkg"):
         validate(load_recipe(write_recipe(ppo={"rewards": [{"name": "unknown_pkg.mod:fn"}]}),
                              ["data.prompts.train=owner/prompts"]))
+    # offloading activations to the CPU needs a GPU to offload from (transformers' pinned copies fail on a CPU)
+    with pytest.raises(RecipeError, match="grpo.activation_checkpointing_offload=true: .* runs on the cpu; set it false"):
+        validate(load_recipe(write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]}),
+                             ["data.prompts.train=owner/prompts", "data.sft.train=owner/qa",
+                              "grpo.activation_checkpointing_offload=true"]))
 
 
 def test_overrides_reach_nested_keys_with_their_types(write_recipe):
