@@ -82,36 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     timer = StepTimer()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if args.stage == "sft":
-        from trl import SFTConfig, SFTTrainer
+    prompt = lambda r: [{"role": "user", "content": r["question"]}]  # noqa: E731
+    if args.stage in ("sft", "reward"):
+        from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
-        data = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["question"]}],
-                                   "completion": [{"role": "assistant", "content": r["answer"]}]},
+        config_cls, trainer_cls = (RewardConfig, RewardTrainer) if reward else (SFTConfig, SFTTrainer)
+        answers = {"chosen": "chosen", "rejected": "rejected"} if reward else {"completion": "answer"}
+        if reward:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        data = rows.map(lambda r: {"prompt": prompt(r), **{key: [{"role": "assistant", "content": r[column]}]
+                                                           for key, column in answers.items()}},
                         remove_columns=rows.column_names)
-        trainer = SFTTrainer(model=model, args=SFTConfig(per_device_train_batch_size=args.batch_size,
-                                                         max_length=args.length, **common),
-                             train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
-                             callbacks=[timer.callback])
-    elif reward:
-        from trl import RewardConfig, RewardTrainer
-
-        model.config.pad_token_id = tokenizer.pad_token_id
-        data = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["question"]}],
-                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]},
-                        remove_columns=rows.column_names)
-        trainer = RewardTrainer(model=model, args=RewardConfig(per_device_train_batch_size=args.batch_size,
-                                                               max_length=args.length, **common),
-                                train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
-                                callbacks=[timer.callback])
+        trainer = trainer_cls(model=model, args=config_cls(per_device_train_batch_size=args.batch_size,
+                                                           max_length=args.length, **common),
+                              train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
+                              callbacks=[timer.callback])
     else:
         from trl import GRPOConfig, GRPOTrainer
 
         def length(completions, **kwargs):  # the same rule as bench/run.py: a constant for equal lengths
             return [0.0 for _ in completions]
 
-        data = rows.map(lambda r: {"prompt": [{"role": "user", "content": r["question"]}]},
-                        remove_columns=rows.column_names)
+        data = rows.map(lambda r: {"prompt": prompt(r)}, remove_columns=rows.column_names)
         trainer = GRPOTrainer(model=model, reward_funcs=[length], train_dataset=data, processing_class=tokenizer,
                               peft_config=peft_config, callbacks=[timer.callback],
                               args=GRPOConfig(per_device_train_batch_size=args.batch_size,
