@@ -3,7 +3,7 @@
     python bench/run.py sft --arch qwen2.5-7b --steps 6 --baseline
     python bench/run.py reward --arch qwen2.5-1.5b --steps 6
     python bench/run.py grpo --arch qwen2.5-1.5b --steps 4 --completion-tokens 64 --reward-model shared
-    python bench/run.py grpo --arch tiny --steps 2 --prompt-tokens 16 --completion-tokens 16   # the CPU path
+    python bench/run.py grpo --arch tiny --device cpu --steps 2 --prompt-tokens 16 --completion-tokens 16
 
 The model is built from bench/archs/ARCH.json (a hub config.json) with random weights and a synthetic byte-level
 tokenizer of the same vocabulary size, saved to a work dir, and then trained by align's own stage code
@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import random
 import statistics
 import subprocess
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="sft: conversations, reward: pairs per step")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--prompts-per-step", type=int, default=1)
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="auto: the GPU if there is one; cpu: hide the GPUs (the CPU path, also for the baseline)")
     parser.add_argument("--quantization", default="nf4", choices=("nf4", "none"))
     parser.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
     parser.add_argument("--recipe", type=Path, default=None,
@@ -329,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not (ARCHS / f"{args.arch}.json").is_file():
         parser.error(f"no bench/archs/{args.arch}.json")
+    if args.device == "cpu":  # before CUDA is initialised; the baseline's process inherits it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible here")
     args.accumulation = 1
     if args.recipe:
         size_from_recipe(args)

@@ -23,13 +23,15 @@ def bench():
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "grpo", "ppo"])
-def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, stage):
+def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, monkeypatch, stage):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --device cpu sets it: undone after the test
     out = tmp_path / "results.jsonl"
     extra = ["--baseline"] if stage != "ppo" else []  # TRL has no PPOTrainer
     extra += ["--reward-model", "shared"] if stage in ("grpo", "ppo") else []
     extra += ["--prompts-per-step", "4"] if stage == "ppo" else []
-    assert bench.main([stage, "--arch", "tiny", "--steps", "2", "--prompt-tokens", "24", "--completion-tokens", "8",
-                       "--num-generations", "4", "--batch-size", "4", "--out", str(out), *extra]) == 0
+    assert bench.main([stage, "--arch", "tiny", "--device", "cpu", "--steps", "2", "--prompt-tokens", "24",
+                       "--completion-tokens", "8", "--num-generations", "4", "--batch-size", "4", "--out", str(out),
+                       *extra]) == 0
     (record,) = [json.loads(line) for line in out.open()]
     assert record["stage"] == stage and record["arch"] == "tiny" and record["steps"] == 2
     assert record["prompt_tokens"] == 24 and record["completion_tokens"] == 8
