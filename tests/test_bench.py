@@ -45,9 +45,9 @@ def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, monkeypatch
     if stage != "ppo":
         baseline = record["baseline_trl"]
         assert baseline["steps"] == 2 and baseline["seconds_per_step"] > 0 and baseline["tokens_per_s"] > 0
-        if stage == "grpo":  # counted as align's are: the same work, so tokens/s differ only by speed
-            assert baseline["tokens_per_s"] / record["tokens_per_s"] == pytest.approx(
-                record["seconds_per_step"] / baseline["seconds_per_step"], rel=0.01)
+        if stage == "grpo":  # generated tokens per step, from the lengths TRL logged: 4 completions of <= 8 tokens
+            for run in (record, baseline):
+                assert 0 < run["generated_tokens_per_s"] * run["seconds_per_step"] <= 4 * 8 * 1.01
         else:
             assert set(baseline) >= {"mfu", "peak_allocated_gib"}
 
