@@ -112,8 +112,9 @@ def stage_overrides(args, work: Path, length: int) -> list[str]:
               f"{args.stage}.save_steps={args.steps + 1}",
               f"{args.stage}.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
     if args.recipe:
-        common.append(f"data.{'sft' if args.stage == 'sft' else 'preference' if args.stage == 'reward' else 'prompts'}"
-                      ".eval=null")
+        from align.pipeline import DATA
+
+        common.append(f"data.{DATA[args.stage]}.eval=null")
     sized = lambda *keys: [] if args.recipe else list(keys)  # noqa: E731  (a recipe keeps its own)
     if args.stage == "sft":
         return [f"data.sft.train={work / 'data.jsonl'}", "data.columns.prompt=question", "sft.eval_generations=0",
@@ -166,7 +167,6 @@ def size_from_recipe(args) -> None:
         args.prompts_per_step = per_step // section.num_generations
     else:
         args.batch_size, args.prompts_per_step = section.per_device_train_batch_size, per_step
-
 
 
 def tokens_per_step(args, length: int, completion_length: float, recipe) -> tuple[float, float]:
