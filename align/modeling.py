@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from align.errors import AlignError
-from align.recipe import DType, LoraConfig, ModelConfig, Quantization, RecipeError
+from align.recipe import DType, LoraConfig, ModelConfig, Quantization, RecipeError, section_name
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ def checkpointing(stage) -> dict[str, Any] | None:
     if not stage.activation_checkpointing:
         return None
     if stage.activation_checkpointing_offload and device().type != "cuda":
-        section = type(stage).__name__.removesuffix("Stage").lower()
-        raise RecipeError(f"{section}.activation_checkpointing_offload=true: it moves checkpointed activations from "
-                          f"the GPU to pinned CPU memory, and this process runs on the {device().type}; set it false")
+        raise RecipeError(f"{section_name(stage)}.activation_checkpointing_offload=true: it moves checkpointed "
+                          f"activations from the GPU to pinned CPU memory, and this process runs on the "
+                          f"{device().type}; set it false")
     return {"use_reentrant": False, "every_n_layers": stage.activation_checkpointing_every_n_layers,
             "offload": stage.activation_checkpointing_offload}
 

@@ -447,12 +447,17 @@ def to_yaml(recipe: Recipe) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
 
 
+def section_name(stage: Any) -> str:
+    """The recipe key of a stage section: SFTStage -> sft, GRPOStage -> grpo."""
+    return type(stage).__name__.removesuffix("Stage").lower()
+
+
 def trainer_kwargs(stage: Any, trl_config_cls: type, *, defaults: dict[str, Any] = {}, **fixed: Any) -> dict[str, Any]:
     """Keyword arguments for a TRL config class, later ones winning: align's `defaults`, the stage's fields that
     the class has (same names), `trainer_args`, and the values align itself must set (`fixed`), which
     `trainer_args` may not override."""
     trl_fields = {f.name for f in dataclasses.fields(trl_config_cls)}
-    section = type(stage).__name__.removesuffix("Stage").lower()  # SFTStage -> sft, GRPOStage -> grpo
+    section = section_name(stage)
     kwargs = dict(defaults)
     kwargs.update({f.name: getattr(stage, f.name) for f in dataclasses.fields(stage) if f.name in trl_fields})
     for key, value in stage.trainer_args.items():
