@@ -159,6 +159,7 @@ def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: 
     else:
         model = _from_pretrained(model_class, cfg, **kwargs)
     if quant is not None:
+        keep_4bit_on_the_autograd_path(model)
         # What peft's prepare_model_for_kbit_training does, less its upcast of every unquantised weight
         # (embeddings, LM head, norms) to fp32: with bf16 compute that cost 3.7 GiB and 23% of the SFT step
         # time on a 7B model (bench/README.md), and TRL's own trainers do without it.
@@ -169,6 +170,22 @@ def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: 
                                                   offload=kwargs.pop("offload"), activation_checkpointing_kwargs=kwargs)
             model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_on_the_autograd_path(model) -> None:
+    """Keeps every 4-bit layer on bitsandbytes' standard (dequantise + matmul) path, which has autograd.
+
+    bitsandbytes 0.50.2, on a CPU with AVX-512 BF16 (`has_avx512bf16()`): the first forward of a `Linear4bit` in
+    eval mode without gradients (the "before" evaluation of every stage) repacks its weight into a CPU-only layout
+    (`_convert_weight_packed_for_cpu`) for a fused bf16 `gemv_4bit` kernel, and the layer computes through that
+    kernel from then on, in training too. The kernel has no autograd, so the gradient through the frozen 4-bit
+    weights to the LoRA adapters of earlier layers is wrong (the quickstart SFT learned nothing), and inference
+    runs in bf16 whatever the compute dtype. `support_avx512bf16_for_cpu` is the layer's switch for that path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def trainable_weights(model) -> dict[str, torch.Tensor]:

@@ -25,6 +25,49 @@ def test_nf4_base_loads_on_cpu_and_is_smaller():
     assert not any(p.requires_grad for p in quantized.parameters())  # base frozen for LoRA
 
 
+def _lora_gradients(base, ids, *, eval_pass_first=False, like=None):
+    """The LoRA gradients of one training step (loss on `ids`) on `base` with a rank-4 adapter on every linear
+    layer: lora_B non-zero, so that gradients flow through the frozen base weights to every adapter. `like`: a
+    model whose adapter weights to copy (the same adapter on another base). `eval_pass_first`: an eval forward
+    without gradients before training, as every stage's "before" evaluation does."""
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    torch.manual_seed(0)
+    model = get_peft_model(base, lora_config(LoraConfig(r=4, alpha=8, dropout=0.0)))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    if like is not None:
+        set_peft_model_state_dict(model, get_peft_model_state_dict(like))
+    if eval_pass_first:
+        with torch.no_grad():
+            model.eval()(input_ids=ids)
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    return model, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_4bit_lora_gradients_are_those_of_the_dequantised_model_after_an_eval_pass():
+    """bitsandbytes, on CPUs with AVX-512 BF16, moves a 4-bit layer to a fused bf16 kernel without autograd after
+    its first eval forward without gradients (align/modeling.py: keep_4bit_on_the_autograd_path). On any CPU:
+    no layer leaves the standard path, and the gradients of a training step do not depend on an earlier eval."""
+    import bitsandbytes as bnb
+
+    cfg = ModelConfig(name_or_path=str(TINY_BASE))
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 7, 23, 11]])
+    evaluated, after_eval = _lora_gradients(load_model(cfg), ids, eval_pass_first=True)
+    layers = [m for m in evaluated.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * 7
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    _, fresh = _lora_gradients(load_model(cfg), ids, like=evaluated)
+    _, dequantised = _lora_gradients(load_model(cfg).dequantize(), ids, like=evaluated)
+    assert len(after_eval) == 2 * 4 * 7 and all(g.abs().sum() > 0 for g in after_eval.values())
+    for name, grad in after_eval.items():
+        torch.testing.assert_close(grad, fresh[name], rtol=0, atol=0, msg=name)
+        # The same NF4 values, dequantised once up front: only the order of float32 sums may differ.
+        torch.testing.assert_close(grad, dequantised[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_missing_bitsandbytes_names_the_setting(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails, as on a platform without it
     with pytest.raises(ModelLoadError, match="set model.quantization=none"):

@@ -8,7 +8,9 @@ from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_s
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from align.modeling import checkpointing, load_model, load_tokenizer, prompt_ids, quantization_config
+from align.modeling import (
+    checkpointing, keep_4bit_on_the_autograd_path, load_model, load_tokenizer, prompt_ids, quantization_config,
+)
 from align.recipe import load_recipe
 from align.rundir import RunDir
 from align.stages import sft
@@ -89,6 +91,9 @@ def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained
     base = AutoModelForCausalLM.from_pretrained(
         str(TINY_BASE), quantization_config=quantization_config(recipe.model), device_map="cpu"
     )
+    # Like with like: align's layers stay on bitsandbytes' standard kernels; a stock reload on a CPU with AVX-512
+    # BF16 would compute in bf16 through a fused inference kernel (README: "Loading a checkpoint without align").
+    keep_4bit_on_the_autograd_path(base)
     reloaded = PeftModel.from_pretrained(base, results["checkpoint"]).eval()
     with torch.no_grad():
         actual = reloaded(input_ids=ids).logits
