@@ -2,20 +2,26 @@
 
     align tiny data            # rewrites data/corpus.txt and data/arithmetic/*.jsonl (python -m align.arithmetic)
 
-Each operand has two or three digits (even odds), so questions range from easy (23 + 45) to hard (487 + 365),
-which leaves the RL stages room above the SFT policy. Every unordered pair {a, b} belongs to one split (a seeded
-hash decides), so held-out and RL questions are sums the tiny base never read during pretraining and SFT never
-trained on. The corpus states sums in prose (what the base "knows"); the QA pairs teach the assistant format
-"17 + 25 = 42. The answer is 42." that the rule rewards check.
+Each operand has two or three digits (even odds). Every unordered pair {a, b} belongs to one split (a seeded hash
+decides), so held-out and RL questions are sums the tiny base never read during pretraining and SFT never trained
+on.
+
+Answers come in two styles, and the gap between them is what RL has to find:
+- direct: "263 + 745 = 1008. The answer is 1008." The model must produce the sum's digits left to right, though
+  the carries come from the right: often wrong on three-digit sums.
+- worked: "3 + 5 = 8. 6 + 4 = 10. 2 + 7 + 1 = 10. The answer is 1008." Column by column from the right (the
+  shorter operand padded with 0, a carry written as "+ 1"), each step one-digit arithmetic: right far more often.
+The corpus states sums in prose and in worked form (what the base "knows"). The SFT data is mostly direct
+(`WORKED_SHARE`), so the SFT policy usually answers directly; exact-match reward then teaches it to show its work.
 
 RL prompts (`rl_prompts.jsonl`) are questions of their own split with their reference answers: what RL learns
 on them must carry over to the held-out sums to show, rather than sharpen what SFT memorised.
 
-Preference pairs for the reward model: chosen is that answer; rejected is, in proportions 2:1:1, a wrong number
-in the same form (a random number with as many digits as the sum), a malformed answer with the right number
-(cut short, bare, or without the answer sentence: always shorter), or a rambling one with the right number
-(filler and repetition: always longer). Lengths thus point to the chosen answer as often as away from
-it, and half the pairs differ only in the arithmetic: a reward model must add to rank them (`cues` measures it).
+Preference pairs for the reward model: chosen is a correct worked answer; rejected is, in proportions 2:1:1:1, a
+direct answer with a wrong number (as many digits as the sum), a worked answer with one wrong column (its sum
+wrong with it), a malformed answer with the right number (cut short, bare, or without the answer sentence) or a
+rambling one with the right number (filler and repetition). The reward model thus prefers shown, correct work,
+the behaviour RL should find; `cues` measures how far rankers that do not add get.
 """
 
 from __future__ import annotations
@@ -48,13 +54,66 @@ CORPUS_FORMS = [
     "{name} had {a} {things} and found {b} more, so now {name} has {s} {things}.",
     "There are {a} {things} in one box and {b} in another: {s} {things} in all.",
 ]
+WORKED_FORMS = [
+    "{a} + {b}, digit by digit: {w}",
+    "Adding {a} and {b} column by column: {w}",
+    "What is {a} + {b}? {w}",
+    "To add {a} and {b}, start from the right. {w}",
+]
+CORPUS_WORKED_SHARE = 0.4  # of corpus sentences: the base learns worked sums in pretraining, which SFT alone
+                           # cannot teach it (LoRA SFT on worked answers learned their form, 0% held-out)
 NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jun"]
 THINGS = ["apples", "books", "coins", "shells", "stones", "cards", "pens", "stamps"]
 
 
-def answer(a: int, b: int) -> str:
-    """The completion the SFT data teaches, ending in the final number the rule rewards read."""
+WORKED_SHARE = 0.3  # of SFT answers (train and held-out); the rest are direct
+
+
+def direct(a: int, b: int) -> str:
+    """The sum stated at once, ending in the final number the rule rewards read."""
     return f"{a} + {b} = {a + b}. The answer is {a + b}."
+
+
+def columns(a: int, b: int) -> list[list[int]]:
+    """The terms of each column, from the right: a's digit, b's digit (0 past the shorter one), 1 for a carry."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    carry, out = 0, []
+    for i in range(max(len(da), len(db))):
+        terms = [int(d[i]) if i < len(d) else 0 for d in (da, db)] + ([1] if carry else [])
+        carry = sum(terms) // 10
+        out.append(terms)
+    return out
+
+
+def worked(a: int, b: int, slip: int | None = None, rng: random.Random | None = None) -> str:
+    """Column by column from the right, then the sum. `slip`: that column's total is wrong (by 1 or 2, a wrong
+    answer that looks like work) and the sum is read off the wrong totals, as a careless solver would."""
+    totals = [sum(terms) for terms in columns(a, b)]
+    if slip is not None:
+        totals[slip] = max(0, totals[slip] + rng.choice((-2, -1, 1, 2)))
+        totals[slip] = totals[slip] if totals[slip] != sum(columns(a, b)[slip]) else totals[slip] + 3
+    steps = " ".join(f"{' + '.join(map(str, terms))} = {t}." for terms, t in zip(columns(a, b), totals))
+    digits, carry = [], 0
+    for t in totals:  # the sum the written totals give: each total's last digit, the last total whole
+        digits.append(t % 10)
+        carry = t // 10
+    stated = int((str(carry) if carry else "") + "".join(map(str, reversed(digits))))
+    return f"{steps} The answer is {stated}."
+
+
+def answer(a: int, b: int, style: str = "direct") -> str:
+    """The completion the SFT data teaches in `style` (direct or worked)."""
+    return worked(a, b) if style == "worked" else direct(a, b)
+
+
+def shows_work(text: str) -> bool:
+    """Whether an answer is worked column by column (it opens with a one-digit column sum)."""
+    return re.match(r"\d \+ \d( \+ 1)? = \d+\.", text.strip()) is not None
+
+
+def answer_style(text: str) -> str:
+    """The quickstart's `data.answer_style` plug-in: worked or direct."""
+    return "worked" if shows_work(text) else "direct"
 
 
 def split_of(a: int, b: int, seed: int = SEED) -> str:
@@ -77,12 +136,15 @@ def sample_pair(rng: random.Random, split: str) -> tuple[int, int]:
 
 
 def corpus(rng: random.Random, documents: int) -> list[str]:
-    """Short documents of training-split sums stated in prose; one document per line."""
+    """Short documents of training-split sums, stated in prose or worked; one document per line."""
     docs = []
     for _ in range(documents):
         sentences = []
         for _ in range(rng.randint(3, 6)):
             a, b = sample_pair(rng, "train")
+            if rng.random() < CORPUS_WORKED_SHARE:
+                sentences.append(rng.choice(WORKED_FORMS).format(a=a, b=b, w=worked(a, b)))
+                continue
             form = rng.choice(CORPUS_FORMS)
             sentences.append(form.format(a=a, b=b, s=a + b, name=rng.choice(NAMES), things=rng.choice(THINGS)))
         docs.append(" ".join(sentences))
@@ -95,7 +157,8 @@ def qa_rows(rng: random.Random, split: str, count: int) -> list[dict]:
         a, b = sample_pair(rng, split)
         if (a, b) not in seen:
             seen.add((a, b))
-            rows.append({"question": rng.choice(QUESTION_FORMS).format(a=a, b=b), "answer": answer(a, b)})
+            style = "worked" if rng.random() < WORKED_SHARE else "direct"
+            rows.append({"question": rng.choice(QUESTION_FORMS).format(a=a, b=b), "answer": answer(a, b, style)})
     return rows
 
 
@@ -118,20 +181,22 @@ RAMBLING = [
 
 
 def preference_rows(rng: random.Random, split: str, count: int) -> list[dict]:
-    """{question, chosen, rejected, kind}: kind says how the rejected answer is worse."""
+    """{question, chosen, rejected, kind}: chosen is correct worked; kind says how the rejected answer is worse."""
     rows, seen = [], set()
     while len(rows) < count:
         a, b = sample_pair(rng, split)
         if (a, b) in seen:
             continue
         seen.add((a, b))
-        kind = rng.choice(("wrong_number", "wrong_number", "malformed", "rambling"))
-        if kind == "wrong_number":
-            rejected = answer(a, b).replace(str(a + b), str(wrong_number(rng, a + b)))
+        kind = rng.choice(("wrong_direct", "wrong_direct", "wrong_column", "malformed", "rambling"))
+        if kind == "wrong_direct":
+            rejected = direct(a, b).replace(str(a + b), str(wrong_number(rng, a + b)))
+        elif kind == "wrong_column":
+            rejected = worked(a, b, slip=rng.randrange(len(columns(a, b))), rng=rng)
         else:
             rejected = rng.choice(MALFORMED if kind == "malformed" else RAMBLING).format(a=a, b=b, s=a + b)
         question = rng.choice(QUESTION_FORMS).format(a=a, b=b)
-        rows.append({"question": question, "chosen": answer(a, b), "rejected": rejected, "kind": kind})
+        rows.append({"question": question, "chosen": worked(a, b), "rejected": rejected, "kind": kind})
     return rows
 
 
@@ -144,7 +209,7 @@ def cues(rows: list[dict]) -> dict[str, float]:
     return {
         "shorter_wins": accuracy(lambda t: -len(t)),
         "longer_wins": accuracy(len),
-        "well_formed_wins": accuracy(lambda t: re.fullmatch(r"\d+ \+ \d+ = \d+\. The answer is \d+\.", t) is not None),
+        "shown_work_wins": accuracy(shows_work),
     }
 
 

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--accuracy", help="plug-in check 'pkg.mod:fn' (reward-function signature; 1 = right) "
                          "instead of exact match of the final number")
     compare.add_argument("--answer-column", help="the eval file's reference answer column (default: answer)")
+    compare.add_argument("--answer-style", help="plug-in 'pkg.mod:fn' naming each answer's style (text -> name, "
+                         "e.g. align.arithmetic:answer_style): each style's share and accuracy per checkpoint")
     compare.add_argument("--prompt-column", help="the eval file's prompt column (default: auto-detected)")
     compare.add_argument("--out", type=Path, default=Path("compare"), help="output directory (default: ./compare)")
     compare.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
@@ -279,6 +281,7 @@ def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
             lines.append(f"answer loss {arrow(b['answer_loss'], a['answer_loss'], num)}")
             if "answer_accuracy" in a:
                 lines.append(f"accuracy {arrow(b['answer_accuracy'], a['answer_accuracy'], pct)}")
+            lines += _style_lines(b, a)
         elif name == "reward" and a:
             lines.append(f"pair accuracy {arrow(b['pair_accuracy'], a['pair_accuracy'], pct)}")
         elif a:
@@ -287,12 +290,20 @@ def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
                     lines.append(f"{decoding} reward {arrow(b[decoding]['reward_mean'], a[decoding]['reward_mean'], num)}")
                     if "rewards/exact_match" in a[decoding]:
                         lines.append(f"{decoding} accuracy {arrow(b[decoding]['rewards/exact_match'], a[decoding]['rewards/exact_match'], pct)}")
+                    lines += _style_lines(b[decoding], a[decoding], f"{decoding} ")
         if name in ("grpo", "ppo") and r.get("kl_last") is not None:
             unit = "nats/completion" if name == "ppo" else "nats/token"
             lines.append(f"KL {r['kl_first']:.3g} -> {r['kl_last']:.3g} {unit} (max {r['kl_max']:.3g})")
         table.add_row(name, outcome.action, "\n".join(lines) or "(no held-out data)")
     console.print(table)
     console.print(f"run dir: {Path(recipe.run.root) / recipe.run.name} (checkpoints: <stage>/checkpoint)", soft_wrap=True)
+
+
+def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """'worked 12.5% -> 100.0% (of answers)' per answer style (data.answer_style), before -> after."""
+    styles = sorted({k.removesuffix("_fraction") for k in (*before, *after) if k.endswith("_fraction")})
+    return [f"{prefix}{s} {before.get(s + '_fraction', 0):.1%} -> {after.get(s + '_fraction', 0):.1%} of answers"
+            for s in styles]
 
 
 # What to lower when a stage runs out of GPU memory, the biggest saving first.
@@ -339,7 +350,7 @@ def _print_sft(console, results: dict) -> None:
     if "answer_accuracy" in after:
         rows.append(("answer accuracy (greedy, final number)", f"{before['answer_accuracy']:.1%}",
                      f"{after['answer_accuracy']:.1%}"))
-    console.print(_before_after("SFT on held-out data", rows))
+    console.print(_before_after("SFT on held-out data", rows + _style_rows(before, after)))
     for sample in after.get("samples", []):
         mark = "[green]right[/green]" if sample["correct"] else "[red]wrong[/red]"
         console.print(f"  {mark} {sample['prompt']} -> {sample['answer'].strip()!r}", soft_wrap=True)
@@ -380,7 +391,19 @@ def _print_rl(console, results: dict) -> None:
         rows = [("reward (weighted total)", f"{b['reward_mean']:.4f}", f"{a['reward_mean']:.4f}")]
         rows += [(key.split("/", 1)[1], f"{b[key]:.4f}", f"{a[key]:.4f}") for key in a if key.startswith("rewards/")]
         rows.append(("answer tokens (mean)", f"{b['completion_tokens_mean']:.1f}", f"{a['completion_tokens_mean']:.1f}"))
-        console.print(_before_after(title, rows))
+        console.print(_before_after(title, rows + _style_rows(b, a)))
+
+
+def _style_rows(before: dict, after: dict) -> list[tuple[str, str, str]]:
+    """Each answer style's share and accuracy (data.answer_style), before and after; '-' where it had no answer."""
+    rows = []
+    for style in sorted({k.removesuffix("_fraction") for k in (*before, *after) if k.endswith("_fraction")}):
+        rows.append((f"{style} answers: share", f"{before.get(style + '_fraction', 0):.1%}",
+                     f"{after.get(style + '_fraction', 0):.1%}"))
+        if style + "_accuracy" in (*before, *after):
+            rows.append((f"{style} answers: accuracy", *(f"{r[style + '_accuracy']:.1%}" if style + "_accuracy" in r
+                                                         else "-" for r in (before, after))))
+    return rows
 
 
 PRINTERS = {"sft": _print_sft, "reward": _print_reward, "grpo": _print_rl, "ppo": _print_rl}
@@ -399,6 +422,7 @@ def _compare(args) -> int:
     started = time.monotonic()
     results = compare(args.checkpoints, args.eval, out=args.out, reward=args.reward, baseline=args.baseline,
                       reference=args.reference, accuracy=args.accuracy, answer_column=args.answer_column,
+                      answer_style=args.answer_style,
                       columns={"prompt": args.prompt_column} if args.prompt_column else None,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       answers_per_prompt=args.answers_per_prompt,

@@ -184,9 +184,11 @@ def win_rate(rewards: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
 
 
 def summarise(rewards: np.ndarray | None, baseline: np.ndarray | None, kl: np.ndarray | None,
-              correct: np.ndarray | None, tokens: np.ndarray, chars: np.ndarray, seed: int) -> dict[str, Any]:
+              correct: np.ndarray | None, tokens: np.ndarray, chars: np.ndarray, seed: int,
+              styles: np.ndarray | None = None) -> dict[str, Any]:
     """Every number of one checkpoint, from arrays of prompts x answers per prompt; each mean with its 95%
-    bootstrap interval over prompts."""
+    bootstrap interval over prompts. `styles`: each answer's style name (--answer-style): each style's share (with
+    its interval) and accuracy over that style's answers."""
     mean_ci = lambda v: {"mean": float(np.mean(v)), "ci95": bootstrap(v, np.mean, seed=seed)}  # noqa: E731
     result: dict[str, Any] = {"length_tokens": float(tokens.mean()), "length_chars": float(chars.mean())}
     if rewards is not None:
@@ -198,11 +200,18 @@ def summarise(rewards: np.ndarray | None, baseline: np.ndarray | None, kl: np.nd
         result["kl"] = {**mean_ci(kl), "std": float(kl.std())}
     if correct is not None:
         result["accuracy"] = mean_ci(correct)
+    if styles is not None:
+        result["styles"] = {}
+        for name in sorted(set(styles.ravel())):
+            mine = styles == name
+            result["styles"][name] = {"fraction": mean_ci(mine.astype(float)),
+                                      **({"accuracy": float(correct[mine].mean())} if correct is not None else {})}
     return result
 
 
 def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None = None, baseline: str | None = None,
             reference: str | None = None, accuracy: str | None = None, answer_column: str | None = None,
+            answer_style: str | None = None,
             columns: dict[str, str] | None = None, max_new_tokens: int = 128, temperature: float = 1.0,
             top_p: float = 1.0, answers_per_prompt: int = 1, batch_size: int = 32, samples: int = 5, seed: int = 0,
             quantization: Quantization = Quantization.nf4) -> dict[str, Any]:
@@ -215,6 +224,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     from align.modeling import load_tokenizer
     from align.recipe import Columns
     from align.rewards import RewardModelScorer
+    from align.styles import load_style
 
     k = answers_per_prompt
     if k < 1 or (k > 1 and temperature <= 0):
@@ -237,6 +247,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     data_columns = {c: held_out[c] for c in held_out.column_names if c != "prompt"}
     repeat = lambda values: [v for v in values for _ in range(k)]  # noqa: E731  (a prompt's answers are adjacent)
     check = _accuracy_check(accuracy, answer_column, data_columns)
+    style = load_style(answer_style, where="--answer-style")
     sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else None
     log.info("compare: %d checkpoints x %d prompts (%s)", len(checkpoints), len(prompts),
              f"sampled at temperature {temperature}" if sampling else "greedy")
@@ -275,7 +286,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
         "settings": {"seed": seed, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                      "answers_per_prompt": k,
                      "baseline": base_name, "reward_model": str(reward_checkpoint) if reward_checkpoint else None,
-                     "accuracy": check.__name__ if check else None,
+                     "accuracy": check.__name__ if check else None, "answer_style": answer_style,
                      "kl_estimator": "mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t), y ~ pi"},
         "checkpoints": {},
     }
@@ -288,8 +299,9 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
             correct = np.array([s or 0.0 for s in scores], dtype=float).reshape(-1, k)
         kl = (np.array(a.logprobs) - np.array(a.ref_logprobs)).reshape(-1, k) if a.ref_logprobs else None
         lengths = lambda values: np.array([len(v) for v in values], dtype=float).reshape(-1, k)  # noqa: E731
+        styles = np.array([style(t) for t in a.texts], dtype=object).reshape(-1, k) if style else None
         metrics = summarise(rewards.get(checkpoint.name), rewards.get(base_name), kl, correct, lengths(a.ids),
-                            lengths(a.texts), seed)
+                            lengths(a.texts), seed, styles)
         results["checkpoints"][checkpoint.name] = {
             "source": checkpoint.source, "adapter": str(checkpoint.adapter) if checkpoint.adapter else None,
             "base_model": checkpoint.model.name_or_path, "quantization": checkpoint.model.quantization.value,

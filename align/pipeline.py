@@ -81,6 +81,9 @@ def validate(recipe: Recipe) -> list[str]:
     from align.rewards import check_reward_model_args, reward_function
     from align.stages import adapter_dir
 
+    from align.styles import load_style
+
+    load_style(recipe.data.answer_style)
     names = stage_names(recipe)
     for name in names:
         checkpointing(getattr(recipe, name))

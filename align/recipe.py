@@ -123,6 +123,10 @@ class DataConfig:
     skip_invalid: bool = doc(
         False, help="Skip invalid or over-long rows (counted and logged by reason) instead of stopping at them."
     )
+    answer_style: Optional[str] = doc(
+        None, help="Plug-in 'package.module:function' naming an answer's style (answer text -> a name, e.g. "
+        "align.arithmetic:answer_style: worked or direct). Held-out evaluations then report each style's share "
+        "(<style>_fraction) and accuracy (<style>_accuracy). None: no styles.")
 
 
 @dataclass

@@ -47,7 +47,19 @@ def metrics_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 cell += f" [{metric[3].format(ci[0])}, {metric[3].format(ci[1])}]"
             row.append(cell)
         rows.append(row)
-    return ["checkpoint"] + [m[0] for m in shown], rows
+    # --answer-style: each style's share of the answers (with its interval), and its accuracy
+    styles = sorted({s for c in checkpoints.values() for s in c["metrics"].get("styles", {})})
+    with_accuracy = any("accuracy" in c["metrics"] for c in checkpoints.values())
+    for entry, row in zip(checkpoints.values(), rows):
+        for style in styles:
+            mine = entry["metrics"].get("styles", {}).get(style)
+            if mine is None:  # none of this checkpoint's answers has the style
+                row += ["0.0%"] + (["-"] if with_accuracy else [])
+                continue
+            (low, high), share = mine["fraction"]["ci95"], mine["fraction"]["mean"]
+            row += [f"{share:.1%} [{low:.1%}, {high:.1%}]"] + ([f"{mine['accuracy']:.1%}"] if with_accuracy else [])
+    columns = [c for s in styles for c in (f"{s} share", f"{s} accuracy")[: 2 if with_accuracy else 1]]
+    return ["checkpoint"] + [m[0] for m in shown] + columns, rows
 
 
 def _value(metrics: dict[str, Any], metric) -> float | None:

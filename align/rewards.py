@@ -337,8 +337,25 @@ def _check_rule_args(name: str, fn: Callable, args: dict[str, Any]) -> None:
 
 def load_plugin(spec: str) -> Callable:
     """The function named by 'package.module:function', checked to take TRL's reward arguments."""
-    module_name, _, attr = spec.rpartition(":")
     where = f"reward plug-in '{spec}'"
+    fn = import_plugin(spec, where)
+    attr = spec.rpartition(":")[2]
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn  # a builtin or extension callable without a signature: its output is still checked
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
+    if not takes_kwargs or not {"prompts", "completions"} <= names:
+        raise RewardError(f"{where}: its signature {attr}{inspect.signature(fn)} does not take TRL's reward "
+                          "arguments; define it as def " + attr + "(prompts, completions, **kwargs) -> list[float] "
+                          "(kwargs: the prompt data's other columns, completion_ids, trainer_state)")
+    return fn
+
+
+def import_plugin(spec: str, where: str) -> Callable:
+    """The plain function named by 'package.module:function'; `where` names the setting in errors."""
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise RewardError(f"{where}: expected 'package.module:function'")
     try:
@@ -353,14 +370,4 @@ def load_plugin(spec: str) -> Callable:
         raise RewardError(f"{where}: '{attr}' is a {type(fn).__name__}, not a function")
     if inspect.iscoroutinefunction(fn):
         raise RewardError(f"{where}: is async; align takes plain functions (run the async work inside it)")
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return fn  # a builtin or extension callable without a signature: its output is still checked
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
-    if not takes_kwargs or not {"prompts", "completions"} <= names:
-        raise RewardError(f"{where}: its signature {attr}{inspect.signature(fn)} does not take TRL's reward "
-                          "arguments; define it as def " + attr + "(prompts, completions, **kwargs) -> list[float] "
-                          "(kwargs: the prompt data's other columns, completion_ids, trainer_state)")
     return fn

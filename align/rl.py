@@ -13,6 +13,7 @@ from align.modeling import checkpointing, load_model, lora_config
 from align.recipe import Recipe, RecipeError, RLStage
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
 from align.rundir import RunDir
+from align.styles import breakdown, describe, load_style
 from align.stages import adapter_dir, finished_checkpoint
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def check_section(recipe: Recipe, section: str) -> RLStage:
     if not cfg.rewards:
         raise RecipeError(f"{section}.rewards is empty; list at least one reward, e.g. "
                           f"{section}.rewards=[{{name: reward_model}}] (see docs/rewards.md)")
+    load_style(recipe.data.answer_style)
     if cfg.max_completion_length >= cfg.max_length:
         raise RecipeError(f"{section}.max_completion_length={cfg.max_completion_length} leaves no room for the "
                           f"prompt in {section}.max_length={cfg.max_length}")
@@ -98,17 +100,19 @@ def warn_if_first_kl_not_zero(kl: float, tolerance: float = 1e-4) -> None:
 
 
 def evaluate(model, tokenizer, held_out, rewards: list[RewardFunc], cfg: RLStage, when: str, *,
-             sampling: dict[str, Any], trainer_state=None, log_metrics: Callable[[dict], None]) -> dict[str, Any]:
+             sampling: dict[str, Any], trainer_state=None, log_metrics: Callable[[dict], None],
+             style: Callable[[str], str] | None = None) -> dict[str, Any]:
     """The first held-out prompts answered greedily, and `eval_samples` times each with the training `sampling`
     settings (the expected reward is what RL maximises; a greedy answer can flip on a small change), each answer
-    scored by every reward function and their weighted sum. Logged through `log_metrics`."""
+    scored by every reward function and their weighted sum, and with `style` (data.answer_style) each style's
+    share (and accuracy: its mean exact_match, when that is a reward). Logged through `log_metrics`."""
     n = min(cfg.eval_generations, len(held_out)) if held_out is not None else 0
     if not n:
         return {}
     rows = held_out.select(range(n))
     columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
     ask = dict(model=model, tokenizer=tokenizer, prompts=rows["prompt"], columns=columns, rewards=rewards, cfg=cfg,
-               trainer_state=trainer_state)
+               trainer_state=trainer_state, style=style)
     greedy, scores, totals, answers = _score(**ask, desc=f"{when}, greedy")
     result: dict[str, Any] = {"prompts": n, "greedy": greedy}
     if cfg.eval_samples:
@@ -117,15 +121,17 @@ def evaluate(model, tokenizer, held_out, rewards: list[RewardFunc], cfg: RLStage
         result["sampled"]["per_prompt"] = k
     result["samples"] = [{"prompt": p[-1]["content"], "completion": a, "reward": t,
                           "rewards": {name: values[i] for name, values in scores.items()},
+                          **({"style": style(a)} if style else {}),
                           "columns": {c: v[i] for c, v in columns.items()}}  # apart: a column may be named 'answer'
                          for i, (p, a, t) in enumerate(zip(rows["prompt"], answers, totals))]
     log_metrics({f"eval_{decoding}_{key}": value for decoding in ("greedy", "sampled")
                  for key, value in result.get(decoding, {}).items()})
     for decoding in ("greedy", "sampled"):
         if decoding in result:
-            log.info("%s training, %s: %d held-out prompts, mean reward %.4f (%s)", when, decoding, n,
+            log.info("%s training, %s: %d held-out prompts, mean reward %.4f (%s)%s", when, decoding, n,
                      result[decoding]["reward_mean"], ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in
-                                                                 result[decoding].items() if k.startswith("rewards/")))
+                                                                 result[decoding].items() if k.startswith("rewards/")),
+                     describe(result[decoding]))
     return result
 
 
@@ -141,7 +147,7 @@ def score_completions(rewards: list[RewardFunc], prompts: list, answers: list[st
     return scores, totals
 
 
-def _score(model, tokenizer, prompts, columns, rewards, cfg, trainer_state, desc, sampling=None, per_prompt=1):
+def _score(model, tokenizer, prompts, columns, rewards, cfg, trainer_state, style, desc, sampling=None, per_prompt=1):
     """Answers to `prompts` (`per_prompt` each), every reward and the weighted total: (summary, per-reward
     scores, totals, answers)."""
     answers, answer_ids = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_completion_length,
@@ -157,6 +163,9 @@ def _score(model, tokenizer, prompts, columns, rewards, cfg, trainer_state, desc
            if any(v is not None for v in values)},
         "completion_tokens_mean": statistics.fmean(len(ids) for ids in answer_ids),
     }
+    if style is not None:
+        correct = [v or 0.0 for v in scores["exact_match"]] if "exact_match" in scores else None
+        summary.update(breakdown([style(a) for a in answers], correct))
     return summary, scores, totals, answers
 
 

@@ -141,15 +141,38 @@ def test_compare_command_prints_the_table_and_writes_the_report(sft_adapter, rew
     assert settings["temperature"] == 0 and settings["baseline"] == "sft"
 
 
+def test_each_answer_style_has_its_share_and_accuracy(sft_adapter, eval_file, tmp_path, monkeypatch):
+    """--answer-style: answers with a 9 are one style, the others another; with accuracy 'has a 9', the styles'
+    accuracies are 100% and 0% and their shares those of the answers."""
+    (tmp_path / "my_checks.py").write_text(
+        "def has_nine(prompts, completions, **columns):\n"
+        "    return [1.0 if '9' in c[0]['content'] else 0.0 for c in completions]\n"
+        "def nines(text):\n"
+        "    return 'nine' if '9' in text else 'other'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    results = compare([f"sft={sft_adapter}"], str(eval_file), out=tmp_path / "out", accuracy="my_checks:has_nine",
+                      answer_style="my_checks:nines", max_new_tokens=6, temperature=0, samples=12)
+    answers = [s["answers"]["sft"] for s in results["samples"]]
+    share = sum("9" in a for a in answers) / len(answers)
+    assert 0 < share < 1
+    styles = results["checkpoints"]["sft"]["metrics"]["styles"]
+    assert styles["nine"]["fraction"]["mean"] == pytest.approx(share) and styles["nine"]["accuracy"] == 1.0
+    assert styles["other"]["fraction"]["mean"] == pytest.approx(1 - share) and styles["other"]["accuracy"] == 0.0
+    header = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if "checkpoint" in line)
+    assert header.endswith("| nine share | nine accuracy | other share | other accuracy |")
+    with pytest.raises(Exception, match="--answer-style=my_checks:nothing: module 'my_checks'.*has no 'nothing'"):
+        compare([f"sft={sft_adapter}"], str(eval_file), out=tmp_path / "out2", answer_style="my_checks:nothing")
+
+
 def test_a_plugin_check_gives_the_accuracy(sft_adapter, eval_file, tmp_path, monkeypatch):
     (tmp_path / "my_checks.py").write_text(
-        "def even_length(prompts, completions, **columns):\n"
-        "    return [1.0 if len(c[0]['content']) % 2 == 0 else 0.0 for c in completions]\n")
+        "def has_nine(prompts, completions, **columns):\n"
+        "    return [1.0 if '9' in c[0]['content'] else 0.0 for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    results = compare([f"sft={sft_adapter}"], str(eval_file), out=tmp_path / "out", accuracy="my_checks:even_length",
+    results = compare([f"sft={sft_adapter}"], str(eval_file), out=tmp_path / "out", accuracy="my_checks:has_nine",
                       max_new_tokens=6, temperature=0, samples=12)
     answers = [s["answers"]["sft"] for s in results["samples"]]  # all 12: greedy, one answer each
-    expected = sum(len(a) % 2 == 0 for a in answers) / len(answers)
+    expected = sum("9" in a for a in answers) / len(answers)
     assert 0 < expected < 1  # a check that tells answers apart
     assert results["checkpoints"]["sft"]["metrics"]["accuracy"]["mean"] == pytest.approx(expected)
-    assert "even_length" in results["settings"]["accuracy"]
+    assert "has_nine" in results["settings"]["accuracy"]

@@ -20,7 +20,7 @@ from align.stages import grpo
 
 
 REWARDS = [{"name": "exact_match", "args": {"column": "answer"}},
-           {"name": "length", "weight": 0.5, "args": {"max_tokens": 8, "per_token": 0.1}}]  # varies: updates happen
+           {"name": "format", "weight": 0.5, "args": {"pattern": r"\+ 1 ="}}]  # a carry: varies, so updates happen
 
 
 def grpo_section(**overrides):
@@ -42,15 +42,23 @@ def metrics(results) -> list[dict]:
 
 
 def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(write_recipe, sft_adapter):
-    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), grpo=grpo_section(learning_rate=2e-3)))
+    data = {**prompts_data(), "answer_style": "align.arithmetic:answer_style"}
+    recipe = load_recipe(write_recipe(sft={}, data=data, grpo=grpo_section(learning_rate=2e-3)))
     results, (trainer, _) = run_keeping_trainer(grpo, recipe)
     train_logs = [m for m in metrics(results) if "kl" in m]
     assert [m["step"] for m in train_logs] == [1, 2, 3]
     assert train_logs[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # measured before the first optimizer step
     assert all(0 < m["kl"] < recipe.grpo.max_kl for m in train_logs[1:])  # logged, positive, bounded
     assert results["kl_first"] == train_logs[0]["kl"] and results["kl_last"] == train_logs[-1]["kl"]
-    assert {"rewards/exact_match/mean", "rewards/exact_match/std", "rewards/length/mean", "rewards/length/std",
+    assert {"rewards/exact_match/mean", "rewards/exact_match/std", "rewards/format/mean", "rewards/format/std",
             "reward", "reward_std"} <= train_logs[0].keys()
+    # data.answer_style: each style's share of the held-out answers, and its accuracy (exact_match) within it
+    for decoding in ("greedy", "sampled"):
+        r = results["after"][decoding]
+        styles = [k.removesuffix("_fraction") for k in r if k.endswith("_fraction")]
+        assert styles and set(styles) <= {"worked", "direct"}
+        assert sum(r[f"{s}_fraction"] for s in styles) == pytest.approx(1)
+        assert sum(r[f"{s}_fraction"] * r[f"{s}_accuracy"] for s in styles) == pytest.approx(r["rewards/exact_match"])
 
     # The reference adapter still computes exactly what the saved SFT checkpoint computes; the policy moved.
     policy = trainer.model
@@ -72,28 +80,29 @@ def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(
     lineage = json.loads((Path(results["run_dir"]) / "lineage.json").read_text())
     assert lineage["parent_checkpoint"] == str(sft_adapter)
     assert lineage["rewards"] == [{"name": "exact_match", "weight": 1.0, "args": {"column": "answer"}},
-                                  {"name": "length", "weight": 0.5, "args": {"max_tokens": 8, "per_token": 0.1}}]
+                                  {"name": "format", "weight": 0.5, "args": {"pattern": r"\+ 1 ="}}]
     assert results["before"]["prompts"] == 8 and results["after"]["sampled"]["per_prompt"] == 4  # eval_samples default
     for decoding in ("greedy", "sampled"):
-        assert set(results["before"][decoding]) >= {"reward_mean", "rewards/exact_match", "rewards/length"}
+        assert set(results["before"][decoding]) >= {"reward_mean", "rewards/exact_match", "rewards/format"}
 
 
-LENGTH_PLUGIN = '''
+EASY_PLUGIN = '''
 CALLS = []
 
-def brevity(prompts, completions, completion_ids, answer, **kwargs):
-    """1 for an answer that stops at once, less the longer it runs: an easy target for a tiny model."""
+def says_answer(prompts, completions, completion_ids, answer, **kwargs):
+    """1 for an answer that reaches "The answer is" within its 16 tokens (the base, working column by column,
+    does on about a fifth of its samples): an easy target."""
     CALLS.append({"prompts": prompts, "completions": completions, "answer": answer})
-    return [1.0 - len(ids) / 16 for ids in completion_ids]
+    return [1.0 if "The answer is" in c[0]["content"] else 0.0 for c in completions]
 '''
 
 
 def test_reward_rises_on_an_easy_rule_and_the_plugin_sees_prompt_completion_and_columns(
         write_recipe, tmp_path, monkeypatch):
-    (tmp_path / "easy_rewards.py").write_text(LENGTH_PLUGIN)
+    (tmp_path / "easy_rewards.py").write_text(EASY_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "easy_rewards", raising=False)
-    section = grpo_section(max_steps=8, learning_rate=5e-3, rewards=[{"name": "easy_rewards:brevity"}], max_kl=None,
+    section = grpo_section(max_steps=8, learning_rate=5e-3, rewards=[{"name": "easy_rewards:says_answer"}], max_kl=None,
                            eval_generations=0, init_from="base")
     recipe = load_recipe(write_recipe(data=prompts_data(), grpo=section))
     results = grpo.run(recipe)
@@ -124,7 +133,7 @@ def test_max_kl_stops_the_run_with_its_message(write_recipe, sft_adapter):
 
 @pytest.mark.parametrize("quantization", ["nf4", "none"])
 def test_activation_checkpointing_trains_the_adapter(write_recipe, sft_adapter, quantization):
-    section = grpo_section(max_steps=2, activation_checkpointing=True, eval_generations=0)
+    section = grpo_section(max_steps=2, activation_checkpointing=True, eval_generations=0, max_kl=None)
     recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), grpo=section),
                          [f"model.quantization={quantization}"])
     results, (trainer, _) = run_keeping_trainer(grpo, recipe)

@@ -115,8 +115,8 @@ def test_a_prompt_rendered_differently_from_the_sft_stage_stops_the_run_with_a_d
     recipe = load_recipe(write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]}))
     write_stage_config(recipe, "sft", system_prompt="Be brief.")
     with pytest.raises(pipeline.GateError, match=r"grpo would see prompts rendered differently from the sft stage"
-                                                 r"(?s:.*)sft: 36 tokens 'Be brief.\\n\\nUser: What is 2 \+ 3\?\\nAssistant:'"
-                                                 r"\n  grpo: 25 tokens 'User: (?s:.*)first difference at token 0: \['B"):
+                                                 r"(?s:.*)sft: 31 tokens 'Be brief.\\n\\nUser: What is 2 \+ 3\?\\nAssistant:'"
+                                                 r"\n  grpo: 22 tokens 'User: (?s:.*)first difference at token 0: \['B"):
         pipeline.check_prompt_rendering(recipe, "grpo")
     recipe.data.system_prompt = "Be brief."
     pipeline.check_prompt_rendering(recipe, "grpo")

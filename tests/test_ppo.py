@@ -223,15 +223,15 @@ def test_a_reward_model_with_its_own_base_is_a_second_copy(write_recipe, sft_ada
 
 
 def test_score_rises_on_an_easy_task(write_recipe, sft_adapter):
-    """Rewarded for short answers (the length rule), the policy learns to stop sooner within a few steps."""
-    rewards = [{"name": "length", "args": {"max_tokens": 0, "per_token": 0.1}}]
-    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), ppo=ppo_section(
-        rewards=rewards, max_steps=8, learning_rate=3e-3, eval_generations=0, beta=0.01)))
+    """Rewarded for reaching "The answer is" within 16 tokens (the format rule; working column by column, the base
+    gets there on about a fifth of its answers), the policy learns to get to the point within a few steps."""
+    rewards = [{"name": "format", "args": {"pattern": "The answer is"}}]
+    recipe = load_recipe(write_recipe(data=prompts_data(), ppo=ppo_section(
+        rewards=rewards, max_steps=8, learning_rate=3e-3, eval_generations=0, beta=0.01, init_from="base")))
     logs = metrics(ppo.run(recipe))
     first, last = logs[:2], logs[-2:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     assert mean(last, "score") > mean(first, "score") + 0.3
-    assert mean(last, "completion_length") < mean(first, "completion_length") - 3
 
 
 def test_resume_continues_at_the_same_step_with_the_same_state(write_recipe, sft_adapter, tmp_path):

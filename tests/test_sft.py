@@ -50,7 +50,8 @@ def trained(tmp_path_factory):
     """One SFT run of the quickstart data through `sft.run`, keeping the in-memory trainer for comparison."""
     tmp = tmp_path_factory.mktemp("sft")
     recipe_path = tmp / "r.yaml"
-    recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE)}, "data": DATA,
+    data = {**DATA, "answer_style": "align.arithmetic:answer_style"}
+    recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE)}, "data": data,
                                        "run": {"root": str(tmp / "runs")}, "sft": sft_section(max_steps=60)}))
     recipe = load_recipe(recipe_path)
     return (recipe, *run_keeping_trainer(sft, recipe))
@@ -61,6 +62,23 @@ def test_sft_lowers_held_out_answer_loss(trained):
     before, after = results["before"], results["after"]
     assert after["answer_loss"] < 0.6 * before["answer_loss"]
     assert 0 <= before["answer_accuracy"] <= after["answer_accuracy"] <= 1
+
+
+def test_each_answer_style_is_counted_with_its_accuracy(trained):
+    """data.answer_style: the share of greedy answers of each style and their accuracy, consistent with the
+    overall accuracy, and each sample's style is what the plug-in says of its answer."""
+    from align.arithmetic import answer_style
+
+    recipe, results, _ = trained
+    for when in ("before", "after"):
+        r = results[when]
+        styles = [k.removesuffix("_fraction") for k in r if k.endswith("_fraction")]
+        assert set(styles) <= {"worked", "direct"} and sum(r[f"{s}_fraction"] for s in styles) == pytest.approx(1)
+        assert sum(r[f"{s}_fraction"] * r[f"{s}_accuracy"] for s in styles) == pytest.approx(r["answer_accuracy"])
+    samples = [json.loads(line) for line in RunDir(recipe, "sft").samples_path.read_text().splitlines()]
+    assert len(samples) == 16 and all(s["style_after"] == answer_style(s["after"]) for s in samples)
+    worked = sum(s["style_after"] == "worked" for s in samples) / len(samples)
+    assert worked == pytest.approx(results["after"].get("worked_fraction", 0.0))
 
 
 def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):

@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, TINY_BASE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align.arithmetic import DIGITS, SPLITS, sample_pair, split_of
+from align.arithmetic import DIGITS, SPLITS, WORKED_SHARE, answer_style, direct, sample_pair, split_of, worked
+from align.rewards import final_number
 from align.tiny import pretrain
 
 
@@ -70,5 +71,61 @@ def test_every_pair_has_one_split_in_both_orders():
 def test_shipped_qa_files_hold_their_own_split():
     for file, split in (("sft_train.jsonl", "train"), ("sft_heldout.jsonl", "heldout"), ("rl_prompts.jsonl", "rl")):
         for line in (ROOT / "data" / "arithmetic" / file).read_text().splitlines():
-            a, b = map(int, re.findall(r"\d+", json.loads(line)["answer"])[:2])
+            a, b = map(int, re.findall(r"\d+", json.loads(line)["question"]))
             assert split_of(a, b) == split and {len(str(a)), len(str(b))} <= set(DIGITS)
+
+
+def _checked_columns(a: int, b: int, text: str) -> int:
+    """The sum a worked answer states, after checking each written column: the right digits of a and b (0 past
+    the shorter one), a '+ 1' exactly where the column before carried, and the right total."""
+    steps = re.findall(r"(\d) \+ (\d)( \+ 1)? = (\d+)\.", text)
+    assert len(steps) == max(len(str(a)), len(str(b))), text
+    carry = 0
+    for i, (x, y, plus_one, total) in enumerate(steps):
+        assert (int(x), int(y)) == (a // 10**i % 10, b // 10**i % 10), (text, i)
+        assert bool(plus_one) == bool(carry) and int(total) == int(x) + int(y) + carry, (text, i)
+        carry = int(total) // 10
+    return int(re.search(r"The answer is (\d+)\.$", text).group(1))
+
+
+def test_every_worked_line_in_the_shipped_data_is_right_arithmetic():
+    files = ("sft_train.jsonl", "sft_heldout.jsonl", "rl_prompts.jsonl", "preference_train.jsonl",
+             "preference_heldout.jsonl")
+    worked = 0
+    for file in files:
+        for line in (ROOT / "data" / "arithmetic" / file).read_text().splitlines():
+            row = json.loads(line)
+            a, b = map(int, re.findall(r"\d+", row["question"]))
+            for text in (row.get("answer"), row.get("chosen")):
+                if text is not None and answer_style(text) == "worked":
+                    assert _checked_columns(a, b, text) == a + b
+                    worked += 1
+                elif text is not None:
+                    assert text == f"{a} + {b} = {a + b}. The answer is {a + b}."
+    assert worked > 3000
+    corpus = (ROOT / "data" / "corpus.txt").read_text()
+    for a, b, text in re.findall(r"(\d+) \+ (\d+), digit by digit: (.+?The answer is \d+\.)", corpus)[:2000]:
+        assert _checked_columns(int(a), int(b), text) == int(a) + int(b)
+
+
+def test_answer_styles_and_the_share_of_worked_sft_answers():
+    assert answer_style(worked(97, 487)) == "worked" and answer_style(direct(97, 487)) == "direct"
+    assert worked(263, 745) == "3 + 5 = 8. 6 + 4 = 10. 2 + 7 + 1 = 10. The answer is 1008."
+    assert worked(97, 487) == "7 + 7 = 14. 9 + 8 + 1 = 18. 0 + 4 + 1 = 5. The answer is 584."
+    answers = [json.loads(line)["answer"] for line in (ROOT / "data" / "arithmetic" / "sft_train.jsonl").open()]
+    share = sum(answer_style(a) == "worked" for a in answers) / len(answers)
+    assert abs(share - WORKED_SHARE) < 0.03
+
+
+def test_a_column_slip_is_worked_wrong_arithmetic_and_every_rejected_answer_is_worse():
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b = sample_pair(rng, "train")
+        slipped = worked(a, b, slip=rng.randrange(len(str(max(a, b)))), rng=rng)
+        assert answer_style(slipped) == "worked" and final_number(slipped) != str(a + b)
+    for line in (ROOT / "data" / "arithmetic" / "preference_heldout.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        a, b = map(int, re.findall(r"\d+", row["question"]))
+        assert final_number(row["chosen"]) == str(a + b) and answer_style(row["chosen"]) == "worked"
+        wrong = final_number(row["rejected"]) != str(a + b)
+        assert wrong == (row["kind"] in ("wrong_direct", "wrong_column")), row

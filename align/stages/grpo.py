@@ -28,6 +28,7 @@ from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
 from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
 from align.stages import init_adapter, trl_config
+from align.styles import load_style
 
 log = logging.getLogger(__name__)
 
@@ -158,4 +159,5 @@ def _evaluate(trainer, held_out, rewards: list[RewardFunc], recipe: Recipe, when
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "min_p": args.min_p,
                 "repetition_penalty": args.repetition_penalty}
     return rl.evaluate(trainer.model, trainer.processing_class, held_out, rewards, recipe.grpo, when,
-                       sampling=sampling, trainer_state=trainer.state, log_metrics=trainer.log)
+                       sampling=sampling, trainer_state=trainer.state, log_metrics=trainer.log,
+                       style=load_style(recipe.data.answer_style))

@@ -50,6 +50,7 @@ from align.rundir import (
     NonFinite, RunDir, model_identity, non_finite_message, replace_dir, stage_inputs, step_of,
 )
 from align.stages import init_adapter
+from align.styles import load_style
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +458,7 @@ class PPOLoop:
         """Held-out answers, greedy and sampled, scored by every reward (rl.evaluate); logged at this step."""
         return rl.evaluate(self.policy, self.tokenizer, self.held_out, self.rewards, self.cfg, when,
                            sampling=self.sampling, trainer_state=self.state,
-                           log_metrics=self._log)
+                           log_metrics=self._log, style=load_style(self.recipe.data.answer_style))
 
     def _log(self, metrics: dict[str, Any]) -> None:
         """metrics.jsonl, and the trackers of run.report_to (Accelerate's tracking API)."""

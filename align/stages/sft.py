@@ -23,6 +23,7 @@ from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
 from align.stages import trl_config
+from align.styles import breakdown, describe, load_style
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     if recipe.sft is None:
         raise RecipeError("the recipe has no sft section; add one (see recipes/quickstart.yaml)")
     run_dir = RunDir(recipe, "sft")
+    style = load_style(recipe.data.answer_style)
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = _load_data(recipe, tokenizer)
@@ -42,9 +44,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                   resumed_from=resume_from)
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
-    before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, recipe, "before"))
+    before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, recipe, "before", style))
     train_output = guarded_train(trainer, "sft", resume_from_checkpoint=resume_from)
-    after = _evaluate(trainer, held_out, recipe, "after")
+    after = _evaluate(trainer, held_out, recipe, "after", style)
 
     with run_dir.checkpoint() as staging:
         trainer.save_model(str(staging))  # adapter (safetensors) + adapter_config.json + tokenizer
@@ -80,8 +82,9 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
     return trainer
 
 
-def _evaluate(trainer, held_out, recipe: Recipe, when: str) -> dict[str, Any]:
-    """Answer-only loss on the held-out set and exact-match accuracy of greedy answers to its first prompts."""
+def _evaluate(trainer, held_out, recipe: Recipe, when: str, style=None) -> dict[str, Any]:
+    """Answer-only loss on the held-out set and exact-match accuracy of greedy answers to its first prompts (with
+    `style`, also each answer style's share and accuracy)."""
     if held_out is None:
         return {}
     cfg = recipe.sft
@@ -101,13 +104,17 @@ def _evaluate(trainer, held_out, recipe: Recipe, when: str) -> dict[str, Any]:
         references = [c[-1]["content"] for c in rows["completion"]]
         correct = [final_answer_match(a, r) for a, r in zip(answers, references)]
         result["answer_accuracy"] = sum(correct) / n
+        labels = [style(a) for a in answers] if style else None
+        if labels:
+            result.update(breakdown(labels, [float(c) for c in correct]))
         result["samples"] = [
-            {"prompt": p[-1]["content"], "reference": r, "answer": a, "correct": c}
-            for p, r, a, c in zip(rows["prompt"], references, answers, correct)
+            {"prompt": p[-1]["content"], "reference": r, "answer": a, "correct": c,
+             **({"style": labels[i]} if labels else {})}
+            for i, (p, r, a, c) in enumerate(zip(rows["prompt"], references, answers, correct))
         ]
-        trainer.log({"eval_answer_accuracy": result["answer_accuracy"]})
+        trainer.log({f"eval_{k}": v for k, v in result.items() if k.endswith(("_fraction", "_accuracy"))})
     log.info("%s training: held-out answer loss %.4f%s", when, result["answer_loss"],
-             f", accuracy {result['answer_accuracy']:.1%} of {n}" if n else "")
+             f", accuracy {result['answer_accuracy']:.1%} of {n}{describe(result)}" if n else "")
     return result
 
 
@@ -117,7 +124,8 @@ def _write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
         return
     run_dir.write_samples([
         {"prompt": a["prompt"], "reference": a["reference"], "before": b["answer"], "after": a["answer"],
-         "correct_before": b["correct"], "correct_after": a["correct"]}
+         "correct_before": b["correct"], "correct_after": a["correct"],
+         **({"style_before": b["style"], "style_after": a["style"]} if "style" in a else {})}
         for b, a in zip(before["samples"], after["samples"])
     ])
     for stage_result in (before, after):  # lineage keeps two right and two wrong; samples.jsonl has all
