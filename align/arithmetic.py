@@ -17,10 +17,11 @@ The corpus states sums in prose and in worked form (what the base "knows"). The 
 RL prompts (`rl_prompts.jsonl`) are questions of their own split with their reference answers: what RL learns
 on them must carry over to the held-out sums to show, rather than sharpen what SFT memorised.
 
-Preference pairs for the reward model: chosen is a correct worked answer; rejected is, in proportions 2:1:1:1, a
-direct answer with a wrong number (as many digits as the sum), a worked answer with one wrong column (its sum
-wrong with it), a malformed answer with the right number (cut short, bare, or without the answer sentence) or a
-rambling one with the right number (filler and repetition). The reward model thus prefers shown, correct work,
+Preference pairs for the reward model: chosen is a correct answer; rejected is, in proportions 2:1:2:2, a direct
+answer with a wrong number (as many digits as the sum) or a worked answer with one wrong column (its sum wrong
+with it), both against a correct worked answer, or a malformed answer (cut short, bare, columns without the
+answer sentence) or a rambling one (filler and repetition, or a worked answer that runs on into the next sum as
+the base does), against a correct answer of either style. The reward model thus prefers shown, correct work,
 the behaviour RL should find; `cues` measures how far rankers that do not add get.
 """
 
@@ -171,32 +172,46 @@ def wrong_number(rng: random.Random, s: int) -> int:
             return w
 
 
-MALFORMED = ["{s}", "{a} + {b} = {s}", "{a} + {b} = {s}. The answer", "answer {s}", "= {s}. {s}"]
+# {w}: the worked answer, {c}: its columns alone
+MALFORMED = ["{s}", "{a} + {b} = {s}", "{a} + {b} = {s}. The answer", "answer {s}", "= {s}. {s}",
+             "{c}", "{c} The answer", "{c} {s}"]
 RAMBLING = [
     "Let me think. {a} plus {b}. Hmm, {a} and {b}. {a} + {b} = {s}. The answer is {s}. The answer is {s}.",
     "Well, well. Adding {b} to {a}, let me see, let me see. {a} + {b} = {s}. So, so, the answer is {s}.",
     "{a} + {b} = {s}. The answer is {s}. I am sure the answer is {s}, yes, {s}, the answer is {s}.",
     "{a} + {b}, that is a sum. A sum of {a} and {b}. {a} + {b} = {s}. The answer is {s}, the answer.",
+    "{w} {b} + {a}, digit by digit:",  # runs on into the next sum, as a text continuer does
+    "{w} The answer is {s}. I am sure: the answer is {s}.",
 ]
 
 
+# A slip in one column is what the reward model learns least (near chance at 1 in 5 pairs): 1 in 7.
+KINDS = ("wrong_direct", "wrong_direct", "wrong_column", "malformed", "malformed", "rambling", "rambling")
+
+
 def preference_rows(rng: random.Random, split: str, count: int) -> list[dict]:
-    """{question, chosen, rejected, kind}: chosen is correct worked; kind says how the rejected answer is worse."""
+    """{question, chosen, rejected, kind}: chosen is correct (worked, or direct against a malformed or rambling
+    answer); kind says how the rejected answer is worse."""
     rows, seen = [], set()
     while len(rows) < count:
         a, b = sample_pair(rng, split)
         if (a, b) in seen:
             continue
         seen.add((a, b))
-        kind = rng.choice(("wrong_direct", "wrong_direct", "wrong_column", "malformed", "rambling"))
+        kind = rng.choice(KINDS)
         if kind == "wrong_direct":
             rejected = direct(a, b).replace(str(a + b), str(wrong_number(rng, a + b)))
         elif kind == "wrong_column":
             rejected = worked(a, b, slip=rng.randrange(len(columns(a, b))), rng=rng)
         else:
-            rejected = rng.choice(MALFORMED if kind == "malformed" else RAMBLING).format(a=a, b=b, s=a + b)
+            w = worked(a, b)
+            rejected = rng.choice(MALFORMED if kind == "malformed" else RAMBLING).format(
+                a=a, b=b, s=a + b, w=w, c=w.rpartition(" The answer is")[0])
         question = rng.choice(QUESTION_FORMS).format(a=a, b=b)
-        rows.append({"question": question, "chosen": worked(a, b), "rejected": rejected, "kind": kind})
+        # A right direct answer beats a badly put one too: without such pairs the reward model learns "direct is
+        # bad" and rates the base's run-on worked text above the SFT policy's right direct answers.
+        style = "direct" if kind in ("malformed", "rambling") and rng.random() < 0.5 else "worked"
+        rows.append({"question": question, "chosen": answer(a, b, style), "rejected": rejected, "kind": kind})
     return rows
 
 

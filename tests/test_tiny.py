@@ -126,6 +126,8 @@ def test_a_column_slip_is_worked_wrong_arithmetic_and_every_rejected_answer_is_w
     for line in (ROOT / "data" / "arithmetic" / "preference_heldout.jsonl").read_text().splitlines():
         row = json.loads(line)
         a, b = map(int, re.findall(r"\d+", row["question"]))
-        assert final_number(row["chosen"]) == str(a + b) and answer_style(row["chosen"]) == "worked"
-        wrong = final_number(row["rejected"]) != str(a + b)
-        assert wrong == (row["kind"] in ("wrong_direct", "wrong_column")), row
+        assert row["chosen"] in (worked(a, b), direct(a, b))
+        if row["kind"] in ("wrong_direct", "wrong_column"):
+            assert final_number(row["rejected"]) != str(a + b), row
+        else:  # badly put: malformed or rambling
+            assert row["kind"] in ("malformed", "rambling") and row["rejected"] != row["chosen"], row
