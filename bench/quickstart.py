@@ -144,9 +144,9 @@ def main(argv: list[str]) -> int:
             if root.exists():
                 sys.exit(f"--keep {args.keep}: {root} exists; runs start from nothing, so give an empty directory")
             records.append(run_seed(seed, overrides, root))
-            continue
-        with tempfile.TemporaryDirectory() as root:
-            records.append(run_seed(seed, overrides, Path(root)))
+        else:
+            with tempfile.TemporaryDirectory() as root:
+                records.append(run_seed(seed, overrides, Path(root)))
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.0f} s" for k, v in records[-1]["seconds"].items()), flush=True)
     print(table(records))
     out = ROOT / "bench" / "results" / "quickstart.jsonl"
