@@ -103,7 +103,7 @@ def test_reward_rises_on_an_easy_rule_and_the_plugin_sees_prompt_completion_and_
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "easy_rewards", raising=False)
     section = grpo_section(max_steps=8, learning_rate=5e-3, rewards=[{"name": "easy_rewards:says_answer"}], max_kl=None,
-                           eval_generations=0, init_from="base")
+                           eval_generations=0, init_from="base", per_device_train_batch_size=32)  # 8 prompts a step
     recipe = load_recipe(write_recipe(data=prompts_data(), grpo=section))
     results = grpo.run(recipe)
     rewards = [m["reward"] for m in metrics(results) if "reward" in m]
@@ -113,7 +113,7 @@ def test_reward_rises_on_an_easy_rule_and_the_plugin_sees_prompt_completion_and_
     import easy_rewards
 
     call = easy_rewards.CALLS[0]
-    assert len(call["prompts"]) == len(call["completions"]) == len(call["answer"]) == 8
+    assert len(call["prompts"]) == len(call["completions"]) == len(call["answer"]) == 32
     assert call["prompts"][0][-1]["role"] == "user"
     assert call["completions"][0][0]["role"] == "assistant"
     # The reference answer of each prompt arrives beside it, one per completion (4 completions per prompt).

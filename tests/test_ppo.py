@@ -227,7 +227,8 @@ def test_score_rises_on_an_easy_task(write_recipe, sft_adapter):
     gets there on about a fifth of its answers), the policy learns to get to the point within a few steps."""
     rewards = [{"name": "format", "args": {"pattern": "The answer is"}}]
     recipe = load_recipe(write_recipe(data=prompts_data(), ppo=ppo_section(
-        rewards=rewards, max_steps=8, learning_rate=3e-3, eval_generations=0, beta=0.01, init_from="base")))
+        rewards=rewards, max_steps=8, learning_rate=3e-3, eval_generations=0, beta=0.01, init_from="base",
+        per_device_train_batch_size=8)))  # rollouts of 16 prompts
     logs = metrics(ppo.run(recipe))
     first, last = logs[:2], logs[-2:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
