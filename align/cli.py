@@ -301,9 +301,10 @@ def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
 
 def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
     """'worked 12.5% -> 100.0% (of answers)' per answer style (data.answer_style), before -> after."""
-    styles = sorted({k.removesuffix("_fraction") for k in (*before, *after) if k.endswith("_fraction")})
+    from align.styles import names
+
     return [f"{prefix}{s} {before.get(s + '_fraction', 0):.1%} -> {after.get(s + '_fraction', 0):.1%} of answers"
-            for s in styles]
+            for s in names(before, after)]
 
 
 # What to lower when a stage runs out of GPU memory, the biggest saving first.
@@ -396,8 +397,10 @@ def _print_rl(console, results: dict) -> None:
 
 def _style_rows(before: dict, after: dict) -> list[tuple[str, str, str]]:
     """Each answer style's share and accuracy (data.answer_style), before and after; '-' where it had no answer."""
+    from align.styles import names
+
     rows = []
-    for style in sorted({k.removesuffix("_fraction") for k in (*before, *after) if k.endswith("_fraction")}):
+    for style in names(before, after):
         rows.append((f"{style} answers: share", f"{before.get(style + '_fraction', 0):.1%}",
                      f"{after.get(style + '_fraction', 0):.1%}"))
         if style + "_accuracy" in (*before, *after):

@@ -43,8 +43,13 @@ def breakdown(labels: list[str], correct: list[float] | None) -> dict[str, float
     return result
 
 
+def names(*results: dict) -> list[str]:
+    """The styles that results with a `breakdown` name, sorted."""
+    return sorted({k.removesuffix("_fraction") for r in results for k in r if k.endswith("_fraction")})
+
+
 def describe(result: dict) -> str:
     """', worked 12% (76% right), direct 88% (57% right)' for a result that has a breakdown, else ''."""
-    styles = [k.removesuffix("_fraction") for k in result if k.endswith("_fraction")]
+    styles = names(result)
     return "".join(f", {s} {result[s + '_fraction']:.0%}"
                    + (f" ({result[s + '_accuracy']:.0%} right)" if f"{s}_accuracy" in result else "") for s in styles)
