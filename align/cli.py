@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -113,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("source", help="a run dir (runs/<run>), a stage dir (runs/<run>/ppo) or a checkpoint dir")
-    export.add_argument("--out", required=True, type=Path, help="directory to write the merged model to")
+    export.add_argument("--out", required=True, type=Path, help="directory to write the merged model to (new, "
+                        "empty, or an earlier export, which is replaced)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace --out even if it holds something other than an earlier export")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="let the base model's own code run (a run dir's model.trust_remote_code is not honoured)")
 
     compare = commands.add_parser(
         "compare",
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
     compare.add_argument("--samples", type=int, default=5, help="prompts shown with every answer (default 5)")
     compare.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default 0)")
+    compare.add_argument("--trust-remote-code", action="store_true",
+                         help="let the models' own code run (a run dir's model.trust_remote_code is not honoured)")
     compare.add_argument("--quantization", choices=("nf4", "none"), default="nf4",
                          help="how to load bases and models that have no recipe config (default nf4)")
 
@@ -195,7 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     tiny_data = tiny.add_parser("data", help="regenerate data/corpus.txt and data/arithmetic/ (seeded)")
     tiny_data.add_argument("--out", type=Path, default=Path("data"), help="data directory")
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come before or after options (`align run R --only sft sft.max_steps=100`): argparse leaves
+    # those after an option unparsed.
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command in ("run", "sft", "reward", "grpo", "ppo"):
@@ -218,6 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     except AlignError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror} (a read-only or full disk?); "
+              "nothing after this was written", file=sys.stderr)
+        return 2
+
+
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
 def _stage(args) -> int:
@@ -235,7 +262,7 @@ def _stage(args) -> int:
         if args.command == "run":
             from align import pipeline
 
-            names = pipeline.validate(recipe)  # a recipe error before anything trains
+            names = pipeline.stage_names(recipe)
             outcomes = pipeline.run(recipe, start=args.start, only=args.only, fresh=args.fresh,
                                     on_stage=lambda name: running.update(stage=name))
         else:
@@ -243,6 +270,9 @@ def _stage(args) -> int:
     except torch.OutOfMemoryError as e:
         print(_out_of_memory(running["stage"], recipe, e), file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(_interrupted(running["stage"], args, recipe), file=sys.stderr)
+        return 130
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -305,6 +335,17 @@ def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
 
     return [f"{prefix}{s} {before.get(s + '_fraction', 0):.1%} -> {after.get(s + '_fraction', 0):.1%} of answers"
             for s in names(before, after)]
+
+
+def _interrupted(stage: str, args, recipe) -> str:
+    """One line for Ctrl-C: where the stage's resumable checkpoints are, and the command that resumes."""
+    if stage == "run":  # stopped before any stage began
+        return "interrupted before any stage started; nothing was trained"
+    trainer = Path(recipe.run.root) / recipe.run.name / stage / "trainer"
+    again = f"align run {args.recipe}" if args.command == "run" else f"align {stage} {args.recipe} --resume"
+    return (f"interrupted during the {stage} stage; `{again}` (with the same overrides) resumes from the last "
+            f"checkpoint in {trainer} (one every {stage}.save_steps={getattr(recipe, stage).save_steps} steps), "
+            "if it had written one")
 
 
 # What to lower when a stage runs out of GPU memory, the biggest saving first.
@@ -430,7 +471,7 @@ def _compare(args) -> int:
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       answers_per_prompt=args.answers_per_prompt,
                       batch_size=args.batch_size, samples=args.samples, seed=args.seed,
-                      quantization=Quantization(args.quantization))
+                      quantization=Quantization(args.quantization), trust_remote_code=args.trust_remote_code)
     header, rows = metrics_table(results)
     table = Table(title=f"{results['eval']['prompts']} prompts from {args.eval} (95% bootstrap intervals)")
     for column in header:
@@ -446,13 +487,11 @@ def _compare(args) -> int:
 
 def _export(args) -> int:
     from align.modeling import export_merged
-    from align.recipe import load_recipe
-    from align.rundir import policy_checkpoint
+    from align.rundir import policy_checkpoint, stage_model
 
     checkpoint = policy_checkpoint(Path(args.source))
-    config = checkpoint.parent / "config.yaml"  # how the stage loaded its base (4-bit or not)
-    cfg = load_recipe(config).model if config.is_file() else None
-    out = export_merged(checkpoint, args.out, cfg)
+    cfg = stage_model(checkpoint.parent, trust_remote_code=args.trust_remote_code)  # how it loaded its base
+    out = export_merged(checkpoint, args.out, cfg, overwrite=args.overwrite)
     print(f"merged {checkpoint} into its base; saved to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from align.errors import AlignError
-from align.recipe import DataConfig, ModelConfig, Quantization, RewardFunction, load_recipe
-from align.rundir import policy_checkpoint, sha256_of
+from align.recipe import DataConfig, ModelConfig, Quantization, RewardFunction
+from align.rundir import policy_checkpoint, sha256_of, stage_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Checkpoint:
         return f"{self.model.name_or_path}+{self.adapter}"
 
 
-def resolve(spec: str, quantization: Quantization = Quantization.nf4) -> Checkpoint:
+def resolve(spec: str, quantization: Quantization = Quantization.nf4, trust_remote_code: bool = False) -> Checkpoint:
     """`name=path` or `path`: a run dir, a stage dir or checkpoint (its policy adapter, loaded on the base the stage
     trained on, from its config.yaml), an exported model dir, or a hub model id (loaded with `quantization`)."""
     from align.data import HUB_ID
@@ -74,22 +74,23 @@ def resolve(spec: str, quantization: Quantization = Quantization.nf4) -> Checkpo
         except AlignError as e:
             raise CompareError(f"{spec}: {e}") from None
         stage_dir = adapter.parent
-        config = stage_dir / "config.yaml"
         lineage = json.loads((stage_dir / "lineage.json").read_text()) if (stage_dir / "lineage.json").is_file() else None
-        model = load_recipe(config).model if config.is_file() else _adapter_base(adapter, quantization)
+        model = stage_model(stage_dir, trust_remote_code=trust_remote_code) or _adapter_base(adapter, quantization)
         default_name = f"{lineage['run']}/{lineage['stage']}" if lineage else adapter.name
         checkpoint = Checkpoint(name or default_name, spec, model, adapter, lineage)
         checkpoint.reference = _reference(checkpoint)
         return checkpoint
     if where.is_dir():
-        return Checkpoint(name or where.name, spec, ModelConfig(name_or_path=path, quantization=quantization))
+        return Checkpoint(name or where.name, spec, ModelConfig(name_or_path=path, quantization=quantization,
+                                                                trust_remote_code=trust_remote_code))
     problem = "not a hub model id (owner/name)"
     if HUB_ID.match(path):
         from transformers import AutoConfig
 
         try:  # the config only: a typo or no hub access shows now, not after the other checkpoints generated
             AutoConfig.from_pretrained(path)
-            return Checkpoint(name or path, spec, ModelConfig(name_or_path=path, quantization=quantization))
+            return Checkpoint(name or path, spec, ModelConfig(name_or_path=path, quantization=quantization,
+                                                              trust_remote_code=trust_remote_code))
         except (OSError, ValueError) as e:
             problem = f"and as a hub model id it does not load: {str(e).splitlines()[0]}"
     raise CompareError(f"{spec}: no such run dir, checkpoint or model directory, {problem}")
@@ -214,7 +215,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
             answer_style: str | None = None,
             columns: dict[str, str] | None = None, max_new_tokens: int = 128, temperature: float = 1.0,
             top_p: float = 1.0, answers_per_prompt: int = 1, batch_size: int = 32, samples: int = 5, seed: int = 0,
-            quantization: Quantization = Quantization.nf4) -> dict[str, Any]:
+            quantization: Quantization = Quantization.nf4, trust_remote_code: bool = False) -> dict[str, Any]:
     """Answer, score and report; returns what results.json holds. Everything that can be checked is checked
     before the first model loads."""
     from transformers import set_seed
@@ -229,7 +230,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     k = answers_per_prompt
     if k < 1 or (k > 1 and temperature <= 0):
         raise CompareError(f"--answers-per-prompt {k}: needs to be >= 1, and 1 with greedy decoding (temperature 0)")
-    checkpoints = [resolve(spec, quantization) for spec in specs]
+    checkpoints = [resolve(spec, quantization, trust_remote_code) for spec in specs]
     names = [c.name for c in checkpoints]
     if len(set(names)) < len(names):
         raise CompareError(f"two checkpoints have the same name ({', '.join(names)}); label them as name=path")
@@ -238,7 +239,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
         raise CompareError(f"--baseline {base_name}: not one of the checkpoints ({', '.join(names)})")
     if reference is not None:
         for checkpoint in checkpoints:
-            checkpoint.reference = resolve(f"reference={reference}", quantization)
+            checkpoint.reference = resolve(f"reference={reference}", quantization, trust_remote_code)
     reward_checkpoint = _reward_checkpoint(reward, checkpoints)
     data_cfg = DataConfig(columns=Columns(**(columns or {})))
     tokenizer = load_tokenizer(checkpoints[0].model)
@@ -275,8 +276,8 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
 
     rewards: dict[str, np.ndarray] = {}
     if reward_checkpoint is not None:
-        scorer = RewardModelScorer.from_checkpoint(reward_checkpoint, _stage_model(reward_checkpoint),
-                                                   batch_size=batch_size)
+        base = stage_model(reward_checkpoint.parent, trust_remote_code=trust_remote_code)
+        scorer = RewardModelScorer.from_checkpoint(reward_checkpoint, base, batch_size=batch_size)
         rewards = {name: np.array(scorer.score(repeat(prompts), a.texts)).reshape(-1, k) for name, a in answers.items()}
         del scorer
         _release_memory()
@@ -336,10 +337,6 @@ def _reward_checkpoint(reward: str | None, checkpoints: list[Checkpoint]) -> Pat
     log.warning("compare: no reward model (--reward, or one in an RL checkpoint's lineage): no reward, no win rate")
     return None
 
-
-def _stage_model(checkpoint: Path) -> ModelConfig | None:
-    config = checkpoint.parent / "config.yaml"
-    return load_recipe(config).model if config.is_file() else None
 
 
 def _accuracy_check(accuracy: str | None, answer_column: str | None, columns: dict[str, list]):

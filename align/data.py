@@ -100,7 +100,23 @@ def read_records(path: str | Path) -> list[Record]:
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported format '{path.suffix}'; use {FORMATS}")
-    return reader(path)
+    try:
+        return reader(path)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where in `path` the first byte that is not UTF-8 is, as a DataError."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+        return DataError(f"{path}: not UTF-8 text")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); save the "
+                         "file as UTF-8, e.g. iconv -f latin1 -t utf-8 in.jsonl > out.jsonl")
 
 
 def _read_jsonl(path: Path) -> list[Record]:
@@ -589,8 +605,17 @@ def _validated(items, lengths_of, max_length: int, cfg: DataConfig, report: Data
     tokens. Fills the report (skips by reason, token lengths of what is kept); raises DataError at the first
     problem in file order unless `cfg.skip_invalid`. `ids`, filled by `lengths_of`, holds per-example token ids
     to attach to the kept examples."""
-    valid = [(row, where, ex) for row, where, ex in items if not isinstance(ex, Invalid)]
     problems = [(row, where, ex) for row, where, ex in items if isinstance(ex, Invalid)]
+    valid = []
+    for row, where, ex in items:
+        if isinstance(ex, Invalid):
+            continue
+        characters = _characters(ex)
+        if characters > max_length * MAX_CHARACTERS_PER_TOKEN:  # rejected before it is tokenised whole
+            problems.append((row, where, Invalid("too_long", f"row is {characters} characters, more than "
+                             f"max_length={max_length} tokens can hold (at {MAX_CHARACTERS_PER_TOKEN} characters a token)")))
+        else:
+            valid.append((row, where, ex))
     lengths = lengths_of([ex for _, _, ex in valid]) if valid else {}
     keep = []
     for i, (row, where, _) in enumerate(valid):
@@ -623,6 +648,15 @@ def _validated(items, lengths_of, max_length: int, cfg: DataConfig, report: Data
             for example, i in zip(examples, keep):
                 example[key] = values[i]
     return examples
+
+
+MAX_CHARACTERS_PER_TOKEN = 100  # far above any tokenizer's average (3-5 for text, under 20 for long runs)
+
+
+def _characters(example: dict) -> int:
+    """Characters of text in an example's conversations (prompt, answer, chosen, rejected)."""
+    return sum(len(m["content"]) for value in example.values() if isinstance(value, list)
+               for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
 def _counts(counter: Counter) -> str:

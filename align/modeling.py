@@ -6,6 +6,7 @@ with `model.quantization: none`. LoRA adapters train on top; nothing of the base
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -206,10 +207,28 @@ def trainable_in_compute_dtype(model, cfg: ModelConfig, exact: dict[str, torch.T
 
 
 def _from_pretrained(auto_class, cfg: ModelConfig, **kwargs):
+    missing = missing_local_path(cfg.name_or_path)
+    if missing:
+        raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r}: {missing}")
     try:
         return auto_class.from_pretrained(cfg.name_or_path, **kwargs)
     except (OSError, ValueError) as e:  # not found, no access, no network; a directory that is not a model
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from None
+
+
+def missing_local_path(name: str) -> str | None:
+    """Why `name` is a local path that is not there (None: it exists, or it reads as a hub id). Said at once,
+    instead of after a minute of retries against the hub for a repository called 'data/tiny-basee'."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (
+        "/" in name and Path(name.split("/")[0]).is_dir())
+    if not looks_local:
+        return None
+    near = path.parent if path.parent.is_dir() else None
+    nearby = f"; {near} has: {', '.join(sorted(p.name for p in near.iterdir() if not p.name.startswith('.'))[:8])}" if near else ""
+    return f"no such directory ({path.resolve()}){nearby}. A hub model id is owner/name"
 
 
 def lora_config(cfg: LoraConfig, task_type: str = "CAUSAL_LM"):
@@ -273,7 +292,11 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | None = None) -> Path:
+EXPORT_MARK = "align_export.json"
+
+
+def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | None = None, *,
+                  overwrite: bool = False) -> Path:
     """Merge a causal-LM LoRA checkpoint into a full-precision copy of its base and save a standard transformers
     model + tokenizer at `out` (renamed into place once complete). A 4-bit base is dequantised first, so the
     merged weights are those the adapter was trained on: the merged model computes what adapter + 4-bit base
@@ -285,6 +308,10 @@ def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | No
     from align.rundir import replace_dir
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not overwrite and not (out / EXPORT_MARK).is_file() and (
+            not out.is_dir() or any(out.iterdir())):
+        raise ModelLoadError(f"--out {out}: it exists and is not an earlier export (no {EXPORT_MARK}); exporting "
+                             "would replace what is in it. Choose a new directory, or pass --overwrite")
     adapter = PeftConfig.from_pretrained(str(checkpoint))
     if adapter.task_type != "CAUSAL_LM":
         raise ModelLoadError(f"{checkpoint}: a {adapter.task_type} adapter (a reward model?), not a policy; export "
@@ -299,5 +326,7 @@ def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | No
     # The checkpoint's tokenizer carries the chat template the stage trained with; a bare adapter has none.
     has_tokenizer = (checkpoint / "tokenizer_config.json").is_file()
     (AutoTokenizer.from_pretrained(str(checkpoint)) if has_tokenizer else load_tokenizer(cfg)).save_pretrained(str(staging))
+    (staging / EXPORT_MARK).write_text(json.dumps({"checkpoint": str(checkpoint.resolve()),
+                                                   "base": cfg.name_or_path}, indent=1) + "\n")
     replace_dir(staging, out)
     return out

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from align.errors import AlignError
 from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
-from align.rundir import is_main_process, utc_now, complete_checkpoint, inputs_digest, stage_inputs
+from align.rundir import checkpoint_problem, complete_checkpoint, inputs_digest, is_main_process, stage_inputs, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,16 @@ def validate(recipe: Recipe) -> list[str]:
     return names
 
 
+def check_data(recipe: Recipe, names: list[str]) -> None:
+    """The data files of the stages `names`, read and validated as each stage will (an empty prompts file must
+    stop the run before SFT trains, not after). Only the tokenizer is loaded (from the hub, for a hub model)."""
+    from align.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    for name in names:
+        importlib.import_module(f"align.stages.{name}").load_data(recipe, tokenizer)
+
+
 def _need_stage(recipe: Recipe, stage: str, setting: str) -> None:
     if complete_checkpoint(Path(recipe.run.root) / recipe.run.name / stage) is None:
         raise RecipeError(f"{setting} needs a {stage} stage: add a {stage} section to the recipe, or point it at a "
@@ -137,6 +147,7 @@ def run(recipe: Recipe, *, start: str | None = None, only: str | None = None, fr
         if wanted in ("grpo", "ppo") and name != wanted or name not in names:
             raise RecipeError(f"{option} {wanted}: this recipe's stages are {', '.join(names)}")
         selected = names[names.index(name):] if option == "--from" else [name]
+    check_data(recipe, selected)
     forced = "--fresh" if fresh else f"--from {start}" if start else None
     outcomes = []
     for name in selected:
@@ -177,8 +188,11 @@ def _decide(recipe: Recipe, name: str, stage_dir: Path, forced: str | None) -> t
     now = stage_inputs(recipe, name)
     if lineage.get("inputs_sha256") != inputs_digest(now):
         return "run", "its inputs changed since it ran: " + _changes(lineage.get("inputs") or {}, now)
-    if lineage.get("end_time") and complete_checkpoint(stage_dir):
+    problem = checkpoint_problem(stage_dir)
+    if problem is None:
         return "skip", f"finished at {lineage['end_time']} with the same inputs; checkpoint {stage_dir / 'checkpoint'}"
+    if lineage.get("end_time"):  # it finished, but its checkpoint is gone or damaged: its result is lost
+        return "run", problem
     return "resume", "interrupted; resuming from its last complete trainer checkpoint, if any"
 
 
@@ -190,11 +204,16 @@ def _changes(before: dict[str, Any], now: dict[str, Any], shown: int = 5) -> str
 
 
 def _record(recipe: Recipe, event: dict[str, Any]) -> None:
+    """Appends `event` to pipeline.jsonl. A run dir that cannot be written (read-only, full) gets a warning here:
+    a run whose stages are all finished reads it without writing; a stage that trains stops at its own writes."""
     if is_main_process():
         path = Path(recipe.run.root) / recipe.run.name / "pipeline.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps({"time": utc_now(), **event}) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"time": utc_now(), **event}) + "\n")
+        except OSError as e:
+            log.warning("could not record %s in %s (%s)", event, path, e.strerror or e)
 
 
 def check_reward_accuracy(recipe: Recipe, rl: str) -> None:
@@ -241,7 +260,9 @@ def check_prompt_rendering(recipe: Recipe, stage: str) -> None:
         config = Path(recipe.run.root) / recipe.run.name / earlier / "config.yaml"
         if getattr(recipe, earlier) is None or not config.is_file():
             continue
-        theirs = rendered_prompt(load_recipe(config), earlier)
+        earlier_recipe = load_recipe(config)
+        earlier_recipe.model.trust_remote_code = recipe.model.trust_remote_code  # the user's choice, not the run dir's
+        theirs = rendered_prompt(earlier_recipe, earlier)
         if theirs[0] != mine[0]:
             _record(recipe, {"gate": "prompt_rendering", "stage": stage, "against": earlier, "passed": False})
             first = next((i for i, (a, b) in enumerate(zip(theirs[0], mine[0])) if a != b),

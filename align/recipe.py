@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from align.errors import AlignError
@@ -347,7 +347,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"{path}: recipe file not found")
-        cfg = _merge(cfg, lambda: OmegaConf.load(path), where=str(path))
+        cfg = _merge(cfg, lambda: _mapping(path), where=str(path))
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not key=value (e.g. sft.learning_rate=1e-4)")
@@ -355,15 +355,92 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     if cfg.run.name is None:
         cfg.run.name = path.stem if path is not None else "align"
     where = path or "command line"
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise RecipeError(
-            f"{where}: required value {missing[0]} is not set; add it to the recipe or pass {missing[0]}=..."
-        )
+    _refuse_env(OmegaConf.to_container(cfg, resolve=False), where)
     try:
-        return OmegaConf.to_object(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise RecipeError(
+                f"{where}: required value {missing[0]} is not set; add it to the recipe or pass {missing[0]}=..."
+            )
+        recipe = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # e.g. an interpolation that points nowhere
-        raise RecipeError(f"{where}: {e.full_key}: {e.msg}") from None
+        raise RecipeError(f"{where}: {e.full_key}: {str(e.msg).splitlines()[0]}") from None
+    check_values(recipe, where)
+    local = Path(recipe.model.name_or_path).expanduser()
+    if local.is_dir():  # recorded absolute, so that export and compare find it from any working directory
+        recipe.model.name_or_path = str(local.resolve())
+    return recipe
+
+
+def _refuse_env(node: Any, where, key: str = "") -> None:
+    """`${oc.env:VAR}` is refused: its value (a token, a password) would be written into config.yaml, lineage.json
+    and the trainer's arguments in the run dir, which are made to be shared."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            _refuse_env(value, where, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_env(value, where, f"{key}.{i}")
+    elif isinstance(node, str) and "oc.env" in node and "${" in node:
+        raise RecipeError(f"{where}: {key}: ${{oc.env:...}} is not allowed in a recipe: the resolved value would be "
+                          "written to the run dir (config.yaml, lineage.json). Pass the value itself as an override "
+                          "if it is not secret; a secret such as HF_TOKEN or WANDB_API_KEY is read from the "
+                          "environment by the library that needs it, so leave it out of the recipe")
+
+
+# Fields that must be >= 1, and fields that must be > 0, in whichever section has them.
+AT_LEAST_ONE = ("r", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_length", "logging_steps", "save_steps", "save_total_limit", "max_new_tokens",
+                "max_completion_length", "num_generations", "num_mini_batches", "num_ppo_epochs", "kl_horizon",
+                "activation_checkpointing_every_n_layers")
+POSITIVE = ("learning_rate", "alpha", "num_train_epochs", "temperature", "top_p")
+NOT_NEGATIVE = ("warmup_steps", "weight_decay", "dropout", "eval_generations", "eval_samples", "beta",
+                "max_grad_norm")  # max_grad_norm=0: no clipping
+
+
+def check_values(recipe: Recipe, where) -> None:
+    """Settings that cannot work, refused with their key before anything loads (a trainer would take some of them
+    silently: max_steps=0 trains one step, a negative learning rate ascends the loss)."""
+    for key, f, section in schema_keys():
+        if section is not None:
+            continue
+        parent, _, name = key.rpartition(".")
+        owner = recipe
+        for part in parent.split("."):
+            owner = getattr(owner, part, None)
+        if owner is None:  # a stage the recipe does not have
+            continue
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        problem = None
+        if name in AT_LEAST_ONE and value < 1:
+            problem = "must be at least 1"
+        elif name in POSITIVE and not value > 0:
+            problem = "must be positive"
+        elif name in NOT_NEGATIVE and not value >= 0:
+            problem = "must not be negative"
+        elif name == "max_steps" and value != -1 and value < 1:
+            problem = "must be at least 1, or -1 to train for num_train_epochs"
+        elif name == "top_p" and value > 1 or name == "dropout" and value >= 1:
+            problem = "must be at most 1" if name == "top_p" else "must be below 1"
+        elif name == "eval_steps" and value < 1:
+            problem = "must be at least 1 (or null: evaluate only before and after training)"
+        if problem:
+            raise RecipeError(f"{where}: {key}={value}: {problem}")
+    name = recipe.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute():
+        raise RecipeError(f"{where}: run.name={name!r}: a run name is one directory name under run.root "
+                          f"({recipe.run.root}), without '/' or '..'; to write elsewhere, set run.root")
+
+
+def _mapping(path: Path):
+    """The recipe file's content, which must be a mapping of sections (model:, data:, sft:, ...)."""
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model:, data:, sft:, ...), and this file's top "
+                          "level is a list; see recipes/quickstart.yaml")
+    return loaded
 
 
 def _merge(cfg, load, where: str):

@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,17 +149,30 @@ def _settings_line(results: dict[str, Any]) -> str:
 
 def _markdown(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     header, rows = metrics_table(results)
-    lines = ["# align compare", "", _settings_line(results) + ".", "",
+    lines = ["# align compare", "", _md(_settings_line(results)) + ".", "",
              "Means with 95% bootstrap intervals over prompts. KL: " + results["settings"]["kl_estimator"] + ".", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join([_md(row[0])] + row[1:]) + " |" for row in rows]
     lines += [""] + [f"![{name}]({name}.png)" for name in plots] + ["", "## Sample answers", ""]
-    for sample in results["samples"]:
-        lines.append(f"**{sample['prompt']}**" + (f" (reference: {sample['reference']})" if "reference" in sample else ""))
-        lines.append("")
-        lines += [f"- *{name}*: {answer.strip()!r}" for name, answer in sample["answers"].items()]
+    for sample in results["samples"]:  # model text is data: fenced, never read as markdown or HTML
+        lines += ["Prompt" + (f" (reference: {_md(sample['reference'])})" if "reference" in sample else "") + ":",
+                  _fenced(sample["prompt"])]
+        for name, answer in sample["answers"].items():
+            lines += [f"{_md(name)}:", _fenced(answer.strip())]
         lines.append("")
     return "\n".join(lines)
+
+
+def _md(text: Any) -> str:
+    """`text` inline in markdown: HTML-escaped, markdown punctuation backslash-escaped, on one line."""
+    escaped = html.escape(" ".join(str(text).split()))
+    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|~>" else c for c in escaped)
+
+
+def _fenced(text: str) -> str:
+    """`text` as a fenced code block, its fence longer than any run of backticks in it."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def _html(results: dict[str, Any], plots: dict[str, bytes]) -> str:

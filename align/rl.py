@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
+from align.data import load_prompts, load_train_eval
 from align.generation import generate
 from align.modeling import checkpointing, load_model, lora_config
 from align.recipe import Recipe, RecipeError, RLStage
@@ -17,6 +18,12 @@ from align.styles import breakdown, describe, load_style
 from align.stages import adapter_dir, finished_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def load_prompt_data(recipe: Recipe, cfg: RLStage, tokenizer):
+    """Validated train and held-out prompts, each short enough to leave max_completion_length for the answer."""
+    return load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
+                           cfg.max_length - cfg.max_completion_length, what="prompts")
 
 
 def check_section(recipe: Recipe, section: str) -> RLStage:

@@ -5,8 +5,11 @@
       lineage.json    base model and its weights' identity, parent checkpoint, data files + sha256, git commit,
                       package versions, seed, command, start and end time, final results
       metrics.jsonl   one JSON object per logging step (the trainer's logs, plus align's own evaluations)
-      checkpoint/     the stage's output; it exists only once complete: written as checkpoint.tmp/, then renamed
-      trainer/        the trainer's resumable checkpoints
+      checkpoint/     the stage's output; it exists only once complete: written as checkpoint.tmp/, then renamed.
+                      Its align_manifest.json names the run that wrote it (lineage run_id) and each file's sha256:
+                      a checkpoint left from an earlier run, or damaged since, is not taken for the stage's result
+      trainer/        the trainer's resumable checkpoints (each with its manifest too)
+      .lock           held while a run trains the stage: a second run on it stops at once, naming the holder
 
 Only the main process writes; the others only take part in saving the model.
 """
@@ -15,20 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
-import math
+import os
+import socket
 import shutil
 import subprocess
 import sys
-import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 
 from align.errors import AlignError
 from align.recipe import ModelConfig, Recipe, to_yaml
@@ -111,10 +113,57 @@ def replace_dir(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+MANIFEST = "align_manifest.json"
+
+
+def write_manifest(directory: Path, **about: Any) -> None:
+    """align_manifest.json in `directory`: the sha256 of every file in it (and `about`), written last."""
+    files = {str(p.relative_to(directory)): sha256_of(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({**about, "files": files}, indent=1) + "\n")
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """What is wrong with `directory` against its manifest (None: every file it lists is there, unchanged)."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it has no readable {MANIFEST} (cut short while saving, or written before align kept manifests)"
+    for name, digest in files.items():
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+        if sha256_of(directory / name) != digest:
+            return f"{name} is not the file the run wrote (cut short or changed since)"
+    return None
+
+
+def checkpoint_problem(stage_dir: str | Path) -> str | None:
+    """Why `stage_dir`/checkpoint is not the stage's finished result (None: it is). It is only if it is intact
+    (its manifest) and was written by the run that lineage.json describes, and that run finished."""
+    stage_dir = Path(stage_dir)
+    checkpoint = stage_dir / "checkpoint"
+    if not checkpoint.is_dir():
+        return f"there is no finished {stage_dir.name} checkpoint at {checkpoint}"
+    problem = manifest_problem(checkpoint)
+    if problem:
+        return f"{checkpoint} is damaged: {problem}"
+    try:
+        lineage = json.loads((stage_dir / "lineage.json").read_text())
+    except (OSError, ValueError):
+        return f"{checkpoint} has no readable lineage.json beside it"
+    written_by = json.loads((checkpoint / MANIFEST).read_text()).get("run_id")
+    if written_by != lineage.get("run_id"):
+        return (f"{checkpoint} is stale: an earlier run of the stage wrote it, not the run that lineage.json "
+                f"describes (started {lineage.get('start_time')}, {'finished' if lineage.get('end_time') else 'unfinished'})")
+    if not lineage.get("end_time"):
+        return f"{checkpoint}: the run that wrote it did not finish (no end_time in lineage.json)"
+    return None
+
+
 def complete_checkpoint(stage_dir: str | Path) -> Path | None:
-    """The stage's checkpoint if it was completed (renamed into place), else None."""
-    path = Path(stage_dir) / "checkpoint"
-    return path if path.is_dir() else None
+    """The stage's checkpoint if it is the stage's finished result (`checkpoint_problem`), else None."""
+    return None if checkpoint_problem(stage_dir) else Path(stage_dir) / "checkpoint"
 
 
 def step_of(checkpoint: Path) -> int:
@@ -122,16 +171,18 @@ def step_of(checkpoint: Path) -> int:
 
 
 def last_trainer_checkpoint(trainer_dir: Path) -> Path | None:
-    """The latest complete resumable checkpoint-<step> in `trainer_dir`. A run killed while saving leaves an
-    incomplete one (no trainer_state.json, or one cut short; or PPO's .tmp): it is removed, and logged, so that
-    the run resumes from the one before and no later save trips over it."""
+    """The latest intact resumable checkpoint-<step> in `trainer_dir`. One without its manifest (the run was
+    killed while saving) or that no longer matches it (a file cut short) is removed, and logged, so that the run
+    resumes from the one before and no later save trips over it."""
     found = sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of) if trainer_dir.is_dir() else []
     complete = []
     for checkpoint in found:
-        if _complete(checkpoint):
+        problem = manifest_problem(checkpoint)
+        if problem is None:
             complete.append(checkpoint)
         elif is_main_process():
-            log.warning("%s is incomplete (the run was stopped while saving it); removed", checkpoint)
+            log.warning("%s cannot be resumed from (%s); removed, resuming from the one before it, if any",
+                        checkpoint, problem)
             shutil.rmtree(checkpoint, ignore_errors=True)
     for staging in trainer_dir.glob("checkpoint-*.tmp") if trainer_dir.is_dir() else ():
         if is_main_process():
@@ -139,16 +190,34 @@ def last_trainer_checkpoint(trainer_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _complete(checkpoint: Path) -> bool:
-    """align's PPO loop renames a finished checkpoint-N/ into place (state.pt in it); transformers' Trainer writes
-    checkpoint-N/ in place, model first and trainer_state.json last."""
-    if (checkpoint / "state.pt").is_file():
-        return True
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
+class RunDirLocked(AlignError, RuntimeError):
+    """Another run is training the same stage dir."""
+
+
+@contextlib.contextmanager
+def stage_lock(stage_dir: Path) -> Iterator[None]:
+    """Holds `stage_dir`/.lock (an flock, so a killed run releases it) for the block; a second run on the same
+    stage dir stops at once, naming the holder. Main process only: the others write nothing."""
+    if not is_main_process():
+        yield
+        return
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunDirLocked(f"{stage_dir} is being written by another run ({holder}); wait for it to finish or "
+                               "stop it, or give this run another run.name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {utc_now()}: {' '.join(sys.argv)}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
 
 
 # What each stage's result depends on: its own recipe keys (besides those every stage reads: model, lora, seed,
@@ -218,7 +287,8 @@ class RunDir:
     def start(self, *, base_model: dict[str, Any], data: list[dict[str, Any]], parent: str | None = None,
               resumed_from: Path | None = None, **details: Any) -> None:
         """Write config.yaml and the lineage known before training (`details`: what else the stage started
-        from, e.g. its reward functions). A new run starts from nothing: the previous run's metrics, samples and
+        from, e.g. its reward functions). Stages call it once everything is loaded and checked, just before
+        training: a run that fails before then leaves an earlier run's files as they were. A new run starts from nothing: the previous run's metrics, samples and
         trainer checkpoints go; its finished checkpoint stays until replaced. A run resumed from the trainer
         checkpoint `resumed_from` keeps the trainer checkpoints, the metrics logged up to its step, and the
         held-out evaluation from before training (`evaluated_before`)."""
@@ -253,6 +323,7 @@ class RunDir:
             "command": sys.argv,
             "git": git_commit(),
             "packages": package_versions(),
+            "run_id": uuid.uuid4().hex,  # the finished checkpoint's manifest names it: see checkpoint_problem
             "start_time": utc_now(),
             "end_time": None,
             "inputs_sha256": inputs_digest(inputs),
@@ -298,6 +369,7 @@ class RunDir:
         yield staging
         PartialState().wait_for_everyone()
         if is_main_process():
+            write_manifest(staging, run_id=self.lineage["run_id"])
             replace_dir(staging, self.checkpoint_path)
 
     def finish(self, results: dict[str, Any]) -> None:
@@ -310,112 +382,44 @@ class RunDir:
         self.lineage_path.write_text(json.dumps(self.lineage, indent=2) + "\n")
 
 
-class MetricsCallback(TrainerCallback):
-    """Appends every trainer log (loss, learning rate, eval metrics) to metrics.jsonl with its step; a training
-    log also gets step_seconds, the mean wall time of the optimizer steps since the previous one (generation
-    included, for the RL stages)."""
+def stage_model(stage_dir: Path, *, trust_remote_code: bool = False) -> ModelConfig | None:
+    """How a stage loaded its base: the model section of its config.yaml (None without one). A run dir may come
+    from anyone, so its model.trust_remote_code=true is not honoured: it is refused unless the user allows
+    model code on the command line (`trust_remote_code`)."""
+    from align.recipe import load_recipe
 
-    def __init__(self, run: RunDir):
-        self.run = run
-        self._step_started: float | None = None
-        self._step_times: list[float] = []
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step_started = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._step_started is not None:
-            self._step_times.append(time.perf_counter() - self._step_started)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
-            return
-        if "loss" in logs and self._step_times:
-            logs = {**logs, "step_seconds": sum(self._step_times) / len(self._step_times)}
-            self._step_times = []
-        self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})  # main process only
-
-
-class ProgressBar(ProgressCallback):
-    """The trainer's progress bar with the latest values of `keys` beside it, instead of every log printed
-    below it as a dict (every value is in metrics.jsonl)."""
-
-    def __init__(self, *keys: str):
-        super().__init__()
-        self.keys = keys
-
-    def attach(self, trainer):
-        """Replace `trainer`'s own progress callback with this bar; returns the bar."""
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(self)
-        return self
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {k: f"{logs[k]:.4g}" for k in self.keys if isinstance((logs or {}).get(k), (int, float))}
-        if shown and self.training_bar is not None:
-            self.training_bar.set_postfix(shown)
-
-
-class NonFinite(AlignError, RuntimeError):
-    """A loss, gradient norm, reward, KL or trainable weight became NaN or infinite; training stopped."""
-
-
-def non_finite_message(stage: str, what: str, value: Any, step: int) -> str:
-    return (f"{stage}: {what} is {value} at step {step}; training stopped without saving, and the last good "
-            f"resumable checkpoint (if any) is kept in the stage's trainer/ directory. Likely causes: fp16 on a GPU "
-            f"without bf16 (set model.compute_dtype=bfloat16, or float32); a learning rate too high "
-            f"({stage}.learning_rate); a reward plug-in returning NaN or huge values")
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Stops a trainer at the first non-finite logged value, and before a save that would write non-finite
-    weights (a NaN between two logs must not become a checkpoint)."""
-
-    KEYS = ("loss", "grad_norm", "reward", "kl", "eval_loss")
-
-    def __init__(self, stage: str):
-        self.stage = stage
-        self.problem: str | None = None
-
-    def _stop(self, control, what: str, value: Any, step: int):
-        self.problem = self.problem or non_finite_message(self.stage, what, value, step)
-        control.should_training_stop, control.should_save = True, False
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if control.should_save and model is not None:
-            bad = next((n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
-            if bad:
-                self._stop(control, f"the trainable weight {bad}", "not finite", state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in self.KEYS:
-            value = (logs or {}).get(key)
-            if isinstance(value, (int, float)) and not math.isfinite(value):
-                self._stop(control, f"the logged {key}", value, state.global_step)
-
-
-def guarded_train(trainer, stage: str, **kwargs):
-    """trainer.train(**kwargs) under a NonFiniteGuard; raises NonFinite if it stopped the run."""
-    guard = NonFiniteGuard(stage)
-    trainer.add_callback(guard)
-    output = trainer.train(**kwargs)
-    if guard.problem:
-        raise NonFinite(guard.problem)
-    return output
+    config = Path(stage_dir) / "config.yaml"
+    if not config.is_file():
+        return None
+    model = load_recipe(config).model
+    if model.trust_remote_code and not trust_remote_code:
+        raise AlignError(f"{config} sets model.trust_remote_code=true, and align does not run a model's own code "
+                         f"because a run dir asks for it. If you trust {model.name_or_path} and its code, pass "
+                         "--trust-remote-code")
+    return model
 
 
 POLICY_STAGES = ("ppo", "grpo", "sft")
 
 
 def policy_checkpoint(source: Path) -> Path:
-    """The policy checkpoint a path names: itself, its stage's checkpoint/, or a run's RL (else SFT) checkpoint."""
+    """The policy checkpoint a path names: itself, its stage's checkpoint/, or a run's RL (else SFT) checkpoint.
+    A stage's checkpoint must be its finished result (`checkpoint_problem`); a bare adapter directory is taken
+    as it is."""
     for candidate in (source, source / "checkpoint"):
         if (candidate / "adapter_config.json").is_file():
+            stage_dir = candidate.parent
+            if candidate.name == "checkpoint" and (stage_dir / "lineage.json").is_file():
+                problem = checkpoint_problem(stage_dir)
+                if problem:
+                    raise AlignError(f"{problem}; re-run the {stage_dir.name} stage (align run <recipe> --from "
+                                     f"{stage_dir.name})")
             return candidate
-    finished = [s for s in POLICY_STAGES if (source / s / "checkpoint" / "adapter_config.json").is_file()]
+    finished = [s for s in POLICY_STAGES if complete_checkpoint(source / s)]
     if finished[:2] == ["ppo", "grpo"]:
         raise AlignError(f"{source} has both a ppo and a grpo checkpoint; name one: {source / 'ppo'} or {source / 'grpo'}")
     if not finished:
+        problems = [checkpoint_problem(source / s) for s in POLICY_STAGES if (source / s / "checkpoint").is_dir()]
         raise AlignError(f"{source}: no LoRA checkpoint here (adapter_config.json), nor a finished "
-                         f"{'/'.join(POLICY_STAGES)} stage under it")
+                         f"{'/'.join(POLICY_STAGES)} stage under it" + "".join(f"; {p}" for p in problems))
     return source / finished[0] / "checkpoint"

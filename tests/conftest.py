@@ -111,7 +111,20 @@ def sft_adapter(tmp_path):
             param.data.normal_(0, 0.1)
     path = tmp_path / "runs" / "test" / "sft" / "checkpoint"
     model.save_pretrained(str(path))
-    return path
+    return finished(path)
+
+
+def finished(checkpoint: Path, **lineage) -> Path:
+    """Makes `checkpoint` its stage's finished result, as the stage leaves it: a lineage.json beside it with a
+    run_id and an end_time, and the manifest that names that run. Returns `checkpoint`."""
+    from align.rundir import write_manifest
+
+    stage_dir = checkpoint.parent
+    record = {"stage": stage_dir.name, "run": stage_dir.parent.name, "run_id": "fixture", "start_time": "2026-01-01",
+              "end_time": "2026-01-01", "results": {}, **lineage}
+    (stage_dir / "lineage.json").write_text(json.dumps(record))
+    write_manifest(checkpoint, run_id=record["run_id"])
+    return checkpoint
 
 
 @pytest.fixture(scope="module")

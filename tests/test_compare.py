@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import QA_HELDOUT, TINY_BASE
+from conftest import QA_HELDOUT, TINY_BASE, finished
 
 from align import compare as compare_module
 from align.compare import CompareError, bootstrap, compare, resolve, summarise, win_rate
@@ -84,7 +84,7 @@ def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter,
 def test_an_rl_checkpoint_is_measured_against_the_policy_it_started_from(tmp_path, sft_adapter):
     stage = tmp_path / "runs" / "x" / "grpo"
     shutil.copytree(sft_adapter, stage / "checkpoint")
-    (stage / "lineage.json").write_text(json.dumps({"run": "x", "stage": "grpo", "parent_checkpoint": str(sft_adapter)}))
+    finished(stage / "checkpoint", run="x", stage="grpo", parent_checkpoint=str(sft_adapter))
     checkpoint = resolve(str(tmp_path / "runs" / "x"))
     assert checkpoint.name == "x/grpo" and checkpoint.adapter == stage / "checkpoint"
     assert checkpoint.reference.adapter == sft_adapter

@@ -4,7 +4,7 @@ the adapter on the 4-bit base computed."""
 import shutil
 
 import torch
-from conftest import TINY_BASE
+from conftest import TINY_BASE, finished
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,7 +38,7 @@ def test_export_says_what_it_cannot_export(sft_adapter, reward_checkpoint, tmp_p
     assert "a SEQ_CLS adapter (a reward model?), not a policy" in capsys.readouterr().err
     run = sft_adapter.parents[1]
     for stage in ("grpo", "ppo"):
-        shutil.copytree(sft_adapter, run / stage / "checkpoint")
+        finished(shutil.copytree(sft_adapter, run / stage / "checkpoint"))
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "has both a ppo and a grpo checkpoint; name one" in capsys.readouterr().err
     assert main(["export", str(run / "ppo"), "--out", str(tmp_path / "out")]) == 0

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from align.recipe import load_recipe
-from align.rundir import NonFinite
+from align.callbacks import NonFinite
 from align.stages import ppo, sft
 
 

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, finished, sft_section
 
 from align import pipeline
 from align.recipe import RecipeError, load_recipe, to_yaml
-from align.rundir import last_trainer_checkpoint
+from align.rundir import last_trainer_checkpoint, write_manifest
 
 RL_SECTION = {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8,
               "max_length": 64, "activation_checkpointing": False, "logging_steps": 1, "eval_generations": 4,
@@ -87,7 +87,7 @@ def fake_reward_stage(recipe, reward_checkpoint, accuracy):
     stage = Path(recipe.run.root) / recipe.run.name / "reward"
     shutil.copytree(reward_checkpoint, stage / "checkpoint")
     after = {"pair_accuracy": accuracy} if accuracy is not None else {}
-    (stage / "lineage.json").write_text(json.dumps({"results": {"after": after}}))
+    finished(stage / "checkpoint", results={"after": after})
 
 
 @pytest.mark.parametrize("accuracy", [0.55, None])
@@ -141,9 +141,10 @@ def test_an_incomplete_trainer_checkpoint_is_never_resumed_from(tmp_path):
         checkpoint = tmp_path / f"checkpoint-{step}"
         checkpoint.mkdir()
         (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
-        if complete:
-            (checkpoint / "trainer_state.json").write_text('{"global_step": %d}' % step)
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')  # killed while writing it
+        (checkpoint / "optimizer.pt").write_bytes(b"state" * 100)
+        if complete:  # the manifest is written last
+            write_manifest(checkpoint)
+    (tmp_path / "checkpoint-4" / "optimizer.pt").write_bytes(b"state")  # cut short (a full disk)
     assert last_trainer_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from align.recipe import load_recipe
-from align.rundir import RunDir, complete_checkpoint, sha256_of
+from align.rundir import RunDir, checkpoint_problem, complete_checkpoint, sha256_of
 
 
 def test_a_checkpoint_killed_before_rename_is_not_complete(write_recipe):
@@ -24,6 +24,8 @@ def test_a_checkpoint_killed_before_rename_is_not_complete(write_recipe):
         assert not staging.exists()
         staging.mkdir()
         (staging / "adapter_model.safetensors").write_bytes(b"whole")
+    assert complete_checkpoint(run.path) is None  # in place, but the run has not finished (no end_time)
+    run.finish({})
     assert complete_checkpoint(run.path) == run.checkpoint_path
     assert not (run.path / "checkpoint.tmp").exists()
 
@@ -57,9 +59,13 @@ def test_a_new_run_starts_clean_but_keeps_the_finished_checkpoint_until_replaced
     (run.trainer_dir / "checkpoint-5").mkdir(parents=True)
     with run.checkpoint() as staging:
         staging.mkdir()
+    run.finish({})
+    assert complete_checkpoint(run.path) == run.checkpoint_path
     run.start(base_model={}, data=[])
     assert run.metrics_path.read_text() == "" and not run.trainer_dir.exists()
-    assert complete_checkpoint(run.path) == run.checkpoint_path
+    # the earlier run's checkpoint stays on disk until replaced, but is no longer taken for the stage's result
+    assert run.checkpoint_path.is_dir() and complete_checkpoint(run.path) is None
+    assert "is stale: an earlier run of the stage wrote it" in checkpoint_problem(run.path)
 
 
 def test_directory_hash_covers_names_and_contents(tmp_path):

@@ -21,7 +21,7 @@ DATA = {"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}}
 def test_labels_cover_the_answer_only(write_recipe):
     recipe = load_recipe(write_recipe(data=DATA, sft=sft_section()))
     tokenizer = load_tokenizer(recipe.model)
-    train, held_out, _ = sft._load_data(recipe, tokenizer)
+    train, held_out, _ = sft.load_data(recipe, tokenizer)
     trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
     for i in range(4):
         row, example = trainer.train_dataset[i], None
@@ -124,7 +124,7 @@ def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained
 def test_packing_keeps_the_answer_only_loss(write_recipe):
     recipe = load_recipe(write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(packing=True, max_steps=3)))
     tokenizer = load_tokenizer(recipe.model)
-    train, _, _ = sft._load_data(recipe, tokenizer)
+    train, _, _ = sft.load_data(recipe, tokenizer)
     trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, None, RunDir(recipe, "sft"))
     row = trainer.train_dataset[0]
     assert len(row["seq_lengths"]) >= 2 and sum(row["seq_lengths"]) == len(row["input_ids"]) <= 128  # shared row
@@ -136,7 +136,7 @@ def test_packing_keeps_the_answer_only_loss(write_recipe):
 def test_the_progress_bar_shows_the_loss_and_prints_no_log_dicts(trained):
     from transformers.trainer_callback import ProgressCallback
 
-    from align.rundir import ProgressBar
+    from align.callbacks import ProgressBar
 
     _, _, trainer = trained
     bars = [c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
@@ -166,7 +166,7 @@ def test_checkpointing_every_second_layer_recomputes_half_the_layers_and_trains_
                               activation_checkpointing_every_n_layers=every, eval_generations=0)
         recipe = load_recipe(write_recipe(name=f"every{every}", data=DATA, sft=section))
         tokenizer = load_tokenizer(recipe.model)
-        train, held_out, _ = sft._load_data(recipe, tokenizer)
+        train, held_out, _ = sft.load_data(recipe, tokenizer)
         model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
         trainer = sft._trainer(recipe, model, tokenizer, train, held_out, RunDir(recipe, "sft"))
         trainer.train()

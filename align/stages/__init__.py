@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+
+def exclusive(stage: str) -> Callable:
+    """Decorates a stage's `run(recipe, *, resume)`: the stage dir's lock (`rundir.stage_lock`) is held throughout,
+    so two runs never write one stage dir."""
+    def decorate(run: Callable) -> Callable:
+        @functools.wraps(run)
+        def locked(recipe, *, resume: bool = False):
+            from align.rundir import stage_lock
+
+            with stage_lock(Path(recipe.run.root) / recipe.run.name / stage):
+                return run(recipe, resume=resume)
+        return locked
+    return decorate
 
 
 def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool, defaults: dict[str, Any] = {},
@@ -15,9 +30,9 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
     import torch
 
     from align.modeling import checkpointing, precision_args
-    from align.recipe import trainer_kwargs
+    from align.recipe import RecipeError, section_name, trainer_kwargs
 
-    return config_cls(**trainer_kwargs(
+    kwargs = trainer_kwargs(
         stage,
         config_cls,
         defaults={"dataloader_pin_memory": torch.cuda.is_available(), **defaults},
@@ -30,7 +45,12 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
         report_to=recipe.run.report_to or "none",
         **precision_args(recipe.model),
         **fixed,
-    ))
+    )
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError) as e:  # e.g. a trainer_args value the config rejects
+        raise RecipeError(f"{section_name(stage)}: {config_cls.__name__} does not take these settings: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 def init_adapter(recipe, section: str) -> Path | None:
@@ -49,14 +69,13 @@ def finished_checkpoint(recipe, stage: str, setting: str, alternative: str) -> P
     """This recipe's finished checkpoint of `stage`; `setting` (the recipe value that asked for it) and
     `alternative` (another way out) go into the error when there is none."""
     from align.recipe import RecipeError
-    from align.rundir import complete_checkpoint
+    from align.rundir import checkpoint_problem
 
     stage_dir = Path(recipe.run.root) / recipe.run.name / stage
-    checkpoint = complete_checkpoint(stage_dir)
-    if checkpoint is None:
-        raise RecipeError(f"{setting}: there is no finished {stage} checkpoint at {stage_dir}/checkpoint; run "
-                          f"`align {stage}` with this recipe first, {alternative}")
-    return checkpoint
+    problem = checkpoint_problem(stage_dir)
+    if problem:
+        raise RecipeError(f"{setting}: {problem}; run `align {stage}` with this recipe first, {alternative}")
+    return stage_dir / "checkpoint"
 
 
 def adapter_dir(path: str, setting: str, what: str) -> Path:

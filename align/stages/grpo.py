@@ -21,13 +21,13 @@ import time
 from typing import Any
 
 from align import rl
-from align.data import load_prompts, load_train_eval
 from align.errors import AlignError
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
-from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
-from align.stages import init_adapter, trl_config
+from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.rundir import RunDir, model_identity
+from align.stages import exclusive, init_adapter, trl_config
 from align.styles import load_style
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class KLExceeded(AlignError, RuntimeError):
     """The policy moved further from the reference than grpo.max_kl allows."""
 
 
+@exclusive("grpo")
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
@@ -46,15 +47,14 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     init = init_adapter(recipe, "grpo")
     specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
-    train, held_out, reports = load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
-                                               cfg.max_length - cfg.max_completion_length, what="prompts")
+    train, held_out, reports = load_data(recipe, tokenizer)
     model = rl.load_policy(recipe, cfg, init, "grpo")
     rewards = specs.functions(model)
     resume_from = run_dir.resume_from() if resume else None
+    trainer, guard = _trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), resumed_from=resume_from)
-    trainer, guard = _trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
     if resume_from:  # the KL the interrupted run logged up to its checkpoint: the first one is before any update
         guard.restore([record["kl"] for record in run_dir.logged() if "kl" in record])
 
@@ -73,6 +73,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                      kl=(guard.first, guard.last, guard.max), before=before, after=after,
                      train_loss=train_output.training_loss)
 
+
+def load_data(recipe: Recipe, tokenizer):
+    """Validated train and held-out prompts (held-out None when data.prompts.eval is unset) and their reports."""
+    return rl.load_prompt_data(recipe, recipe.grpo, tokenizer)
 
 def _check(recipe: Recipe) -> None:
     """Settings that cannot work, refused before anything loads."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 import shutil
 import time
@@ -40,16 +41,14 @@ import torch
 from tqdm.auto import tqdm
 
 from align import rl
-from align.data import load_prompts, load_train_eval
 from align.errors import AlignError
 from align.generation import generate_batch
 from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
-from align.rundir import (
-    NonFinite, RunDir, model_identity, non_finite_message, replace_dir, stage_inputs, step_of,
-)
-from align.stages import init_adapter
+from align.callbacks import NonFinite, non_finite_message
+from align.rundir import RunDir, model_identity, replace_dir, stage_inputs, step_of, write_manifest
+from align.stages import exclusive, init_adapter
 from align.styles import load_style
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,7 @@ class KLExceeded(AlignError, RuntimeError):
     """The policy moved further from the reference than ppo.max_kl allows."""
 
 
+@exclusive("ppo")
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`, carry
     on from the stage's last trainer checkpoint (policy and value adapters, optimizer, scheduler, KL controller,
@@ -73,8 +73,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     init = init_adapter(recipe, "ppo")
     specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
-    train, held_out, reports = load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
-                                               cfg.max_length - cfg.max_completion_length, what="prompts")
+    train, held_out, reports = load_data(recipe, tokenizer)
     _rollouts_per_epoch(cfg, len(train), accelerator.num_processes)  # enough prompts, before loading the model
     resume_from = run_dir.resume_from() if resume else None
     policy = rl.load_policy(recipe, cfg, init, "ppo")
@@ -83,11 +82,11 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     value_from, scale = (resume_from / "value", 1.0) if resume_from else _value_init(cfg.value_init, specs, policy)
     value = SharedBaseRewardModel(policy, value_from, adapter="value", trainable=True)
     value.score.weight.data *= scale
+    ppo = _trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), value_init=str(value_from) if value_from else "the policy's adapter",
                   resumed_from=resume_from)
-    ppo = _trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
     hparams = {k: v for k, v in stage_inputs(recipe, "ppo").items() if isinstance(v, (bool, int, float, str))}
     accelerator.init_trackers(f"{recipe.run.name}-ppo", config=hparams)
     if resume_from:
@@ -107,12 +106,13 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                      beta_last=ppo.kl_ctl.value)
 
 
+def load_data(recipe: Recipe, tokenizer):
+    """Validated train and held-out prompts (held-out None when data.prompts.eval is unset) and their reports."""
+    return rl.load_prompt_data(recipe, recipe.ppo, tokenizer)
+
 def _check(recipe: Recipe) -> None:
     """Settings that cannot work, refused before anything loads."""
-    cfg = rl.check_section(recipe, "ppo")
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs"):
-        if getattr(cfg, key) < 1:
-            raise RecipeError(f"ppo.{key}={getattr(cfg, key)}; it must be at least 1")
+    cfg = rl.check_section(recipe, "ppo")  # sizes below 1 were refused with the recipe (recipe.check_values)
     if cfg.kl_target is not None and cfg.kl_target <= 0:
         raise RecipeError(f"ppo.kl_target={cfg.kl_target}; set a positive KL per sequence (nats), or null for a fixed beta")
 
@@ -529,6 +529,7 @@ class PPOLoop:
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "kl_controller": asdict(self.kl_ctl),
                         "kl": (self.kl_first, self.kl_last, self.kl_max), "rng": _rng_state()}, staging / "state.pt")
+            write_manifest(staging)
             replace_dir(staging, trainer_dir / f"checkpoint-{self.step}")
             for old in sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of)[:-self.cfg.save_total_limit]:
                 shutil.rmtree(old)
@@ -538,7 +539,7 @@ class PPOLoop:
         """Continue from a checkpoint of save_checkpoint (the value adapter and head were loaded with the value
         model): policy adapter, optimizer, scheduler, KL controller, random states, step."""
         load_adapter_weights(self.policy, checkpoint, adapter_name="default")
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        state = read_state(checkpoint / "state.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl = KLController(**state["kl_controller"])
@@ -550,6 +551,19 @@ class PPOLoop:
 
 def _trainer(*args) -> PPOLoop:
     return PPOLoop(*args)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.pt, unpickled with weights_only: tensors, numbers, strings and numpy's RNG arrays, and
+    nothing that runs code (a run dir may come from anyone, and `align run` resumes by itself)."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise AlignError(f"{path}: refused to load: it holds more than tensors and numbers (a PPO checkpoint "
+                         f"written by align does not): {str(e).splitlines()[0]}") from None
 
 
 def _rng_state() -> dict[str, Any]:

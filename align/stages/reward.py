@@ -33,12 +33,14 @@ from align.modeling import (
 )
 from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
-from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
-from align.stages import init_adapter, trl_config
+from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.rundir import RunDir, model_identity
+from align.stages import exclusive, init_adapter, trl_config
 
 log = logging.getLogger(__name__)
 
 
+@exclusive("reward")
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
@@ -47,12 +49,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     run_dir = RunDir(recipe, "reward")
     init = init_adapter(recipe, "reward")  # fails before anything loads
     tokenizer = load_tokenizer(recipe.model)
-    train, held_out, reports = _load_data(recipe, tokenizer)
+    train, held_out, reports = load_data(recipe, tokenizer)
     model = _model(recipe, init)
     resume_from = run_dir.resume_from() if resume else None
+    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, resumed_from=resume_from)
-    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
     before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, recipe, "before"))
     train_output = guarded_train(trainer, "reward", resume_from_checkpoint=resume_from)
@@ -68,7 +70,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     return results
 
 
-def _load_data(recipe: Recipe, tokenizer):
+def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out preference pairs (held-out None when data.preference.eval is unset)."""
     return load_train_eval(recipe.data.preference, load_preferences, recipe.data, tokenizer,
                            recipe.reward.max_length, what="preference")

@@ -21,13 +21,15 @@ from align.generation import generate
 from align.modeling import checkpointing, load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
-from align.rundir import MetricsCallback, ProgressBar, RunDir, guarded_train, model_identity
-from align.stages import trl_config
+from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.rundir import RunDir, model_identity
+from align.stages import exclusive, trl_config
 from align.styles import breakdown, describe, load_style
 
 log = logging.getLogger(__name__)
 
 
+@exclusive("sft")
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
@@ -37,12 +39,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     style = load_style(recipe.data.answer_style)
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
-    train, held_out, reports = _load_data(recipe, tokenizer)
+    train, held_out, reports = load_data(recipe, tokenizer)
     model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
     resume_from = run_dir.resume_from() if resume else None
+    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   resumed_from=resume_from)
-    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
 
     before = run_dir.evaluated_before(lambda: _evaluate(trainer, held_out, recipe, "before", style))
     train_output = guarded_train(trainer, "sft", resume_from_checkpoint=resume_from)
@@ -57,7 +59,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     return results
 
 
-def _load_data(recipe: Recipe, tokenizer):
+def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out QA pairs (held-out None when data.sft.eval is unset) and their reports."""
     return load_train_eval(recipe.data.sft, load_qa, recipe.data, tokenizer, recipe.sft.max_length, what="sft")
 
