@@ -528,6 +528,8 @@ def _data_check(args) -> int:
         _, report = loaders[kind](path, recipe.data, tokenizer, max_length)
         lengths = "\n".join(f"{k}: {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items())
         columns = ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())
+        columns += f"\nunused: {', '.join(report.unused)}" if report.unused else ""
+        columns += f"\nto the rewards: {', '.join(report.passed)}" if report.passed else ""
         skipped = ", ".join(f"{k}={n}" for k, n in report.skipped.most_common()) or "none"
         table.add_row(path, f"{kind}\nmax_length {max_length}", str(report.rows), str(report.examples), columns,
                       skipped, lengths)
@@ -546,10 +548,12 @@ def _data_check(args) -> int:
 def _kind(path: str, recipe) -> str:
     """'preference' if the file's columns are preference columns (mapped or by their usual names), else 'qa' if
     they are question-answer columns, else 'prompts'."""
-    from align.data import DataError, preference_columns, qa_columns, read_records
+    from align.data import DataError, looks_like, preference_columns, qa_columns, read_records
 
     records = read_records(path)
     columns = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
+    if looks_like(columns, "preference").startswith("; map them"):  # chosen_x / rejected_x columns
+        return "preference"
     for kind, detect in (("preference", preference_columns), ("qa", qa_columns)):
         try:
             detect(path, columns, recipe.data.columns)

@@ -42,7 +42,15 @@ AUTO_COLUMNS = {
     "rejected": ("rejected", "dispreferred"),
     "responses": ("responses", "completions", "response", "completion"),
     "scores": ("scores", "ratings", "score", "rating"),
+    "input": ("input", "context"),
+    "system": ("system",),
+    "history": ("history",),
 }
+PROMPT_PARTS = ("input", "system", "history")  # Alpaca-style columns that join a text prompt
+ROLE_KEYS, CONTENT_KEYS = ("role", "from"), ("content", "value", "text")
+ROLE_TAGS = {"user": ("user", "human"), "assistant": ("assistant", "gpt", "bot", "model", "chatgpt"),
+             "system": ("system",)}
+LABEL_COLUMNS = ("label", "labels", "kto_label", "kto_tag")
 # owner/name, owner/name:split, owner/name:config:split; a split may be sliced as datasets slices it: test[:500]
 HUB_ID = re.compile(r"^(?P<name>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+)(?=:))?(?::(?P<split>[\w.-]+(?:\[[\d:%-]*\])?))?$")
 ROLES = ("system", "user", "assistant")
@@ -73,6 +81,8 @@ class DataReport:
     rows: int = 0
     examples: int = 0  # QA pairs or preference pairs kept
     columns: dict[str, str] = field(default_factory=dict)  # field -> column
+    unused: list[str] = field(default_factory=list)  # columns of the file that no field took
+    passed: list[str] = field(default_factory=list)  # prompts: the other columns, passed to the reward functions
     detected: list[str] = field(default_factory=list)  # fields whose column was auto-detected
     skipped: Counter = field(default_factory=Counter)  # reason -> rows (or pairs: identical, too_long) skipped
     first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> "where: message"
@@ -81,7 +91,8 @@ class DataReport:
 
     def summary(self) -> dict[str, Any]:
         summary = {"path": self.path, "rows": self.rows, "examples": self.examples, "columns": self.columns,
-                   "skipped": dict(self.skipped)}
+                   "unused_columns": self.unused, "skipped": dict(self.skipped)} | (
+                       {"passed_to_rewards": self.passed} if self.passed else {})
         return summary | ({"pairing": self.pairing} if self.pairing else {})
 
 
@@ -121,7 +132,7 @@ def _not_utf8(path: Path) -> DataError:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first row
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -137,7 +148,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file holds one list of objects, "
                         "use .jsonl for one object per line") from None
@@ -150,7 +161,7 @@ def _read_json(path: Path) -> list[Record]:
 
 def _read_csv(path: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         reader.fieldnames  # reads the header, so that line_num points at it
         line_no = reader.line_num + 1
@@ -223,17 +234,37 @@ def qa_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[
     # A messages column wins when it was mapped, or when no prompt/completion pair was mapped or found.
     pair_wanted = bool({"prompt", "completion"} & explicit) or {"prompt", "completion"} <= found.keys()
     if "messages" in found and ("messages" in explicit or not pair_wanted):
-        columns = {"messages": found["messages"]}
+        columns = {"messages": found["messages"]} | _prompt_parts(path, available, mapping, ("system",))
     elif {"prompt", "completion"} <= found.keys():
         columns = {"prompt": found["prompt"], "completion": found["completion"]}
+        columns |= _prompt_parts(path, available, mapping, PROMPT_PARTS)
     else:
         lacking = [n for n in ("prompt", "completion") if n not in found]
         raise DataError(
             f"{path}: cannot tell which column holds the {' and the '.join(lacking)} (columns: {', '.join(available)}); "
             + " ".join(f"set data.columns.{n}=<column>" for n in lacking)
-            + " in the recipe, or give a messages column (data.columns.messages)"
+            + " in the recipe, or give a messages column (data.columns.messages)" + looks_like(available, "qa")
         )
-    return columns, [name for name in columns if name not in explicit]
+    return columns, [name for name in columns if getattr(mapping, name) is None]
+
+
+def _prompt_parts(path: str, available: list[str], mapping: Columns, parts: tuple[str, ...]) -> dict[str, str]:
+    """The columns that join a text prompt (Alpaca's input and history, a row's system message) the file has."""
+    return resolve_columns(path, available, mapping, parts)
+
+
+def looks_like(available: list[str], kind: str) -> str:
+    """A hint when the columns look like another kind of data than the stage reads."""
+    chosen = [c for c in available if "chosen" in c.lower() or "preferred" in c.lower()]
+    rejected = [c for c in available if "rejected" in c.lower()]
+    if kind != "preference" and chosen and rejected:
+        return (f". The columns look like preference data ({chosen[0]}, {rejected[0]}), which the reward stage reads "
+                f"(data.preference; data.columns.chosen={chosen[0]} data.columns.rejected={rejected[0]})")
+    if kind == "preference" and chosen and rejected:
+        return f"; map them: data.columns.chosen={chosen[0]} data.columns.rejected={rejected[0]}"
+    return (". If the file holds question-answer pairs, map data.columns.prompt and data.columns.completion; "
+            "preference pairs, data.columns.prompt, data.columns.chosen and data.columns.rejected (align data check "
+            "FILE --kind qa|preference|prompts key=value ... tries a mapping)") if kind != "preference" else ""
 
 
 # -- fields -------------------------------------------------------------------------------------------------
@@ -250,43 +281,121 @@ def _text(values: dict, column: str) -> str:
     return value
 
 
-def _messages(value: Any, column: str) -> list[dict]:
-    """A validated list of {role, content} messages (only those two keys kept)."""
+def _messages(value: Any, column: str, keys: Columns) -> list[dict]:
+    """A validated list of {role, content} messages (only those two keys kept). Messages may spell their keys and
+    roles as ShareGPT does ({from: human|gpt, value}) or as `keys` maps them, and content may be a list of text
+    parts ([{type: text, text: ...}], joined by newlines)."""
     if value is None:
         raise Invalid("missing_field", f"field '{column}' is missing")
+    if isinstance(value, dict):  # one message, as ShareGPT preference files give chosen and rejected
+        value = [value]
     if not isinstance(value, list) or not value:
         raise Invalid("wrong_type", f"field '{column}' is {type(value).__name__}, expected a non-empty list of "
                       "{role, content} messages")
-    clean = []
-    for i, m in enumerate(value, start=1):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise Invalid("bad_messages", f"field '{column}' message {i} is not {{role: system|user|assistant, "
-                          f"content: text}}: {m!r}")
-        if not m["content"].strip():
-            raise Invalid("empty", f"field '{column}' message {i} ({m['role']}) is empty")
-        clean.append({"role": m["role"], "content": m["content"]})
-    return clean
+    return [_message(m, i, column, keys) for i, m in enumerate(value, start=1)]
 
 
-def _prompt(values: dict, column: str) -> list[dict]:
-    """A prompt given as text (one user turn) or as messages that end with a user turn."""
+def _message(m: Any, i: int, column: str, keys: Columns) -> dict:
+    where = f"field '{column}' message {i}"
+    if not isinstance(m, dict):
+        raise Invalid("bad_messages", f"{where} is {type(m).__name__} {m!r}, not a message {{role, content}}")
+    role_key = keys.role_key or next((k for k in ROLE_KEYS if k in m), "role")
+    content_key = keys.content_key or next((k for k in CONTENT_KEYS if k in m), "content")
+    tag = m.get(role_key)
+    role = next((r for r in ROLES if getattr(keys, f"{r}_tag") is not None and tag == getattr(keys, f"{r}_tag")),
+                None) or next(
+        (r for r, tags in ROLE_TAGS.items() if getattr(keys, f"{r}_tag") is None and str(tag).lower() in tags), None)
+    if role is None:
+        raise Invalid("bad_messages", f"{where} has role {role_key}={tag!r}, which is none of user, assistant, system "
+                      f"(nor their usual spellings); map yours with data.columns.user_tag/assistant_tag/system_tag: {m!r}")
+    content = _content(m.get(content_key), f"{where} ({content_key})")
+    if not content.strip():
+        raise Invalid("empty", f"{where} ({role}) is empty")
+    return {"role": role, "content": content}
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts (OpenAI/HF style); other parts are refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(text, str):
+                raise Invalid("non_text_content", f"{where} has a {kind!r} part; align trains on text only: drop the "
+                              "row (data.skip_invalid=true) or the part")
+            texts.append(text)
+        return "\n".join(texts)
+    raise Invalid("bad_messages", f"{where} is {type(value).__name__} {value!r}, expected text or a list of text parts")
+
+
+def _prompt(values: dict, columns: dict[str, str], keys: Columns) -> list[dict]:
+    """The prompt of a row as messages: its prompt column as text (one user turn; Alpaca: with its input after a
+    newline and its history's turns before it) or as messages ending with a user turn."""
+    column = columns["prompt"]
     if isinstance(values.get(column), list):
-        prompt = _messages(values[column], column)
+        prompt = _messages(values[column], column, keys)
         if prompt[-1]["role"] != "user":
             raise Invalid("bad_messages", f"field '{column}' must end with a user turn (the prompt to answer)")
         return prompt
-    return [{"role": "user", "content": _text(values, column)}]
+    text = _text(values, column)
+    extra = values.get(columns["input"]) if "input" in columns else None
+    if extra is not None and not isinstance(extra, str):
+        raise Invalid("wrong_type", f"field '{columns['input']}' is {type(extra).__name__}, expected text")
+    if extra and extra.strip():
+        text = f"{text}\n{extra}"
+    turns = _history(values.get(columns["history"]), columns["history"]) if "history" in columns else []
+    return turns + [{"role": "user", "content": text}]
 
 
-def _answer(value: Any, column: str) -> list[dict]:
-    """An answer given as text or as assistant messages."""
-    if isinstance(value, list):
-        answer = _messages(value, column)
-        if any(m["role"] != "assistant" for m in answer):
-            raise Invalid("bad_messages", f"field '{column}' holds a {answer[0]['role']} turn where an answer "
-                          "(assistant turns only) belongs")
+def _with_system(prompt: list[dict], values: dict, columns: dict[str, str], cfg: DataConfig) -> list[dict]:
+    """The prompt with its system message first: the row's own (a system column), else data.system_prompt; a
+    prompt that starts with a system turn keeps it."""
+    system = values.get(columns["system"]) if "system" in columns else None
+    if system is not None and not isinstance(system, str):
+        raise Invalid("wrong_type", f"field '{columns['system']}' is {type(system).__name__}, expected text")
+    return with_system_prompt(prompt, system if system and system.strip() else cfg.system_prompt)
+
+
+def _history(value: Any, column: str) -> list[dict]:
+    """Alpaca history: [[user, assistant], ...] as messages (None or [] for none)."""
+    if not value:
+        return []
+    if not isinstance(value, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 and
+                                              all(isinstance(t, str) and t.strip() for t in p) for p in value):
+        raise Invalid("wrong_type", f"field '{column}' must be a list of [user, assistant] text pairs, found {value!r}")
+    return [{"role": role, "content": text} for pair in value for role, text in zip(("user", "assistant"), pair)]
+
+
+def _answer(value: Any, column: str, keys: Columns) -> list[dict]:
+    """An answer given as text, as one assistant message, or as assistant messages."""
+    if isinstance(value, (list, dict)):
+        answer = _messages(value, column, keys)
+        other = next((m["role"] for m in answer if m["role"] != "assistant"), None)
+        if other:
+            raise Invalid("bad_messages", f"field '{column}' holds a {other} turn where an answer (assistant turns "
+                          "only) belongs")
         return answer
     return [{"role": "assistant", "content": _text({column: value}, column)}]
+
+
+def transcript(text: Any, column: str, keys: Columns) -> list[dict]:
+    """An Anthropic-HH transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages."""
+    if not isinstance(text, str):
+        raise Invalid("wrong_type", f"field '{column}' is {type(text).__name__}, expected a transcript or messages")
+    markers = {keys.transcript_user: "user", keys.transcript_assistant: "assistant"}
+    pattern = "\n\n(" + "|".join(re.escape(m) for m in markers) + ")"
+    parts = re.split(pattern, "\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if parts[0].strip() or len(parts) < 3:
+        raise Invalid("bad_messages", f"field '{column}' is not a transcript of '{keys.transcript_user}' and "
+                      f"'{keys.transcript_assistant}' turns, each after a blank line (data.columns.transcript_user/"
+                      "transcript_assistant set the markers)")
+    messages = [{"role": markers[marker], "content": body.strip()} for marker, body in zip(parts[1::2], parts[2::2])]
+    if any(not m["content"] for m in messages):
+        raise Invalid("empty", f"field '{column}' has an empty turn")
+    return messages
 
 
 def _score(value: Any, column: str) -> float:
@@ -312,18 +421,18 @@ def with_system_prompt(prompt: list[dict], system_prompt: str | None) -> list[di
 # -- QA pairs -----------------------------------------------------------------------------------------------
 
 
-def qa_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, list[dict]]:
+def qa_example(values: dict, columns: dict[str, str], cfg: DataConfig) -> dict[str, list[dict]]:
     """One row as TRL's conversational prompt-completion example; raises Invalid with the reason."""
     if "messages" in columns:
         column = columns["messages"]
-        messages = _messages(values.get(column), column)
+        messages = _messages(values.get(column), column, cfg.columns)
         if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
             raise Invalid("bad_messages", f"field '{column}' must hold a user turn and end with the assistant's answer")
         prompt, completion = messages[:-1], messages[-1:]
     else:
-        prompt = [{"role": "user", "content": _text(values, columns["prompt"])}]
+        prompt = _prompt(values, columns, cfg.columns)
         completion = [{"role": "assistant", "content": _text(values, columns["completion"])}]
-    return {"prompt": with_system_prompt(prompt, system_prompt), "completion": completion}
+    return {"prompt": _with_system(prompt, values, columns, cfg), "completion": completion}
 
 
 def _prompt_lengths(tokenizer, examples: list[dict]) -> list[int]:
@@ -347,8 +456,8 @@ def load_qa(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = _open(path)
     report.columns, report.detected = qa_columns(str(path), _available(records), cfg.columns)
-    _log_detected(report)
-    items = [(row, record.where, _attempt(qa_example, record, report.columns, cfg.system_prompt))
+    _account(records, report, "SFT")
+    items = [(row, record.where, _attempt(qa_example, record, report.columns, cfg))
              for row, record in enumerate(records)]
     examples = _validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)
     return Dataset.from_list(examples), report
@@ -359,8 +468,10 @@ def load_qa(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
 def preference_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[str, str], list[str]]:
     """Chosen + rejected (+ prompt, optional for conversations), or prompt + responses + scores (rated data)."""
-    found = resolve_columns(path, available, mapping, ("prompt", "chosen", "rejected", "responses", "scores"))
-    explicit = {name for name in found if getattr(mapping, name) is not None}
+    found = resolve_columns(path, available, mapping,
+                            ("prompt", "chosen", "rejected", "responses", "scores", "messages"))
+    if "prompt" not in found and "messages" in found:  # ShareGPT preferences: the conversation so far is the prompt
+        found["prompt"] = found["messages"]
     if {"chosen", "rejected"} <= found.keys():
         columns = {name: found[name] for name in ("prompt", "chosen", "rejected") if name in found}
     elif {"prompt", "responses", "scores"} <= found.keys():
@@ -370,39 +481,51 @@ def preference_columns(path: str, available: list[str], mapping: Columns) -> tup
             f"{path}: cannot tell which columns hold the preferences (columns: {', '.join(available)}); pairs need "
             "data.columns.chosen and data.columns.rejected (and data.columns.prompt unless they are conversations), "
             "rated data needs data.columns.prompt, data.columns.responses and data.columns.scores"
-        )
-    return columns, [name for name in columns if name not in explicit]
+            + looks_like(available, "preference"))
+    columns |= _prompt_parts(path, available, mapping, PROMPT_PARTS if "prompt" in columns else ("system",))
+    return columns, [name for name in columns
+                     if getattr(mapping, name) is None and not (name == "prompt" and mapping.messages is not None)]
 
 
-def pair_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, list[dict]]:
+def pair_example(values: dict, columns: dict[str, str], cfg: DataConfig) -> dict[str, list[dict]]:
     """One chosen/rejected row as {prompt, chosen, rejected} messages. Without a prompt column, chosen and
-    rejected must be conversations, and the turns they share at the start are the prompt; so are they when they
-    are whole conversations next to a prompt column (as in UltraFeedback-style data, which has both)."""
+    rejected must be conversations (or Anthropic-HH transcripts), and the turns they share at the start are the
+    prompt; so are they when they are whole conversations next to a prompt column (as in UltraFeedback-style data,
+    which has both)."""
+    keys = cfg.columns
     chosen_col, rejected_col = columns["chosen"], columns["rejected"]
-    whole = values.get(chosen_col)
-    is_conversation = isinstance(whole, list) and whole and isinstance(whole[0], dict) and whole[0].get("role") != "assistant"
-    if "prompt" in columns and not is_conversation:
-        prompt = _prompt(values, columns["prompt"])
-        chosen, rejected = _answer(values.get(chosen_col), chosen_col), _answer(values.get(rejected_col), rejected_col)
+    if "prompt" in columns and not _is_conversation(values.get(chosen_col), keys):
+        prompt = _prompt(values, columns, keys)
+        chosen = _answer(values.get(chosen_col), chosen_col, keys)
+        rejected = _answer(values.get(rejected_col), rejected_col, keys)
     else:
-        if not all(isinstance(values.get(c), list) for c in (chosen_col, rejected_col)):
-            raise Invalid("missing_field", f"no prompt column, so '{chosen_col}' and '{rejected_col}' must be "
-                          "conversations (lists of messages) that start with the same prompt; set "
-                          "data.columns.prompt=<column> if the prompt is in a column of its own")
-        whole_chosen = _messages(values[chosen_col], chosen_col)
-        whole_rejected = _messages(values[rejected_col], rejected_col)
+        whole_chosen, whole_rejected = (
+            _messages(values[c], c, keys) if isinstance(values.get(c), (list, dict)) else transcript(values.get(c), c, keys)
+            for c in (chosen_col, rejected_col))
         shared = 0
-        while (shared < min(len(whole_chosen), len(whole_rejected))
-               and whole_chosen[shared] == whole_rejected[shared] and whole_chosen[shared]["role"] != "assistant"):
+        while shared < min(len(whole_chosen), len(whole_rejected)) and whole_chosen[shared] == whole_rejected[shared]:
             shared += 1
+        while shared and whole_chosen[shared - 1]["role"] != "user":  # the prompt ends with the user's turn
+            shared -= 1
         prompt, chosen, rejected = whole_chosen[:shared], whole_chosen[shared:], whole_rejected[shared:]
         if not prompt or prompt[-1]["role"] != "user":
             raise Invalid("bad_messages", f"'{chosen_col}' and '{rejected_col}' do not start with the same prompt "
-                          "(turns up to a user turn)")
-        chosen, rejected = _answer(chosen or None, chosen_col), _answer(rejected or None, rejected_col)
+                          "(turns up to a user turn); set data.columns.prompt=<column> if the prompt is in a column "
+                          "of its own")
+        chosen, rejected = _answer(chosen or None, chosen_col, keys), _answer(rejected or None, rejected_col, keys)
     if chosen == rejected:
         raise Invalid("identical", f"fields '{chosen_col}' and '{rejected_col}' hold the same answer")
-    return {"prompt": with_system_prompt(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
+    return {"prompt": _with_system(prompt, values, columns, cfg), "chosen": chosen, "rejected": rejected}
+
+
+def _is_conversation(value: Any, keys: Columns) -> bool:
+    """Whether an answer column holds a whole conversation (it starts with a user or system turn)."""
+    if not isinstance(value, list) or not value:
+        return False
+    try:
+        return _message(value[0], 1, "", keys)["role"] != "assistant"
+    except Invalid:
+        return False
 
 
 @dataclass
@@ -413,7 +536,7 @@ class Rated:
     responses: list[tuple[list[dict], float, int, str]] = field(default_factory=list)  # (answer, score, row, where)
 
 
-def _rated_prompts(records: list[Record], columns: dict[str, str], system_prompt: str | None):
+def _rated_prompts(records: list[Record], columns: dict[str, str], cfg: DataConfig):
     """Rated rows grouped by prompt, and the rows that could not be read: a row holds either lists of responses
     and scores, or one response and its score (rows with the same prompt are then one group)."""
     groups: dict[str, Rated] = {}
@@ -421,15 +544,16 @@ def _rated_prompts(records: list[Record], columns: dict[str, str], system_prompt
     for row, record in enumerate(records):
         try:
             values = _values(record)
-            prompt = with_system_prompt(_prompt(values, columns["prompt"]), system_prompt)
+            prompt = _with_system(_prompt(values, columns, cfg.columns), values, columns, cfg)
             responses, scores = values.get(columns["responses"]), values.get(columns["scores"])
             if isinstance(responses, list) and responses and not isinstance(responses[0], dict):
                 if not isinstance(scores, list) or len(scores) != len(responses):
                     raise Invalid("wrong_type", f"field '{columns['scores']}' must be a list with one score per "
                                   f"response ({len(responses)}), found {scores!r}")
-                items = [(_answer(r, columns["responses"]), _score(x, columns["scores"])) for r, x in zip(responses, scores)]
+                items = [(_answer(r, columns["responses"], cfg.columns), _score(x, columns["scores"]))
+                         for r, x in zip(responses, scores)]
             else:
-                items = [(_answer(responses, columns["responses"]), _score(scores, columns["scores"]))]
+                items = [(_answer(responses, columns["responses"], cfg.columns), _score(scores, columns["scores"]))]
         except Invalid as bad:
             problems.append((row, record.where, bad))
             continue
@@ -483,9 +607,9 @@ def load_preferences(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = _open(path)
     report.columns, report.detected = preference_columns(str(path), _available(records), cfg.columns)
-    _log_detected(report)
+    _account(records, report, "reward model")
     if "scores" in report.columns:
-        groups, items = _rated_prompts(records, report.columns, cfg.system_prompt)
+        groups, items = _rated_prompts(records, report.columns, cfg)
         pairing = Counter()
         for group in groups:
             items.extend(rated_pairs(group, cfg.pair_rule, pairing))
@@ -494,7 +618,7 @@ def load_preferences(path: str, cfg: DataConfig, tokenizer, max_length: int):
                  "%d prompts with a single response", path, len(groups), cfg.pair_rule.value,
                  pairing["tied_with_best"], pairing["single_response"])
     else:
-        items = [(row, record.where, _attempt(pair_example, record, report.columns, cfg.system_prompt))
+        items = [(row, record.where, _attempt(pair_example, record, report.columns, cfg))
                  for row, record in enumerate(records)]
     token_ids: dict[str, list] = {}
 
@@ -519,19 +643,19 @@ def prompt_columns(path: str, available: list[str], mapping: Columns) -> tuple[d
     name = "prompt" if "prompt" in found else "messages" if "messages" in found else None
     if name is None:
         raise DataError(f"{path}: cannot tell which column holds the prompt (columns: {', '.join(available)}); "
-                        "set data.columns.prompt=<column>")
+                        "set data.columns.prompt=<column>" + looks_like(available, "prompts"))
     clash = sorted(set(available) & set(RESERVED_COLUMNS))
     if clash:
         raise DataError(f"{path}: column '{clash[0]}' has a name TRL uses for its own reward-function arguments, so "
                         "the reward functions would never see it; rename the column (e.g. to 'reference')")
-    return {"prompt": found[name]}, [] if getattr(mapping, name) is not None else ["prompt"]
+    columns = {"prompt": found[name]} | _prompt_parts(path, available, mapping, PROMPT_PARTS)
+    return columns, [n for n in columns if getattr(mapping, "messages" if n == "prompt" and name == "messages" else n) is None]
 
 
-def prompt_example(values: dict, columns: dict[str, str], system_prompt: str | None) -> dict[str, Any]:
+def prompt_example(values: dict, columns: dict[str, str], cfg: DataConfig) -> dict[str, Any]:
     """One row as {prompt: messages, <every other column>: its value}."""
-    column = columns["prompt"]
-    prompt = with_system_prompt(_prompt(values, column), system_prompt)
-    return {"prompt": prompt, **{k: v for k, v in values.items() if k != column}}
+    prompt = _with_system(_prompt(values, columns, cfg.columns), values, columns, cfg)
+    return {"prompt": prompt, **{k: v for k, v in values.items() if k != columns["prompt"]}}
 
 
 def load_prompts(path: str, cfg: DataConfig, tokenizer, max_length: int):
@@ -542,8 +666,9 @@ def load_prompts(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = _open(path)
     report.columns, report.detected = prompt_columns(str(path), _available(records), cfg.columns)
+    report.passed = [c for c in _available(records) if c != report.columns["prompt"]]
     _log_detected(report)
-    items = [(row, record.where, _attempt(prompt_example, record, report.columns, cfg.system_prompt))
+    items = [(row, record.where, _attempt(prompt_example, record, report.columns, cfg))
              for row, record in enumerate(records)]
 
     def lengths(examples):
@@ -578,6 +703,37 @@ def _open(path: str) -> tuple[list[Record], DataReport]:
 
 def _available(records: list[Record]) -> list[str]:
     return list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
+
+
+# What an unused column with one of these names probably holds, and the key that would use it.
+CONTENT_HINTS = {"input": "data.columns.input", "context": "data.columns.input", "system": "data.columns.system",
+                 "history": "data.columns.history", "instruction": "data.columns.prompt",
+                 "question": "data.columns.prompt", "prompt": "data.columns.prompt", "query": "data.columns.prompt",
+                 "response": "data.columns.completion", "output": "data.columns.completion",
+                 "answer": "data.columns.completion", "conversations": "data.columns.messages",
+                 "messages": "data.columns.messages"}
+
+
+def _account(records: list[Record], report: DataReport, stage: str) -> None:
+    """Every column of the file is accounted for: used by a field (logged when auto-detected), or listed as
+    unused, with a warning that names the key that would use a column whose name suggests content. Unpaired
+    labelled answers (a boolean label column: the KTO shape) are refused: training on them as pairs or as
+    targets would teach the bad answers too."""
+    available = _available(records)
+    _log_detected(report)
+    report.unused = [c for c in available if c not in report.columns.values()]
+    labels = [c for c in report.unused if c.lower() in LABEL_COLUMNS and
+              all(isinstance(r.values.get(c), bool) for r in records if isinstance(r.values, dict) and c in r.values)]
+    if labels:
+        raise DataError(f"{report.path}: column '{labels[0]}' labels each answer good (true) or bad (false) on its "
+                        f"own: unpaired feedback (the KTO shape), which the {stage} stage cannot train on (it would "
+                        "learn the bad answers too). For SFT keep only the rows labelled true; for a reward model, "
+                        "pair a good and a bad answer to the same prompt as chosen/rejected (docs/data.md)")
+    if report.unused:
+        hints = [f"'{c}' (set {CONTENT_HINTS[c.lower()]}={c} to use it)" for c in report.unused
+                 if c.lower() in CONTENT_HINTS]
+        log.warning("%s: column%s not used: %s%s", report.path, "s" * (len(report.unused) > 1),
+                    ", ".join(report.unused), f"; it may hold content: {', '.join(hints)}" if hints else "")
 
 
 def _log_detected(report: DataReport) -> None:
@@ -629,6 +785,10 @@ def _validated(items, lengths_of, max_length: int, cfg: DataConfig, report: Data
     for _, where, bad in problems:
         report.skipped[bad.reason] += 1
         report.first_skipped.setdefault(bad.reason, f"{where}: {bad.message}")
+    if not keep:  # skipping would leave nothing either: the file, or its mapping, is what needs fixing
+        _, where, bad = problems[0] if problems else (None, report.path, Invalid("", "no pairs formed"))
+        raise DataError(f"{report.path}: no row is usable ({report.rows} rows read: "
+                        f"{_counts(report.skipped) or 'no pairs formed'}); the first: {where}: {bad.message}")
     if problems and not cfg.skip_invalid:
         _, where, bad = problems[0]
         fix = "raise the stage's max_length" if bad.reason == "too_long" else "fix the row"
@@ -637,9 +797,6 @@ def _validated(items, lengths_of, max_length: int, cfg: DataConfig, report: Data
     if problems:
         log.warning("%s: skipped %d of %d rows (%s); first of each: %s", report.path, len(problems), report.rows,
                     _counts(report.skipped), "; ".join(report.first_skipped.values()))
-    if not keep:
-        raise DataError(f"{report.path}: nothing usable ({report.rows} rows read, "
-                        f"{_counts(report.skipped) or 'no pairs formed'})")
     report.examples = len(keep)
     report.lengths = {k: [v[i] for i in keep] for k, v in lengths.items()}
     examples = [valid[i][2] for i in keep]

@@ -92,6 +92,26 @@ class Columns:
     scores: Optional[str] = doc(
         None, help="Rated preference data: numeric score of each response (higher is better), a list per row or "
         "one per row. None: auto-detect (scores, ratings, score, rating).")
+    input: Optional[str] = doc(
+        None, help="Alpaca: extra input joined to the prompt text after a newline (instruction + '\\n' + input) "
+        "when not empty. None: auto-detect (input, context).")
+    system: Optional[str] = doc(None, help="A per-row system message put before the prompt. None: auto-detect (system).")
+    history: Optional[str] = doc(
+        None, help="Alpaca: earlier turns before the prompt, a list of [user, assistant] pairs. None: auto-detect "
+        "(history).")
+    role_key: Optional[str] = doc(
+        None, help="Conversations: the key of each message's role (ShareGPT: from). None: auto-detect (role, from).")
+    content_key: Optional[str] = doc(
+        None, help="Conversations: the key of each message's text (ShareGPT: value). None: auto-detect (content, "
+        "value, text).")
+    user_tag: Optional[str] = doc(None, help="Conversations: the role value of user turns. None: user or human.")
+    assistant_tag: Optional[str] = doc(
+        None, help="Conversations: the role value of assistant turns. None: assistant, gpt, bot, model or chatgpt.")
+    system_tag: Optional[str] = doc(None, help="Conversations: the role value of system turns. None: system.")
+    transcript_user: str = doc(
+        "Human:", help="Transcripts (Anthropic HH): the marker that opens a user turn, after a blank line.")
+    transcript_assistant: str = doc(
+        "Assistant:", help="Transcripts (Anthropic HH): the marker that opens an assistant turn, after a blank line.")
 
 
 @dataclass

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from align.data import load_prompts, load_train_eval
 from align.generation import generate
-from align.modeling import checkpointing, load_model, lora_config
-from align.recipe import Recipe, RecipeError, RLStage
+from align.modeling import check_context, checkpointing, load_model, lora_config
+from align.recipe import Recipe, RecipeError, RLStage, section_name
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
 from align.rundir import RunDir
 from align.styles import breakdown, describe, load_style
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 def load_prompt_data(recipe: Recipe, cfg: RLStage, tokenizer):
     """Validated train and held-out prompts, each short enough to leave max_completion_length for the answer."""
+    check_context(recipe.model, cfg.max_length, f"{section_name(cfg)}.max_length")
     return load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
                            cfg.max_length - cfg.max_completion_length, what="prompts")
 

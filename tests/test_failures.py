@@ -74,7 +74,7 @@ def test_out_of_gpu_memory_is_answered_with_the_settings_to_lower(write_recipe, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)")
 
     monkeypatch.setattr(sft, "run", out_of_memory)
-    recipe = write_recipe(sft={}, data={"sft": {"train": str(QA_TRAIN)}})
+    recipe = write_recipe(sft={"max_length": 128}, data={"sft": {"train": str(QA_TRAIN)}})
     assert main([command, str(recipe), "model.quantization=none"]) == 3
     err = capsys.readouterr().err
     assert "the sft stage ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB" in err

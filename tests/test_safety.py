@@ -302,7 +302,8 @@ def test_align_run_checks_every_stages_data_before_training(write_recipe, tmp_pa
     empty = tmp_path / "prompts.jsonl"
     empty.write_text("")
     path = write_recipe(data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(empty)}, **QA},
-                        sft=sft_section(), grpo={"rewards": [{"name": "exact_match", "args": {"column": "answer"}}]})
+                        sft=sft_section(), grpo={"max_length": 128, "max_completion_length": 32,
+                                                 "rewards": [{"name": "exact_match", "args": {"column": "answer"}}]})
     assert main(["run", str(path)]) == 2
     assert f"{empty}: the file has no rows" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "test" / "sft").exists()

@@ -23,6 +23,7 @@ from typing import Any
 from align.data import load_preferences, load_train_eval
 from align.modeling import (
     ModelLoadError,
+    check_context,
     checkpointing,
     load_adapter_weights,
     load_model,
@@ -72,6 +73,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
 
 def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out preference pairs (held-out None when data.preference.eval is unset)."""
+    check_context(recipe.model, recipe.reward.max_length, "reward.max_length")
     return load_train_eval(recipe.data.preference, load_preferences, recipe.data, tokenizer,
                            recipe.reward.max_length, what="preference")
 

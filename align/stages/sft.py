@@ -18,7 +18,9 @@ from typing import Any
 
 from align.data import load_qa, load_train_eval
 from align.generation import generate
-from align.modeling import checkpointing, load_model, load_tokenizer, lora_config, trainable_in_compute_dtype
+from align.modeling import (
+    check_context, checkpointing, load_model, load_tokenizer, lora_config, trainable_in_compute_dtype,
+)
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
@@ -61,6 +63,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
 
 def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out QA pairs (held-out None when data.sft.eval is unset) and their reports."""
+    check_context(recipe.model, recipe.sft.max_length, "sft.max_length")
     return load_train_eval(recipe.data.sft, load_qa, recipe.data, tokenizer, recipe.sft.max_length, what="sft")
 
 
