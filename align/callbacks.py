@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from align.errors import AlignError
-from align.rundir import RunDir, is_main_process, step_of, write_manifest
+from align.processes import is_main_process
+from align.rundir import RunDir, step_of, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def guarded_train(trainer, stage: str, **kwargs):
     resume_from = kwargs.get("resume_from_checkpoint")
     if resume_from and 0 < trainer.args.max_steps <= step_of(Path(resume_from)):
         return _finished_at(trainer, Path(resume_from), stage)
+    _unmark_prepared(trainer)
     guard = NonFiniteGuard(stage)
     trainer.add_callback(guard)
     trainer.add_callback(ManifestCallback())
@@ -144,3 +146,18 @@ def _finished_at(trainer, checkpoint: Path, stage: str):
     windows = [step - previous for (step, _), previous in zip(losses, [0] + [s for s, _ in losses])]
     loss = sum(w * value for w, (_, value) in zip(windows, losses)) / sum(windows) if losses else float("nan")
     return TrainOutput(trainer.state.global_step, loss, {})
+
+
+def _unmark_prepared(trainer) -> None:
+    """A held-out evaluation before training (trainer.evaluate()) prepares the model for evaluation: accelerate
+    marks it prepared without wrapping it in DDP, and train() would then leave it unwrapped, so that under several
+    processes each rank trains alone. Undone here, so that train() prepares (and wraps) it."""
+    model = trainer.model
+    if trainer.model_wrapped is not model or not getattr(model, "_is_accelerate_prepared", False):
+        return
+    del model._is_accelerate_prepared
+    if model in trainer.accelerator._models:
+        trainer.accelerator._models.remove(model)
+    if hasattr(model, "_original_forward"):  # the mixed-precision wrapper the evaluation prepare put on forward
+        model.forward = model._original_forward
+        del model._original_forward

@@ -257,6 +257,10 @@ def _stage(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
     import torch
 
+    from align.processes import state
+
+    state()  # the process group, before any model or trainer: every rank decision below reads it
+
     running = {"stage": args.command}
     try:
         if args.command == "run":
@@ -273,9 +277,9 @@ def _stage(args) -> int:
     except KeyboardInterrupt:
         print(_interrupted(running["stage"], args, recipe), file=sys.stderr)
         return 130
-    from accelerate import PartialState
+    from align.processes import is_main_process
 
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return 0
     console = Console()
     if args.command == "run":

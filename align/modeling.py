@@ -41,9 +41,9 @@ class ModelLoadError(AlignError, RuntimeError):
 
 def device() -> torch.device:
     """This process's device under Accelerate (its GPU, or the CPU)."""
-    from accelerate import PartialState
+    from align.processes import state
 
-    return PartialState().device
+    return state().device
 
 
 def compute_dtype(cfg: ModelConfig) -> torch.dtype:

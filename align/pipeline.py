@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 from align.errors import AlignError
 from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
-from align.rundir import checkpoint_problem, complete_checkpoint, inputs_digest, is_main_process, stage_inputs, utc_now
+from align.processes import is_main_process, wait_for_everyone
+from align.rundir import checkpoint_problem, complete_checkpoint, inputs_digest, stage_inputs, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def run(recipe: Recipe, *, start: str | None = None, only: str | None = None, fr
 def _run_stage(recipe: Recipe, name: str, forced: str | None) -> Outcome:
     stage_dir = Path(recipe.run.root) / recipe.run.name / name
     action, reason = _decide(recipe, name, stage_dir, forced)
+    wait_for_everyone()  # every rank has read the run dir before the main process writes to it
     _record(recipe, {"stage": name, "action": action, "reason": reason})
     log.info("%s: %s (%s)", name, action, reason)
     if action == "skip":

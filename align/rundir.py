@@ -33,18 +33,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from align.errors import AlignError
+from align.processes import is_main_process, wait_for_everyone
 from align.recipe import ModelConfig, Recipe, to_yaml
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "omegaconf")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def utc_now() -> str:
@@ -360,14 +355,12 @@ class RunDir:
     def checkpoint(self) -> Iterator[Path]:
         """Yields a staging directory to save into; only if the block finishes is it renamed to checkpoint/.
         A run killed while saving leaves checkpoint.tmp/, which nothing takes for a finished checkpoint."""
-        from accelerate import PartialState
-
         staging = self.path / "checkpoint.tmp"
         if is_main_process():
             shutil.rmtree(staging, ignore_errors=True)
-        PartialState().wait_for_everyone()
+        wait_for_everyone()
         yield staging
-        PartialState().wait_for_everyone()
+        wait_for_everyone()
         if is_main_process():
             write_manifest(staging, run_id=self.lineage["run_id"])
             replace_dir(staging, self.checkpoint_path)

@@ -85,3 +85,10 @@ def adapter_dir(path: str, setting: str, what: str) -> Path:
     if not (Path(path) / "adapter_config.json").is_file():
         raise RecipeError(f"{setting}: {what} (no adapter_config.json there)")
     return Path(path)
+
+
+def batch(trainer) -> dict[str, int]:
+    """The batch a trainer's optimizer steps see: per device x processes x accumulation (GRPO: completions)."""
+    args = trainer.args
+    return {"processes": args.world_size, "effective_batch": args.per_device_train_batch_size * args.world_size
+            * args.gradient_accumulation_steps}

@@ -27,7 +27,8 @@ from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
 from align.rundir import RunDir, model_identity
-from align.stages import exclusive, init_adapter, trl_config
+from align.processes import check_identical, is_main_process
+from align.stages import batch, exclusive, init_adapter, trl_config
 from align.styles import load_style
 
 log = logging.getLogger(__name__)
@@ -65,13 +66,15 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     guard.raise_if_exceeded()
     after = _evaluate(trainer, held_out, rewards, recipe, "after")
 
+    checksums = check_identical(trainer.model, "grpo")
     with run_dir.checkpoint() as staging:
-        # The policy adapter only: TRL's "ref" copy and the reward adapter are not part of the result.
-        trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
-        trainer.processing_class.save_pretrained(str(staging))
+        if is_main_process():
+            # The policy adapter only: TRL's "ref" copy and the reward adapter are not part of the result.
+            trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
+            trainer.processing_class.save_pretrained(str(staging))
     return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
                      kl=(guard.first, guard.last, guard.max), before=before, after=after,
-                     train_loss=train_output.training_loss)
+                     train_loss=train_output.training_loss, **batch(trainer), rank_checksums=checksums)
 
 
 def load_data(recipe: Recipe, tokenizer):

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from align import rl
 from align.errors import AlignError
 from align.generation import generate_batch
+from align.processes import check_identical
 from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
@@ -98,12 +99,15 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     seconds = time.monotonic() - start
     after = ppo.evaluate("after")
 
-    accelerator.end_training()
+    checksums = check_identical(policy, "ppo")
     with run_dir.checkpoint() as staging:
         ppo.save_models(staging)
-    return rl.finish(run_dir, init=init, resume_from=resume_from, steps=ppo.step, seconds=seconds,
-                     kl=(ppo.kl_first, ppo.kl_last, ppo.kl_max), before=before, after=after,
-                     beta_last=ppo.kl_ctl.value)
+    results = rl.finish(run_dir, init=init, resume_from=resume_from, steps=ppo.step, seconds=seconds,
+                        kl=(ppo.kl_first, ppo.kl_last, ppo.kl_max), before=before, after=after,
+                        beta_last=ppo.kl_ctl.value, processes=accelerator.num_processes,
+                        effective_batch=ppo.prompts_per_rollout * accelerator.num_processes, rank_checksums=checksums)
+    accelerator.end_training()  # after the last collective: it ends the process group
+    return results
 
 
 def load_data(recipe: Recipe, tokenizer):

@@ -36,7 +36,8 @@ from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
 from align.rundir import RunDir, model_identity
-from align.stages import exclusive, init_adapter, trl_config
+from align.processes import check_identical
+from align.stages import batch, exclusive, init_adapter, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     train_output = guarded_train(trainer, "reward", resume_from_checkpoint=resume_from)
     after = _evaluate(trainer, held_out, recipe, "after")
 
+    checksums = check_identical(trainer.model, "reward")
     with run_dir.checkpoint() as staging:
         trainer.save_model(str(staging))  # adapter + score head (safetensors), adapter_config.json, tokenizer
     results = {"train_loss": train_output.training_loss, "init_from": str(init) if init else None,
                "before": before, "after": after, "checkpoint": str(run_dir.checkpoint_path),
-               "run_dir": str(run_dir.path)}
+               "run_dir": str(run_dir.path), **batch(trainer), "rank_checksums": checksums}
     _write_samples(run_dir, held_out, before, after)
     run_dir.finish(results)
     return results

@@ -25,7 +25,8 @@ from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
 from align.rundir import RunDir, model_identity
-from align.stages import exclusive, trl_config
+from align.processes import check_identical
+from align.stages import batch, exclusive, trl_config
 from align.styles import breakdown, describe, load_style
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,12 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     train_output = guarded_train(trainer, "sft", resume_from_checkpoint=resume_from)
     after = _evaluate(trainer, held_out, recipe, "after", style)
 
+    checksums = check_identical(trainer.model, "sft")
     with run_dir.checkpoint() as staging:
         trainer.save_model(str(staging))  # adapter (safetensors) + adapter_config.json + tokenizer
     results = {"train_loss": train_output.training_loss, "before": before, "after": after,
-               "checkpoint": str(run_dir.checkpoint_path), "run_dir": str(run_dir.path)}
+               "checkpoint": str(run_dir.checkpoint_path), "run_dir": str(run_dir.path), **batch(trainer),
+               "rank_checksums": checksums}
     _write_samples(run_dir, before, after)
     run_dir.finish(results)
     return results

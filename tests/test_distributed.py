@@ -1,0 +1,91 @@
+"""Data-parallel training with 2 real processes on the CPU (gloo), as multi-GPU runs take the same code paths:
+every stage and `align run` train data-parallel, ranks end with identical weights, one process writes the run dir."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+
+QA = {"columns": {"prompt": "question", "completion": "answer"}}
+RL = {"learning_rate": 3e-4, "num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 24,
+      "max_length": 96, "max_steps": 2, "activation_checkpointing": False, "logging_steps": 1,
+      "eval_generations": 4, "eval_samples": 1, "per_device_eval_batch_size": 4,
+      "rewards": [{"name": "exact_match", "args": {"column": "answer"}}, {"name": "reward_model", "weight": 0.02}]}
+
+
+def launch(*args, processes=2):
+    """`align ARGS` as `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node PROCESSES -m align ARGS`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(port), "-m", "align", *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def stage_results(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / "lineage.json").read_text())["results"]
+
+
+def logged_steps(stage_dir: Path, key: str) -> list[int]:
+    return [r["step"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_align_run_on_two_processes_trains_every_stage_data_parallel(write_recipe, tmp_path):
+    recipe = write_recipe(
+        data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},
+              "preference": {"train": str(PREF_TRAIN), "eval": str(PREF_HELDOUT)},
+              "prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
+        sft=sft_section(max_steps=4, per_device_train_batch_size=8, logging_steps=1, eval_generations=4),
+        reward={"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 128, "logging_steps": 1,
+                "activation_checkpointing": False, "learning_rate": 1e-3},
+        grpo=RL, rl={"min_reward_accuracy": 0})
+    launch("run", recipe)
+    run_dir = tmp_path / "runs" / "test"
+    for stage in ("sft", "reward", "grpo"):
+        results = stage_results(run_dir / stage)
+        checksums = results["rank_checksums"]
+        assert len(checksums) == 2 and checksums[0] == checksums[1], (stage, checksums)
+        assert results["processes"] == 2
+        steps = logged_steps(run_dir / stage, "loss")
+        assert steps == sorted(set(steps)) and steps, (stage, steps)  # each step written once
+        assert (run_dir / stage / "checkpoint" / "adapter_model.safetensors").is_file()
+    assert stage_results(run_dir / "sft")["effective_batch"] == 16
+    decisions = [json.loads(line) for line in (run_dir / "pipeline.jsonl").read_text().splitlines()]
+    assert [d["stage"] for d in decisions if d.get("action") == "run"] == ["sft", "reward", "grpo"]  # once each
+
+
+def test_ppo_on_two_processes_saves_once_with_identical_ranks(write_recipe, sft_adapter, tmp_path):
+    ppo = {**{k: v for k, v in RL.items() if k not in ("num_generations",)}, "per_device_train_batch_size": 4,
+           "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], "num_ppo_epochs": 1}
+    recipe = write_recipe(data={"prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
+                          sft={}, ppo={**ppo, "learning_rate": 1e-3})
+    launch("ppo", recipe)
+    results = stage_results(tmp_path / "runs" / "test" / "ppo")
+    assert results["processes"] == 2 and results["effective_batch"] == 8
+    assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
+    assert logged_steps(tmp_path / "runs" / "test" / "ppo", "kl") == [1, 2]
+
+
+def test_sft_two_processes_of_8_follow_one_process_of_16(write_recipe, tmp_path):
+    """Data parallelism changes who computes, not what: the per-step losses of 2 x 8 are those of 1 x 16."""
+    curves = {}
+    for processes, batch in ((1, 16), (2, 8)):
+        name = f"p{processes}"
+        recipe = write_recipe(name=name, lora={"dropout": 0.0}, data={"sft": {"train": str(QA_TRAIN)}, **QA},
+                              sft=sft_section(max_steps=6, per_device_train_batch_size=batch, logging_steps=1,
+                                              eval_generations=0))
+        launch("sft", recipe, processes=processes)
+        metrics = (tmp_path / "runs" / name / "sft" / "metrics.jsonl").read_text().splitlines()
+        curves[processes] = [r["loss"] for r in map(json.loads, metrics) if "loss" in r]
+    assert len(curves[1]) == len(curves[2]) == 6
+    assert curves[2] == pytest.approx(curves[1], rel=2e-2), curves
