@@ -6,6 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.modeling import prompt_ids
+from align.processes import state
 
 
 @torch.no_grad()
@@ -23,11 +24,23 @@ def generate(
 ) -> list[str] | tuple[list[str], list[list[int]]]:
     """One greedy answer per prompt, decoded without special tokens; with `sampling` (temperature, top_p, ...),
     `per_prompt` sampled answers per prompt instead, a prompt's answers next to each other. With `with_ids`,
-    also each answer's token ids up to and including its EOS (as TRL hands completion_ids to reward functions)."""
+    also each answer's token ids up to and including its EOS (as TRL hands completion_ids to reward functions).
+    Under several processes each answers its share of the prompts, and every process gets all the answers."""
+    shared = state()
+    with shared.split_between_processes(list(prompts)) as mine:  # a list: a datasets Column would not be split
+        answers, answer_ids = _generate(model, tokenizer, mine, max_new_tokens, batch_size, desc, sampling, per_prompt)
+    if shared.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        answers, answer_ids = gather_object(answers), gather_object(answer_ids)
+    return (answers, answer_ids) if with_ids else answers
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, sampling, per_prompt):
     was_training = model.training
     model.eval()
     answers, answer_ids = [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not state().is_main_process):
         batch = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
         _, _, out = generate_batch(model, tokenizer, batch, max_new_tokens=max_new_tokens, sampling=sampling,
                                    per_prompt=per_prompt)
@@ -36,7 +49,7 @@ def generate(
             end = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
             answer_ids.append(ids[:end])
     model.train(was_training)
-    return (answers, answer_ids) if with_ids else answers
+    return answers, answer_ids
 
 
 @torch.no_grad()

@@ -88,4 +88,4 @@ def test_sft_two_processes_of_8_follow_one_process_of_16(write_recipe, tmp_path)
         metrics = (tmp_path / "runs" / name / "sft" / "metrics.jsonl").read_text().splitlines()
         curves[processes] = [r["loss"] for r in map(json.loads, metrics) if "loss" in r]
     assert len(curves[1]) == len(curves[2]) == 6
-    assert curves[2] == pytest.approx(curves[1], rel=2e-2), curves
+    assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves  # equal as logged (TRL: loss over all ranks' tokens)
