@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.modeling import prompt_ids
-from align.processes import state
+from align.processes import in_shares, state
 
 
 @torch.no_grad()
@@ -26,13 +26,8 @@ def generate(
     `per_prompt` sampled answers per prompt instead, a prompt's answers next to each other. With `with_ids`,
     also each answer's token ids up to and including its EOS (as TRL hands completion_ids to reward functions).
     Under several processes each answers its share of the prompts, and every process gets all the answers."""
-    shared = state()
-    with shared.split_between_processes(list(prompts)) as mine:  # a list: a datasets Column would not be split
-        answers, answer_ids = _generate(model, tokenizer, mine, max_new_tokens, batch_size, desc, sampling, per_prompt)
-    if shared.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        answers, answer_ids = gather_object(answers), gather_object(answer_ids)
+    answers, answer_ids = in_shares(prompts, lambda share: _generate(
+        model, tokenizer, share, max_new_tokens, batch_size, desc, sampling, per_prompt))
     return (answers, answer_ids) if with_ids else answers
 
 

@@ -65,3 +65,16 @@ def check_identical(model, stage: str) -> list[float]:
         raise LaunchError(f"{stage}: the {len(checksums)} processes hold different trainable weights (checksums "
                           f"{checksums}): training was not data-parallel, so no checkpoint is written")
     return checksums
+
+
+def in_shares(items, work):
+    """`work(share)` on this process's share of `items` (all of them when there is one process); every process
+    gets the results for all items, in order. `work` returns a list, or a tuple of lists."""
+    shared = state()
+    with shared.split_between_processes(list(items)) as share:  # a list: a datasets Column would not be split
+        result = work(share)
+    if shared.num_processes == 1:
+        return result
+    from accelerate.utils import gather_object
+
+    return tuple(gather_object(part) for part in result) if isinstance(result, tuple) else gather_object(result)

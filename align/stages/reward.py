@@ -36,7 +36,7 @@ from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
 from align.rundir import RunDir, model_identity
-from align.processes import check_identical
+from align.processes import check_identical, in_shares
 from align.stages import batch, exclusive, init_adapter, trl_config
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,18 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
 
 
 def pair_scores(model, tokenizer, pairs, *, batch_size: int) -> tuple[list[float], list[float]]:
-    """Scores of every pair's chosen and rejected conversation, through the scorer's code path."""
-    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size=batch_size,
-                                 desc="scoring chosen")
-    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs],
-                                   batch_size=batch_size, desc="scoring rejected")
-    return chosen, rejected
+    """Scores of every pair's chosen and rejected conversation, through the scorer's code path (under several
+    processes, each scores its share)."""
+    def score(share):
+        if not share:  # fewer pairs than processes
+            return [], []
+        chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in share],
+                                     batch_size=batch_size, desc="scoring chosen")
+        rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in share],
+                                       batch_size=batch_size, desc="scoring rejected")
+        return chosen, rejected
+
+    return in_shares(pairs, score)
 
 
 def _evaluate(trainer, held_out, recipe: Recipe, when: str) -> dict[str, Any]:
