@@ -505,7 +505,7 @@ def _data_check(args) -> int:
     from rich.table import Table
 
     from align.data import load_preferences, load_prompts, load_qa, percentiles
-    from align.modeling import load_tokenizer
+    from align.modeling import load_tokenizer, model_context
     from align.recipe import GRPOStage, RewardStage, SFTStage, load_recipe
 
     overrides = list(args.overrides) + ["data.skip_invalid=true"]  # count every problem instead of stopping
@@ -522,13 +522,16 @@ def _data_check(args) -> int:
               "prompts": rl.max_length - rl.max_completion_length}
     loaders = {"qa": load_qa, "preference": load_preferences, "prompts": load_prompts}
     tokenizer = load_tokenizer(recipe.model)
+    # A bare file is checked with the stage defaults, capped at the model's context (a recipe's own max_length
+    # above it is refused in training, and shown here as it is).
+    context = None if args.target.endswith((".yaml", ".yml")) else model_context(recipe.model)
 
     table = Table(title=f"data check (tokens by {recipe.model.name_or_path})")
     for column in ("file", "kind", "rows", "examples", "columns", "skipped", "tokens p50/p90/p99/max"):
         table.add_column(column)
     notes, invalid = [], False
     for path, kind in files:
-        max_length = args.max_length or limits[kind]
+        max_length = args.max_length or min(limits[kind], context or limits[kind])
         _, report = loaders[kind](path, recipe.data, tokenizer, max_length)
         lengths = "\n".join(f"{k}: {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items())
         columns = ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())

@@ -216,17 +216,24 @@ def _from_pretrained(auto_class, cfg: ModelConfig, **kwargs):
         raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} could not be loaded: {e}") from None
 
 
-def check_context(cfg: ModelConfig, max_length: int, key: str) -> None:
-    """A stage's max_length (`key`) must fit the model's context (max_position_embeddings in its config): longer
-    sequences would fail deep in training, or silently degrade with some position encodings."""
+def model_context(cfg: ModelConfig) -> int | None:
+    """The model's context in tokens (max_position_embeddings in its config); None if its config does not say
+    or cannot be read (loading the model then says why)."""
     from transformers import AutoConfig
 
     try:
         config = _from_pretrained(AutoConfig, cfg, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except ModelLoadError:
-        return  # the model's own loading says what is wrong, with its context
+        return None
     context = getattr(config, "max_position_embeddings", None)
-    if isinstance(context, int) and max_length > context:
+    return context if isinstance(context, int) else None
+
+
+def check_context(cfg: ModelConfig, max_length: int, key: str) -> None:
+    """A stage's max_length (`key`) must fit the model's context: longer sequences would fail deep in training, or
+    silently degrade with some position encodings."""
+    context = model_context(cfg)
+    if context is not None and max_length > context:
         raise RecipeError(f"{key}={max_length} is longer than {cfg.name_or_path}'s context of {context} tokens "
                           f"(max_position_embeddings); set {key} to at most {context}")
 

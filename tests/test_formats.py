@@ -144,6 +144,7 @@ def test_every_column_is_accounted_for(tmp_path, tokenizer, caplog, capsys, monk
     assert main(["data", "check", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "prompt=instruction (auto)" in printed and "input=context (auto)" in printed and "unused: category" in printed
+    assert "max_length 256" in printed  # sft.max_length's default (1024), capped at the tiny base's context
 
 
 def test_byte_order_marks_are_not_data(tmp_path, tokenizer):
