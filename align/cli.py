@@ -555,11 +555,11 @@ def _data_check(args) -> int:
 def _kind(path: str, recipe) -> str:
     """'preference' if the file's columns are preference columns (mapped or by their usual names), else 'qa' if
     they are question-answer columns, else 'prompts'."""
-    from align.data import DataError, looks_like, preference_columns, qa_columns, read_records
+    from align.data import DataError, preference_columns, preference_pair_columns, qa_columns, read_records
 
     records = read_records(path)
     columns = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
-    if looks_like(columns, "preference").startswith("; map them"):  # chosen_x / rejected_x columns
+    if preference_pair_columns(columns):  # chosen_x / rejected_x columns: the error will say how to map them
         return "preference"
     for kind, detect in (("preference", preference_columns), ("qa", qa_columns)):
         try:

@@ -234,10 +234,10 @@ def qa_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[
     # A messages column wins when it was mapped, or when no prompt/completion pair was mapped or found.
     pair_wanted = bool({"prompt", "completion"} & explicit) or {"prompt", "completion"} <= found.keys()
     if "messages" in found and ("messages" in explicit or not pair_wanted):
-        columns = {"messages": found["messages"]} | _prompt_parts(path, available, mapping, ("system",))
+        columns = {"messages": found["messages"]} | resolve_columns(path, available, mapping, ("system",))
     elif {"prompt", "completion"} <= found.keys():
         columns = {"prompt": found["prompt"], "completion": found["completion"]}
-        columns |= _prompt_parts(path, available, mapping, PROMPT_PARTS)
+        columns |= resolve_columns(path, available, mapping, PROMPT_PARTS)
     else:
         lacking = [n for n in ("prompt", "completion") if n not in found]
         raise DataError(
@@ -248,23 +248,26 @@ def qa_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[
     return columns, [name for name in columns if getattr(mapping, name) is None]
 
 
-def _prompt_parts(path: str, available: list[str], mapping: Columns, parts: tuple[str, ...]) -> dict[str, str]:
-    """The columns that join a text prompt (Alpaca's input and history, a row's system message) the file has."""
-    return resolve_columns(path, available, mapping, parts)
+def preference_pair_columns(available: list[str]) -> tuple[str, str] | None:
+    """The (chosen, rejected) columns a file's names suggest (chosen_messages, rejected_response, ...), if any."""
+    chosen = [c for c in available if "chosen" in c.lower() or "preferred" in c.lower()]
+    rejected = [c for c in available if "rejected" in c.lower()]
+    return (chosen[0], rejected[0]) if chosen and rejected else None
 
 
 def looks_like(available: list[str], kind: str) -> str:
-    """A hint when the columns look like another kind of data than the stage reads."""
-    chosen = [c for c in available if "chosen" in c.lower() or "preferred" in c.lower()]
-    rejected = [c for c in available if "rejected" in c.lower()]
-    if kind != "preference" and chosen and rejected:
-        return (f". The columns look like preference data ({chosen[0]}, {rejected[0]}), which the reward stage reads "
-                f"(data.preference; data.columns.chosen={chosen[0]} data.columns.rejected={rejected[0]})")
-    if kind == "preference" and chosen and rejected:
-        return f"; map them: data.columns.chosen={chosen[0]} data.columns.rejected={rejected[0]}"
+    """A hint for a file whose columns did not map: the keys to set, for the kind of data they suggest."""
+    pair = preference_pair_columns(available)
+    if pair and kind == "preference":
+        return f"; map them: data.columns.chosen={pair[0]} data.columns.rejected={pair[1]}"
+    if pair:
+        return (f". The columns look like preference data ({pair[0]}, {pair[1]}), which the reward stage reads "
+                f"(data.preference; data.columns.chosen={pair[0]} data.columns.rejected={pair[1]})")
+    if kind == "preference":
+        return ""
     return (". If the file holds question-answer pairs, map data.columns.prompt and data.columns.completion; "
             "preference pairs, data.columns.prompt, data.columns.chosen and data.columns.rejected (align data check "
-            "FILE --kind qa|preference|prompts key=value ... tries a mapping)") if kind != "preference" else ""
+            "FILE --kind qa|preference|prompts key=value ... tries a mapping)")
 
 
 # -- fields -------------------------------------------------------------------------------------------------
@@ -302,9 +305,9 @@ def _message(m: Any, i: int, column: str, keys: Columns) -> dict:
     role_key = keys.role_key or next((k for k in ROLE_KEYS if k in m), "role")
     content_key = keys.content_key or next((k for k in CONTENT_KEYS if k in m), "content")
     tag = m.get(role_key)
-    role = next((r for r in ROLES if getattr(keys, f"{r}_tag") is not None and tag == getattr(keys, f"{r}_tag")),
-                None) or next(
-        (r for r, tags in ROLE_TAGS.items() if getattr(keys, f"{r}_tag") is None and str(tag).lower() in tags), None)
+    mapped = {r: getattr(keys, f"{r}_tag") for r in ROLES}  # a mapped tag must match exactly; else the usual spellings
+    role = next((r for r in ROLES if (tag == mapped[r] if mapped[r] is not None else str(tag).lower() in ROLE_TAGS[r])),
+                None)
     if role is None:
         raise Invalid("bad_messages", f"{where} has role {role_key}={tag!r}, which is none of user, assistant, system "
                       f"(nor their usual spellings); map yours with data.columns.user_tag/assistant_tag/system_tag: {m!r}")
@@ -387,7 +390,7 @@ def transcript(text: Any, column: str, keys: Columns) -> list[dict]:
         raise Invalid("wrong_type", f"field '{column}' is {type(text).__name__}, expected a transcript or messages")
     markers = {keys.transcript_user: "user", keys.transcript_assistant: "assistant"}
     pattern = "\n\n(" + "|".join(re.escape(m) for m in markers) + ")"
-    parts = re.split(pattern, "\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    parts = re.split(pattern, "\n\n" + text.lstrip("\n"))  # the first turn too follows a blank line
     if parts[0].strip() or len(parts) < 3:
         raise Invalid("bad_messages", f"field '{column}' is not a transcript of '{keys.transcript_user}' and "
                       f"'{keys.transcript_assistant}' turns, each after a blank line (data.columns.transcript_user/"
@@ -482,7 +485,7 @@ def preference_columns(path: str, available: list[str], mapping: Columns) -> tup
             "data.columns.chosen and data.columns.rejected (and data.columns.prompt unless they are conversations), "
             "rated data needs data.columns.prompt, data.columns.responses and data.columns.scores"
             + looks_like(available, "preference"))
-    columns |= _prompt_parts(path, available, mapping, PROMPT_PARTS if "prompt" in columns else ("system",))
+    columns |= resolve_columns(path, available, mapping, PROMPT_PARTS if "prompt" in columns else ("system",))
     return columns, [name for name in columns
                      if getattr(mapping, name) is None and not (name == "prompt" and mapping.messages is not None)]
 
@@ -648,7 +651,7 @@ def prompt_columns(path: str, available: list[str], mapping: Columns) -> tuple[d
     if clash:
         raise DataError(f"{path}: column '{clash[0]}' has a name TRL uses for its own reward-function arguments, so "
                         "the reward functions would never see it; rename the column (e.g. to 'reference')")
-    columns = {"prompt": found[name]} | _prompt_parts(path, available, mapping, PROMPT_PARTS)
+    columns = {"prompt": found[name]} | resolve_columns(path, available, mapping, PROMPT_PARTS)
     return columns, [n for n in columns if getattr(mapping, "messages" if n == "prompt" and name == "messages" else n) is None]
 
 
