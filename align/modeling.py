@@ -20,8 +20,7 @@ from align.recipe import DType, LoraConfig, ModelConfig, Quantization, RecipeErr
 log = logging.getLogger(__name__)
 
 # For base models that ship no chat template: plain text, no new tokens (a base model has no trained
-# embeddings for tokens it never saw), and the assistant turn ends in the EOS token the model already knows
-# (nothing after it: a token after EOS is never generated, so training on it would only add noise).
+# embeddings for tokens it never saw), and the assistant turn ends in the EOS token the model already knows.
 # The prompt rendered with add_generation_prompt is a token prefix of prompt + answer: the boundary falls
 # after "Assistant:", before the answer's leading space.
 DEFAULT_CHAT_TEMPLATE = (
@@ -74,10 +73,28 @@ def load_tokenizer(cfg: ModelConfig):
     elif tokenizer.chat_template is None:
         log.info("%s has no chat template; using align's default User:/Assistant: template", cfg.name_or_path)
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    turn_end = end_of_turn(tokenizer)
+    if turn_end is not None and turn_end != tokenizer.eos_token:
+        # Generation (align's and TRL's), SFT's labels and PPO's completion mask all stop at tokenizer.eos_token:
+        # it must be the token that ends an answer, not the end of a document (as LLaMA-Factory does too).
+        log.info("answers end at %s (the chat template's end of turn), not at the tokenizer's EOS %s: using %s as "
+                 "EOS", turn_end, tokenizer.eos_token, turn_end)
+        tokenizer.eos_token = turn_end
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe; answers still end in a real EOS.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template puts right after an assistant's answer (<|im_end|> in ChatML,
+    <|eot_id|> in Llama 3, EOS in align's default template); None if it puts none there."""
+    probe = [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"}]
+    whole = conversation_ids(tokenizer, [probe])[0]
+    prompt = prompt_ids(tokenizer, probe[:1])
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    start = next((i for i, (a, b) in enumerate(zip(prompt, whole)) if a != b), len(prompt))
+    return next((tokenizer.convert_ids_to_tokens(i) for i in whole[start:] if i in special), None)
 
 
 def quantization_config(cfg: ModelConfig):
@@ -314,6 +331,23 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
+def sft_example(tokenizer, prompt: list[dict], completion: list[dict]) -> dict[str, list[int]]:
+    """A prompt-completion pair as SFT trains on it: the token ids of the rendered conversation up to and including
+    the EOS (end of turn) that closes the answer, and a completion mask that is 1 on the answer and that EOS. What
+    the template puts after the end of turn (ChatML's newline after <|im_end|>) is left out: generation stops at
+    EOS, so the model never sees or produces it. The prompt is the part the prompt rendered alone (with the
+    generation prompt, as generation sees it) shares with the conversation; a template that renders the two
+    differently is caught by `align run`'s prompt-rendering gate. A template that ends the answer with no EOS
+    gets one, so that the model learns to stop."""
+    prompt_only = prompt_ids(tokenizer, prompt)
+    ids = conversation_ids(tokenizer, [prompt + completion])[0]
+    start = next((i for i, (a, b) in enumerate(zip(prompt_only, ids)) if a != b), len(prompt_only))
+    eos = tokenizer.eos_token_id
+    end = ids.index(eos, start) + 1 if eos in ids[start:] else None
+    ids = ids[:end] if end else ids + [eos]
+    return {"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)}
+
+
 EXPORT_MARK = "align_export.json"
 
 
@@ -343,11 +377,17 @@ def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | No
     if cfg.quantization != Quantization.none:
         base = base.dequantize()  # NF4 -> the compute dtype, the values the adapter was trained against
     merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
-    staging = out.with_name(out.name + ".tmp")
-    merged.save_pretrained(str(staging))
     # The checkpoint's tokenizer carries the chat template the stage trained with; a bare adapter has none.
     has_tokenizer = (checkpoint / "tokenizer_config.json").is_file()
-    (AutoTokenizer.from_pretrained(str(checkpoint)) if has_tokenizer else load_tokenizer(cfg)).save_pretrained(str(staging))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint)) if has_tokenizer else load_tokenizer(cfg)
+    # Plain transformers' generate stops at the generation config's EOS ids: the end of turn answers end with.
+    stops = merged.generation_config.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    merged.generation_config.eos_token_id = [tokenizer.eos_token_id, *(i for i in stops if i != tokenizer.eos_token_id)]
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    staging = out.with_name(out.name + ".tmp")
+    merged.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
     (staging / EXPORT_MARK).write_text(json.dumps({"checkpoint": str(checkpoint.resolve()),
                                                    "base": cfg.name_or_path}, indent=1) + "\n")
     replace_dir(staging, out)

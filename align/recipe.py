@@ -208,6 +208,9 @@ class TRLStage(TrainingStage):
 @dataclass
 class SFTStage(TRLStage):
     packing: bool = doc(False, help="Pack several examples into each max_length sequence (faster on short data).")
+    eval_loss_rows: Optional[int] = doc(
+        None, help="Held-out rows the answer loss is measured on, before and after training: the first N (None: "
+        "all). On a CPU each row costs about a third of a training example.")
     # align: greedy answers on held-out prompts, before and after training
     eval_generations: int = doc(64, help="Held-out prompts answered greedily before and after training (0: none).")
     max_new_tokens: int = doc(128, help="Longest generated answer in those evaluations.")
@@ -412,7 +415,7 @@ def _refuse_env(node: Any, where, key: str = "") -> None:
 AT_LEAST_ONE = ("r", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "max_length", "logging_steps", "save_steps", "save_total_limit", "max_new_tokens",
                 "max_completion_length", "num_generations", "num_mini_batches", "num_ppo_epochs", "kl_horizon",
-                "activation_checkpointing_every_n_layers")
+                "activation_checkpointing_every_n_layers", "eval_loss_rows")
 POSITIVE = ("learning_rate", "alpha", "num_train_epochs", "temperature", "top_p")
 NOT_NEGATIVE = ("warmup_steps", "weight_decay", "dropout", "eval_generations", "eval_samples", "beta",
                 "max_grad_norm")  # max_grad_norm=0: no clipping

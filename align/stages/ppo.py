@@ -12,7 +12,8 @@ of RLHF with PPO"), with TRL's log-prob and entropy helpers. One PPO step:
 1. Rollout: one sampled completion per prompt, cut after its EOS; its score from the reward functions
    (`align.rewards`, as in GRPO); per-token log-probs under the policy and the reference, and values.
 2. Rewards and advantages: -beta x (log pi - log pi_ref) at every completion token, plus the score at its last
-   token; GAE (gamma, lambda) over them; advantages whitened.
+   token; GAE (gamma, lambda) over them; advantages whitened. The logged `kl` (nats per completion) is the mean
+   over the rollout of that sum: an unbiased estimate, which on a few samples near the reference can fall below 0.
 3. Update: `num_ppo_epochs` passes over the rollout in `num_mini_batches` optimizer steps (micro-batches
    accumulated), each with the clipped policy loss and vf_coef x the clipped value loss.
 
@@ -308,6 +309,7 @@ class PPOLoop:
         self.step = 0
         self.state = TrainerState(max_steps=self.total_steps)  # what reward functions get as trainer_state
         self.kl_first = self.kl_last = self.kl_max = None
+        self.negative_kl_explained = False
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p}
 
     # The steps, in order.
@@ -507,6 +509,12 @@ class PPOLoop:
         if self.kl_first is None:  # the first rollout, before any update (a resumed run has it already)
             self.kl_first = kl
             rl.warn_if_first_kl_not_zero(kl)
+        if kl < 0 and not self.negative_kl_explained:
+            self.negative_kl_explained = True
+            log.info("ppo: the KL to the reference is %.4g nats per completion at step %d. It is estimated from this "
+                     "step's sampled answers as the sum of log pi - log pi_ref over their tokens (the estimate the "
+                     "penalty uses): unbiased, but on a few samples of a policy close to the reference it can fall "
+                     "below 0, though the KL itself cannot", kl, self.step + 1)
         self.kl_last, self.kl_max = kl, max(kl, self.kl_max if self.kl_max is not None else kl)
         if self.cfg.max_kl is not None and kl > self.cfg.max_kl:
             raise KLExceeded(
