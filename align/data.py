@@ -445,7 +445,9 @@ def _prompt_lengths(tokenizer, examples: list[dict]) -> list[int]:
 
 
 def token_lengths(tokenizer, examples: list[dict]) -> dict[str, list[int]]:
-    """Prompt, completion and total tokens per example, rendered with the chat template exactly as TRL trains."""
+    """Prompt, completion and total tokens per example, rendered with the chat template. The total also counts what
+    a template puts after the answer's end of turn (ChatML's newline), which SFT leaves out (`modeling.sft_example`):
+    a limit checked against it errs by a token on the safe side."""
     prompt_len = _prompt_lengths(tokenizer, examples)
     total = [len(ids) for ids in conversation_ids(tokenizer, [e["prompt"] + e["completion"] for e in examples])]
     return {"prompt": prompt_len, "completion": [t - p for t, p in zip(total, prompt_len)], "total": total}

