@@ -190,12 +190,12 @@ def test_the_reward_model_scores_the_same_after_reload(run):
 
 
 def test_export_loads_in_plain_transformers_and_answers_like_the_adapter(run, tmp_path):
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align.cli import main
     from align.generation import generate
-    from align.modeling import load_model
-    from peft import PeftModel
+    from align.modeling import load_model, load_tokenizer
 
     _, run_dir, _ = run
     out = tmp_path / "exported"
@@ -212,8 +212,6 @@ def test_export_loads_in_plain_transformers_and_answers_like_the_adapter(run, tm
         plain.append(tokenizer.decode(out_ids, skip_special_tokens=True))
     recipe = load_recipe(run[0])
     adapter = PeftModel.from_pretrained(load_model(recipe.model), str(run_dir / "grpo" / "checkpoint"))
-    from align.modeling import load_tokenizer
-
     assert plain == generate(adapter, load_tokenizer(recipe.model), prompts, max_new_tokens=48)
 
 
