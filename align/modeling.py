@@ -93,8 +93,14 @@ def end_of_turn(tokenizer) -> str | None:
     whole = conversation_ids(tokenizer, [probe])[0]
     prompt = prompt_ids(tokenizer, probe[:1])
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    start = next((i for i, (a, b) in enumerate(zip(prompt, whole)) if a != b), len(prompt))
-    return next((tokenizer.convert_ids_to_tokens(i) for i in whole[start:] if i in special), None)
+    from_answer = whole[shared_prefix(prompt, whole):]
+    return next((tokenizer.convert_ids_to_tokens(i) for i in from_answer if i in special), None)
+
+
+def shared_prefix(prompt: list[int], conversation: list[int]) -> int:
+    """How many leading token ids the prompt rendered alone shares with the rendered conversation: where the
+    answer starts."""
+    return next((i for i, (a, b) in enumerate(zip(prompt, conversation)) if a != b), len(prompt))
 
 
 def quantization_config(cfg: ModelConfig):
@@ -341,7 +347,7 @@ def sft_example(tokenizer, prompt: list[dict], completion: list[dict]) -> dict[s
     gets one, so that the model learns to stop."""
     prompt_only = prompt_ids(tokenizer, prompt)
     ids = conversation_ids(tokenizer, [prompt + completion])[0]
-    start = next((i for i, (a, b) in enumerate(zip(prompt_only, ids)) if a != b), len(prompt_only))
+    start = shared_prefix(prompt_only, ids)
     eos = tokenizer.eos_token_id
     end = ids.index(eos, start) + 1 if eos in ids[start:] else None
     ids = ids[:end] if end else ids + [eos]

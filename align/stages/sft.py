@@ -6,9 +6,10 @@
 
 TRL's SFTTrainer on conversational prompt-completion pairs, tokenized by align (`modeling.sft_example`): the chat
 template renders the prompt (with the generation prompt) and the answer, every prompt and template token gets label
--100, the sequence ends at the end-of-turn EOS, and the loss is the mean NLL of the answer tokens and that EOS. Before and after training the stage measures that loss on the
-held-out file and the exact-match accuracy of greedy answers (final number), and it writes the adapter and the
-tokenizer to runs/<run>/sft/checkpoint/, which loads with stock PEFT.
+-100, the sequence ends at the end-of-turn EOS, and the loss is the mean NLL of the answer tokens and that EOS.
+Before and after training the stage measures that loss on the held-out file (its first `sft.eval_loss_rows` rows)
+and the exact-match accuracy of greedy answers (final number), and it writes the adapter and the tokenizer to
+runs/<run>/sft/checkpoint/, which loads with stock PEFT.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def tokenized(examples, tokenizer):
 
 
 def _evaluate(trainer, held_out, recipe: Recipe, when: str, style=None) -> dict[str, Any]:
-    """Answer-only loss on the held-out set and exact-match accuracy of greedy answers to its first prompts (with
-    `style`, also each answer style's share and accuracy)."""
+    """Answer-only loss on the held-out set (the trainer's eval set: its first sft.eval_loss_rows rows) and
+    exact-match accuracy of greedy answers to its first prompts (with `style`, also each answer style's share and
+    accuracy)."""
     if held_out is None:
         return {}
     cfg = recipe.sft
