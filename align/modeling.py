@@ -182,6 +182,9 @@ def load_model(cfg: ModelConfig, *, head: str = "lm", activation_checkpointing: 
             model = _from_pretrained(model_class, cfg, num_labels=1, **kwargs)
     else:
         model = _from_pretrained(model_class, cfg, **kwargs)
+    from align.generation import use_merged_generation
+
+    use_merged_generation(model, cfg.merged_generation)
     if quant is not None:
         keep_4bit_on_the_autograd_path(model)
         # What peft's prepare_model_for_kbit_training does, less its upcast of every unquantised weight

@@ -61,6 +61,14 @@ class ModelConfig:
         "that supports it, else float16 on GPU, float32 on CPU (CPUs without bf16 units run bf16 ~10x slower).",
     )
     attn_implementation: Optional[str] = doc(None, help="sdpa, eager, flash_attention_2, ...; None: transformers' default.")
+    merged_generation: Optional[bool] = doc(
+        None,
+        help="Generate (rollouts, evaluations) with dense weights: each 4-bit layer dequantised and the active LoRA "
+        "adapter merged in, once per generate call, instead of dequantising and running the adapter on every "
+        "token. The same function (up to rounding in compute_dtype); costs one dense copy of the linear weights "
+        "while generating (2 bytes a parameter in bf16, 4 in fp32). None (auto): on a CPU, where it makes "
+        "generation several times faster; off on a GPU, where that copy would take the memory 4-bit saves.",
+    )
     chat_template: Optional[str] = doc(
         None,
         help="Jinja chat template (inline text or a .jinja file). None: the tokenizer's own, or align's plain "
@@ -282,6 +290,19 @@ class GRPOStage(RLStage, TRLStage):
         1.0, help="Stop the run when the logged KL to the reference (mean per completion token, nats) exceeds "
         "this: the policy has run away from the reference. None: no ceiling.")
     num_generations: int = doc(8, help="Completions sampled per prompt (the group whose mean is the baseline).")
+    # TRL's defaults for the next three change the loss between releases; align sets each itself (TRL 1.16's value).
+    loss_type: str = doc(
+        "dapo", help="How per-token losses are averaged (TRL's loss_type). dapo: over every completion token of the "
+        "batch (no length bias); grpo: per completion, then over completions (favours short wrong answers); "
+        "dr_grpo: divided by max_completion_length (small steps when answers are far shorter than the cap); "
+        "bnpo, cispo, sapo, vespo: see TRL's GRPOConfig.")
+    scale_rewards: str = doc(
+        "group", help="Advantages are reward minus the group's mean, divided by the std of: group (each prompt's "
+        "completions; weighs hard and easy prompts alike), batch (the whole batch; Lite PPO), or none (no "
+        "division; Dr. GRPO).")
+    use_bias_correction_kl: bool = doc(
+        True, help="Multiply the KL term by the importance ratio pi/pi_old, so its gradient is unbiased when a "
+        "rollout is reused (num_iterations > 1); with one iteration the ratio is 1.")
     use_vllm: bool = doc(
         False, help="Generate with vLLM (must be installed). Not with model.quantization=nf4: vLLM cannot take "
         "a bitsandbytes 4-bit policy.")

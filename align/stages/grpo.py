@@ -22,6 +22,7 @@ from typing import Any
 
 from align import rl
 from align.errors import AlignError
+from align.generation import merged_weights
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
@@ -102,7 +103,7 @@ def _check(recipe: Recipe) -> None:
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[RewardFunc],
              run_dir: RunDir):
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     cfg = recipe.grpo
     args = trl_config(GRPOConfig, cfg, recipe, run_dir, has_eval=held_out is not None,
@@ -112,7 +113,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[Re
                       reward_weights=[r.weight for r in rewards])
     guard = KLGuard(cfg.max_kl)
     exact = trainable_weights(model)
-    trainer = GRPOTrainer(
+    trainer = _grpo_trainer_class()(
         model=model,
         reward_funcs=rewards,
         args=args,
@@ -123,6 +124,20 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[Re
     )
     trainable_in_compute_dtype(trainer.model, recipe.model, exact)
     return trainer, guard.attach(trainer)
+
+
+def _grpo_trainer_class():
+    from trl import GRPOTrainer
+
+    class AlignGRPOTrainer(GRPOTrainer):
+        """TRL's GRPOTrainer, generating its rollouts on merged dense weights (generation.merged_weights, on a CPU
+        by default): the one change to TRL's loop."""
+
+        def _generate_single_turn(self, *args, **kwargs):
+            with merged_weights(self.accelerator.unwrap_model(self.model)):
+                return super()._generate_single_turn(*args, **kwargs)
+
+    return AlignGRPOTrainer
 
 
 class KLGuard(ProgressBar):

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from align import rl
 from align.errors import AlignError
-from align.generation import generate_batch
+from align.generation import generate_batch, merged_weights
 from align.processes import check_identical
 from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
 from align.recipe import Recipe, RecipeError
@@ -361,11 +361,12 @@ class PPOLoop:
         policy.eval()  # generation with the KV cache (training mode with checkpointing turns it off)
         prompts = [prompt_ids(tokenizer, row["prompt"]) for row in rows]
         completions: list[list[int]] = []
-        for start in range(0, len(prompts), cfg.per_device_eval_batch_size):  # generation batches: no gradients
-            _, _, out = generate_batch(policy, tokenizer, prompts[start : start + cfg.per_device_eval_batch_size],
-                                       max_new_tokens=cfg.max_completion_length, sampling=self.sampling)
-            keep = completion_mask(out, tokenizer.eos_token_id).sum(1).tolist()
-            completions.extend(ids[:n] for ids, n in zip(out.tolist(), keep))
+        with merged_weights(policy):
+            for start in range(0, len(prompts), cfg.per_device_eval_batch_size):  # generation batches: no gradients
+                _, _, out = generate_batch(policy, tokenizer, prompts[start : start + cfg.per_device_eval_batch_size],
+                                           max_new_tokens=cfg.max_completion_length, sampling=self.sampling)
+                keep = completion_mask(out, tokenizer.eos_token_id).sum(1).tolist()
+                completions.extend(ids[:n] for ids, n in zip(out.tolist(), keep))
         has_eos = torch.tensor([ids[-1] == tokenizer.eos_token_id for ids in completions], device=device)
 
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
