@@ -465,7 +465,7 @@ def _compare(args) -> int:
 
     from align.compare import compare
     from align.recipe import Quantization
-    from align.report import metrics_table
+    from align.report import metrics_table, paired_table
 
     started = time.monotonic()
     results = compare(args.checkpoints, args.eval, out=args.out, reward=args.reward, baseline=args.baseline,
@@ -484,6 +484,15 @@ def _compare(args) -> int:
         table.add_row(*row)
     console = Console()
     console.print(table)
+    paired_header, paired_rows = paired_table(results)
+    if paired_rows:
+        paired = Table(title="accuracy differences on the same prompts (95% bootstrap intervals of the paired "
+                             "difference)")
+        for column in paired_header:
+            paired.add_column(column)
+        for row in paired_rows:
+            paired.add_row(*row)
+        console.print(paired)
     console.print(f"{time.monotonic() - started:.0f} s; report: {args.out / 'report.html'} (and report.md, "
                   f"results.json)", soft_wrap=True)
     return 0

@@ -63,6 +63,14 @@ def metrics_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["checkpoint"] + [m[0] for m in shown] + columns, rows
 
 
+def paired_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired accuracy differences (compare.paired_differences); no rows without accuracy."""
+    rows = [[p["checkpoint"], p["minus"], f"{p['difference']:+.1%}", f"[{p['ci95'][0]:+.1%}, {p['ci95'][1]:+.1%}]",
+             "yes" if p["ci95"][0] > 0 or p["ci95"][1] < 0 else "no"]
+            for p in results.get("paired_accuracy", [])]
+    return ["checkpoint", "minus", "accuracy difference", "95% interval (paired)", "interval excludes 0"], rows
+
+
 def _value(metrics: dict[str, Any], metric) -> float | None:
     _, key, field, _ = metric
     value = metrics.get(key)
@@ -153,6 +161,11 @@ def _markdown(results: dict[str, Any], plots: dict[str, bytes]) -> str:
              "Means with 95% bootstrap intervals over prompts. KL: " + results["settings"]["kl_estimator"] + ".", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join([_md(row[0])] + row[1:]) + " |" for row in rows]
+    paired_header, paired_rows = paired_table(results)
+    if paired_rows:
+        lines += ["", "Accuracy differences on the same prompts, with 95% bootstrap intervals of the paired "
+                  "difference:", "", "| " + " | ".join(paired_header) + " |", "|" + " --- |" * len(paired_header)]
+        lines += ["| " + " | ".join([_md(row[0]), _md(row[1])] + row[2:]) + " |" for row in paired_rows]
     lines += [""] + [f"![{name}]({name}.png)" for name in plots] + ["", "## Sample answers", ""]
     for sample in results["samples"]:  # model text is data: fenced, never read as markdown or HTML
         lines += ["Prompt" + (f" (reference: {_md(sample['reference'])})" if "reference" in sample else "") + ":",
@@ -180,6 +193,11 @@ def _html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     header, rows = metrics_table(results)
     table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" + "".join(
         "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    paired_header, paired_rows = paired_table(results)
+    paired = ("<p>Accuracy differences on the same prompts, with 95% bootstrap intervals of the paired difference:"
+              "</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in paired_header) + "</tr>" + "".join(
+                  "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in paired_rows)
+              + "</table>") if paired_rows else ""
     images = "".join(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                      f"<figcaption>{esc(name.replace('_', ' '))}</figcaption></figure>" for name, png in plots.items())
     names = list(results["checkpoints"])
@@ -194,4 +212,4 @@ def _html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>align compare</title><style>{style}</style>"
             f"</head><body><h1>align compare</h1><p>{esc(_settings_line(results))}.</p>"
             f"<p>Means with 95% bootstrap intervals over prompts. KL: {esc(results['settings']['kl_estimator'])}.</p>"
-            f"{table}<h2>Plots</h2>{images}<h2>Sample answers</h2>{samples}</body></html>\n")
+            f"{table}{paired}<h2>Plots</h2>{images}<h2>Sample answers</h2>{samples}</body></html>\n")

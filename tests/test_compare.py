@@ -11,7 +11,7 @@ import pytest
 from conftest import QA_HELDOUT, TINY_BASE, finished
 
 from align import compare as compare_module
-from align.compare import CompareError, bootstrap, compare, resolve, summarise, win_rate
+from align.compare import CompareError, bootstrap, compare, paired_differences, resolve, summarise, win_rate
 from align.data import DataError
 
 
@@ -40,6 +40,28 @@ def test_summary_of_a_checkpoint_against_itself():
     assert result["win_rate"]["ci95"] == (0.5, 0.5)
     assert result["kl"]["mean"] == 0.0 and result["accuracy"]["mean"] == pytest.approx(2 / 3)
     assert result["length_tokens"] == 4.0 and result["length_chars"] == 16.0
+
+
+def test_a_paired_interval_finds_a_gain_that_separate_intervals_hide():
+    """200 prompts, a checkpoint right on the same 40% as another plus 10% more: the two accuracies' own intervals
+    (about +-7 points each) overlap, the paired difference's interval is above zero."""
+    rng = np.random.default_rng(42)
+    earlier = (rng.random((200, 1)) < 0.4).astype(float)
+    later = earlier.copy()
+    later[np.flatnonzero(earlier[:, 0] == 0)[:20]] = 1.0  # 20 more prompts right, none lost
+    (pair,) = paired_differences({"sft": earlier, "grpo": later}, seed=0)
+    assert pair["checkpoint"] == "grpo" and pair["minus"] == "sft" and pair["difference"] == pytest.approx(0.1)
+    low, high = pair["ci95"]
+    assert 0 < low < 0.1 < high
+    assert bootstrap(later, np.mean)[0] < bootstrap(earlier, np.mean)[1]  # the separate intervals overlap
+
+
+def test_paired_differences_cover_every_earlier_checkpoint_with_the_sign_of_later_minus_earlier():
+    ones, zeros = np.ones((10, 2)), np.zeros((10, 2))
+    pairs = paired_differences({"base": zeros, "sft": ones, "grpo": ones}, seed=0)
+    assert [(p["checkpoint"], p["minus"], p["difference"]) for p in pairs] == [
+        ("sft", "base", 1.0), ("grpo", "base", 1.0), ("grpo", "sft", 0.0)]
+    assert pairs[2]["ci95"] == (0.0, 0.0)
 
 
 @pytest.fixture
@@ -137,8 +159,12 @@ def test_compare_command_prints_the_table_and_writes_the_report(sft_adapter, rew
                  str(reward_checkpoint), "--max-new-tokens", "8", "--out", str(out), "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
     assert "12 prompts from" in printed and "sft" in printed and "base" in printed and "report.html" in printed
-    settings = json.loads((out / "results.json").read_text())["settings"]
-    assert settings["temperature"] == 0 and settings["baseline"] == "sft"
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["temperature"] == 0 and results["settings"]["baseline"] == "sft"
+    (pair,) = results["paired_accuracy"]
+    assert (pair["checkpoint"], pair["minus"]) == ("base", "sft")
+    assert "accuracy differences on the same prompts" in printed
+    assert "95% interval (paired)" in (out / "report.md").read_text() and "(paired)" in (out / "report.html").read_text()
 
 
 def test_each_answer_style_has_its_share_and_accuracy(sft_adapter, eval_file, tmp_path, monkeypatch):
