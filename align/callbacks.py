@@ -20,10 +20,19 @@ from align.rundir import RunDir, step_of, write_manifest
 log = logging.getLogger(__name__)
 
 
+def eos_fraction(logs: dict) -> float | None:
+    """The fraction of a log's rollouts that ended at EOS: TRL's GRPO logs the complement, the fraction cut at
+    max_completion_length (completions/clipped_ratio); align's PPO logs eos_fraction itself."""
+    if "eos_fraction" in logs:
+        return logs["eos_fraction"]
+    clipped = logs.get("completions/clipped_ratio")
+    return None if clipped is None else 1.0 - clipped
+
+
 class MetricsCallback(TrainerCallback):
     """Appends every trainer log (loss, learning rate, eval metrics) to metrics.jsonl with its step; a training
     log also gets step_seconds, the mean wall time of the optimizer steps since the previous one (generation
-    included, for the RL stages)."""
+    included, for the RL stages), and an RL log eos_fraction (`eos_fraction`)."""
 
     def __init__(self, run: RunDir):
         self.run = run
@@ -43,6 +52,8 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs and self._step_times:
             logs = {**logs, "step_seconds": sum(self._step_times) / len(self._step_times)}
             self._step_times = []
+        if eos_fraction(logs) is not None:
+            logs = {**logs, "eos_fraction": eos_fraction(logs)}
         self.run.log_metrics({"step": state.global_step, "epoch": state.epoch, **logs})  # main process only
 
 

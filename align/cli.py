@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--answer-style", help="plug-in 'pkg.mod:fn' naming each answer's style (text -> name, "
                          "e.g. align.arithmetic:answer_style): each style's share and accuracy per checkpoint")
     compare.add_argument("--prompt-column", help="the eval file's prompt column (default: auto-detected)")
+    compare.add_argument("--system-prompt", help="system message before every prompt ('' : the chat template's "
+                         "own); default: the data.system_prompt the run-dir checkpoints trained with")
     compare.add_argument("--out", type=Path, default=Path("compare"), help="output directory (default: ./compare)")
     compare.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default 128)")
     compare.add_argument("--temperature", type=float, default=1.0,
@@ -326,8 +328,7 @@ def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
                         lines.append(f"{decoding} accuracy {arrow(b[decoding]['rewards/exact_match'], a[decoding]['rewards/exact_match'], pct)}")
                     lines += _style_lines(b[decoding], a[decoding], f"{decoding} ")
         if name in ("grpo", "ppo") and r.get("kl_last") is not None:
-            unit = "nats/completion" if name == "ppo" else "nats/token"
-            lines.append(f"KL {r['kl_first']:.3g} -> {r['kl_last']:.3g} {unit} (max {r['kl_max']:.3g})")
+            lines.append(f"KL {r['kl_first']:.3g} -> {r['kl_last']:.3g} {kl_unit(r)} (max {r['kl_max']:.3g})")
         table.add_row(name, outcome.action, "\n".join(lines) or "(no held-out data)")
     console.print(table)
     console.print(f"run dir: {Path(recipe.run.root) / recipe.run.name} (checkpoints: <stage>/checkpoint)", soft_wrap=True)
@@ -416,15 +417,21 @@ def _print_reward(console, results: dict) -> None:
     console.print(_before_after(f"reward model on {after['pairs']} held-out pairs", rows))
 
 
+def kl_unit(results: dict) -> str:
+    """An RL stage's KL unit, as its results say (a run dir written before they said so: PPO's has beta_last)."""
+    return results.get("kl_unit") or ("nats per completion" if "beta_last" in results else "nats per token")
+
+
 def _print_rl(console, results: dict) -> None:
     """GRPO's and PPO's results: KL per token (GRPO) or per completion (PPO), rewards before and after."""
     before, after = results["before"], results["after"]
     console.print(f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
                   f"{results['steps']} steps in {results['train_seconds']:.0f} s", soft_wrap=True)
     kl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    unit = "nats per completion" if "beta_last" in results else "nats per token"
-    console.print(f"KL to the reference ({unit}): first step {kl(results['kl_first'])}, last "
+    console.print(f"KL to the reference ({kl_unit(results)}): first step {kl(results['kl_first'])}, last "
                   f"{kl(results['kl_last'])}, max {kl(results['kl_max'])}")
+    if results.get("eos_fraction_last") is not None:
+        console.print(f"rollouts that ended at EOS (the last logged): {results['eos_fraction_last']:.1%}")
     if not after:
         console.print("no held-out prompts (data.prompts.eval), so no before/after evaluation")
         return
@@ -437,6 +444,8 @@ def _print_rl(console, results: dict) -> None:
         rows = [("reward (weighted total)", f"{b['reward_mean']:.4f}", f"{a['reward_mean']:.4f}")]
         rows += [(key.split("/", 1)[1], f"{b[key]:.4f}", f"{a[key]:.4f}") for key in a if key.startswith("rewards/")]
         rows.append(("answer tokens (mean)", f"{b['completion_tokens_mean']:.1f}", f"{a['completion_tokens_mean']:.1f}"))
+        if "ended_at_eos" in a and "ended_at_eos" in b:
+            rows.append(("ended at EOS", f"{b['ended_at_eos']:.1%}", f"{a['ended_at_eos']:.1%}"))
         console.print(_before_after(title, rows + _style_rows(b, a)))
 
 
@@ -472,6 +481,7 @@ def _compare(args) -> int:
                       reference=args.reference, accuracy=args.accuracy, answer_column=args.answer_column,
                       answer_style=args.answer_style,
                       columns={"prompt": args.prompt_column} if args.prompt_column else None,
+                      system_prompt=args.system_prompt,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       answers_per_prompt=args.answers_per_prompt,
                       batch_size=args.batch_size, samples=args.samples, seed=args.seed,

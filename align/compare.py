@@ -56,6 +56,8 @@ class Checkpoint:
     adapter: Path | None = None
     lineage: dict[str, Any] | None = None
     reference: "Checkpoint | None" = None
+    system_prompt: str | None = None  # data.system_prompt of the run it comes from (its config.yaml)
+    from_run: bool = False
 
     @property
     def key(self) -> str:  # what identifies the weights, for loading a shared reference once
@@ -80,6 +82,11 @@ def resolve(spec: str, quantization: Quantization = Quantization.nf4, trust_remo
         default_name = f"{lineage['run']}/{lineage['stage']}" if lineage else adapter.name
         checkpoint = Checkpoint(name or default_name, spec, model, adapter, lineage)
         checkpoint.reference = _reference(checkpoint)
+        if (stage_dir / "config.yaml").is_file():
+            from align.recipe import load_recipe
+
+            checkpoint.system_prompt = load_recipe(stage_dir / "config.yaml").data.system_prompt
+            checkpoint.from_run = True
         return checkpoint
     if where.is_dir():
         return Checkpoint(name or where.name, spec, ModelConfig(name_or_path=path, quantization=quantization,
@@ -229,7 +236,7 @@ def paired_differences(correct: dict[str, np.ndarray], *, seed: int) -> list[dic
 def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None = None, baseline: str | None = None,
             reference: str | None = None, accuracy: str | None = None, answer_column: str | None = None,
             answer_style: str | None = None,
-            columns: dict[str, str] | None = None, max_new_tokens: int = 128, temperature: float = 1.0,
+            columns: dict[str, str] | None = None, system_prompt: str | None = None, max_new_tokens: int = 128, temperature: float = 1.0,
             top_p: float = 1.0, answers_per_prompt: int = 1, batch_size: int = 32, samples: int = 5, seed: int = 0,
             quantization: Quantization = Quantization.nf4, trust_remote_code: bool = False) -> dict[str, Any]:
     """Answer, score and report; returns what results.json holds. Everything that can be checked is checked
@@ -257,7 +264,8 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
         for checkpoint in checkpoints:
             checkpoint.reference = resolve(f"reference={reference}", quantization, trust_remote_code)
     reward_checkpoint = _reward_checkpoint(reward, checkpoints)
-    data_cfg = DataConfig(columns=Columns(**(columns or {})))
+    system_prompt = common_system_prompt(system_prompt, checkpoints)
+    data_cfg = DataConfig(columns=Columns(**(columns or {})), system_prompt=system_prompt)
     tokenizer = load_tokenizer(checkpoints[0].model)
     held_out, report = load_prompts(eval_path, data_cfg, tokenizer, max_length=1 << 30)
     prompts = held_out["prompt"]
@@ -301,7 +309,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     results: dict[str, Any] = {
         "eval": {"path": eval_path, "sha256": sha256_of(eval_path), "prompts": len(prompts), **report.summary()},
         "settings": {"seed": seed, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                     "answers_per_prompt": k,
+                     "answers_per_prompt": k, "system_prompt": system_prompt,
                      "baseline": base_name, "reward_model": str(reward_checkpoint) if reward_checkpoint else None,
                      "accuracy": check.__name__ if check else None, "answer_style": answer_style,
                      "kl_estimator": "mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t), y ~ pi"},
@@ -338,6 +346,22 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
 
     write_reports(results, Path(out))
     return results
+
+
+def common_system_prompt(given: str | None, checkpoints: list[Checkpoint]) -> str | None:
+    """The system prompt every checkpoint answers under: --system-prompt, else the one the run-dir checkpoints
+    trained with (their data.system_prompt), which must then be one; None: the chat template's own."""
+    if given is not None:
+        return given or None
+    used = {c.system_prompt for c in checkpoints if c.from_run}
+    if len(used) > 1:
+        listed = "; ".join(f"{c.name}: {c.system_prompt!r}" for c in checkpoints if c.from_run)
+        raise CompareError(f"the checkpoints were trained with different system prompts ({listed}); choose the one "
+                           "every checkpoint answers under with --system-prompt TEXT ('' for the template's own)")
+    chosen = next(iter(used), None)
+    if chosen:
+        log.info("compare: every checkpoint answers under the system prompt its runs trained with: %r", chosen)
+    return chosen
 
 
 def _reward_checkpoint(reward: str | None, checkpoints: list[Checkpoint]) -> Path | None:

@@ -152,7 +152,8 @@ def _settings_line(results: dict[str, Any]) -> str:
     return (f"{e['prompts']} prompts from {e['path']} (sha256 {e['sha256'][:12]}), {per_prompt} answer"
             f"{'s' if per_prompt > 1 else ''} each, {decoding}, "
             f"at most {s['max_new_tokens']} tokens, seed {s['seed']}; reward model: {s['reward_model'] or 'none'}; "
-            f"baseline: {s['baseline']}; accuracy: {s['accuracy'] or 'none'}")
+            f"baseline: {s['baseline']}; accuracy: {s['accuracy'] or 'none'}; system prompt: "
+            f"{repr(s['system_prompt']) if s.get('system_prompt') else 'the chat template own'}")
 
 
 def _markdown(results: dict[str, Any], plots: dict[str, bytes]) -> str:

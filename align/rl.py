@@ -170,6 +170,9 @@ def _score(model, tokenizer, prompts, columns, rewards, cfg, trainer_state, styl
         **{f"rewards/{name}": statistics.fmean(v for v in values if v is not None) for name, values in scores.items()
            if any(v is not None for v in values)},
         "completion_tokens_mean": statistics.fmean(len(ids) for ids in answer_ids),
+        # the share of answers that ended at the end-of-turn token rather than at max_completion_length (not named
+        # *_fraction: that names an answer style's share)
+        "ended_at_eos": statistics.fmean(float(bool(ids) and ids[-1] == tokenizer.eos_token_id) for ids in answer_ids),
     }
     if style is not None:
         correct = [v or 0.0 for v in scores["exact_match"]] if "exact_match" in scores else None

@@ -8,10 +8,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import QA_HELDOUT, TINY_BASE, finished
+from conftest import QA_HELDOUT, ROOT, TINY_BASE, finished
 
 from align import compare as compare_module
-from align.compare import CompareError, bootstrap, compare, paired_differences, resolve, summarise, win_rate
+from align.compare import (
+    Checkpoint, CompareError, bootstrap, common_system_prompt, compare, paired_differences, resolve, summarise, win_rate,
+)
 from align.data import DataError
 
 
@@ -62,6 +64,22 @@ def test_paired_differences_cover_every_earlier_checkpoint_with_the_sign_of_late
     assert [(p["checkpoint"], p["minus"], p["difference"]) for p in pairs] == [
         ("sft", "base", 1.0), ("grpo", "base", 1.0), ("grpo", "sft", 0.0)]
     assert pairs[2]["ci95"] == (0.0, 0.0)
+
+
+def test_checkpoints_answer_under_the_system_prompt_their_run_trained_with(sft_adapter):
+    from align.recipe import ModelConfig, load_recipe, to_yaml
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["data.system_prompt=Answer with the sum."])
+    (sft_adapter.parent / "config.yaml").write_text(to_yaml(recipe))
+    trained = resolve(f"sft={sft_adapter}")
+    base = resolve(f"base={TINY_BASE}")
+    assert trained.system_prompt == "Answer with the sum." and not base.from_run
+    assert common_system_prompt(None, [base, trained]) == "Answer with the sum."
+    assert common_system_prompt("", [base, trained]) is None  # '' : the template's own, whatever the runs used
+    other = Checkpoint("other", "x", ModelConfig(name_or_path="x"), system_prompt=None, from_run=True)
+    with pytest.raises(CompareError, match="different system prompts.*--system-prompt"):
+        common_system_prompt(None, [trained, other])
+    assert common_system_prompt("Be brief.", [trained, other]) == "Be brief."
 
 
 @pytest.fixture

@@ -147,6 +147,10 @@ def test_answers_stop_at_the_end_of_turn_in_every_stage(run):
     # wrong EOS every one of them would (clipped_ratio 1, eos_fraction 0).
     clipped = [m["completions/clipped_ratio"] for m in metrics if "completions/clipped_ratio" in m]
     assert len(clipped) == 2 and max(clipped) <= 0.25  # GRPO: at least 3 of 4 answers ended at <|im_end|>
+    eos = [m["eos_fraction"] for m in metrics if "eos_fraction" in m]
+    assert eos == [1 - c for c in clipped] and results["grpo"]["eos_fraction_last"] == eos[-1]
+    for stage in ("grpo", "ppo"):  # the held-out answers before and after, greedy
+        assert results[stage]["after"]["greedy"]["ended_at_eos"] >= 0.75
     ppo = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     rollouts = [m for m in ppo if "eos_fraction" in m]
     assert len(rollouts) == 1 and rollouts[0]["eos_fraction"] >= 0.75 and rollouts[0]["completion_length"] < 48
@@ -187,6 +191,26 @@ def test_the_reward_model_scores_the_same_after_reload(run):
     trained = [r["after"] for r in rows]  # scored by the trainer's model at the end of training
     assert [s for pair in zip(chosen, rejected) for s in pair] == pytest.approx([s for p in trained for s in p], abs=1e-4)
     assert len({round(c, 3) for c in chosen}) > 1  # a trained head, not a constant
+
+
+def test_the_reward_model_reads_the_last_real_token_whatever_the_padding(run, tokenizer):
+    """Padding is <|im_end|>, the end-of-turn token itself: a score read at a padding position would change with
+    the batch. Each conversation scores the same alone (no padding) as in a batch padded to a longer one, and
+    the token read is the last of the rendered conversation (ChatML's newline after <|im_end|>), not a pad."""
+    from align.modeling import conversation_ids
+    from align.rewards import RewardModelScorer, as_messages
+
+    _, run_dir, _ = run
+    scorer = RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint", load_recipe(run[0]).model,
+                                               batch_size=4)
+    prompts = heldout_prompts(4)
+    answers = ["12.", "77 + 46 = 123. The answer is 123.", "The answer is 368, since 95 + 273 = 368.", "1"]
+    batched = scorer.score(prompts, answers)
+    scorer.batch_size = 1
+    alone = scorer.score(prompts, answers)
+    assert batched == pytest.approx(alone, abs=1e-4) and len({round(s, 4) for s in alone}) == 4
+    for ids in conversation_ids(tokenizer, [as_messages(p, a) for p, a in zip(prompts, answers)]):
+        assert ids[-1] != tokenizer.pad_token_id and ids[-2] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_export_loads_in_plain_transformers_and_answers_like_the_adapter(run, tmp_path):

@@ -26,7 +26,7 @@ from align.generation import merged_weights
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
-from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.callbacks import MetricsCallback, ProgressBar, eos_fraction, guarded_train
 from align.rundir import RunDir, model_identity
 from align.processes import check_identical, is_main_process
 from align.stages import batch, exclusive, init_adapter, trl_config
@@ -75,7 +75,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
             trainer.processing_class.save_pretrained(str(staging))
     return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
                      kl=(guard.first, guard.last, guard.max), before=before, after=after,
-                     train_loss=train_output.training_loss, **batch(trainer), rank_checksums=checksums)
+                     train_loss=train_output.training_loss, eos_fraction_last=guard.eos_fraction, kl_unit="nats per token",
+                     **batch(trainer), rank_checksums=checksums)
 
 
 def load_data(recipe: Recipe, tokenizer):
@@ -149,10 +150,13 @@ class KLGuard(ProgressBar):
         super().__init__("kl", "reward")
         self.max_kl = max_kl
         self.first = self.last = self.max = None
+        self.eos_fraction: float | None = None  # of the last logged rollouts
         self.exceeded: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         super().on_log(args, state, control, logs=logs, **kwargs)
+        if logs and eos_fraction(logs) is not None:
+            self.eos_fraction = eos_fraction(logs)
         if not logs or logs.get("kl") is None:
             return
         kl = logs["kl"]

@@ -105,7 +105,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
         ppo.save_models(staging)
     results = rl.finish(run_dir, init=init, resume_from=resume_from, steps=ppo.step, seconds=seconds,
                         kl=(ppo.kl_first, ppo.kl_last, ppo.kl_max), before=before, after=after,
-                        beta_last=ppo.kl_ctl.value, processes=accelerator.num_processes,
+                        beta_last=ppo.kl_ctl.value, eos_fraction_last=ppo.eos_fraction, kl_unit="nats per completion",
+                        processes=accelerator.num_processes,
                         effective_batch=ppo.prompts_per_rollout * accelerator.num_processes, rank_checksums=checksums)
     accelerator.end_training()  # after the last collective: it ends the process group
     return results
@@ -310,6 +311,7 @@ class PPOLoop:
         self.state = TrainerState(max_steps=self.total_steps)  # what reward functions get as trainer_state
         self.kl_first = self.kl_last = self.kl_max = None
         self.negative_kl_explained = False
+        self.eos_fraction: float | None = None  # of the last rollout
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p}
 
     # The steps, in order.
@@ -322,6 +324,7 @@ class PPOLoop:
             rows = self._prompts(self.step)
             rollout, stats = self.rollout(rows)
             self._check_finite(stats, ("score", "kl"))  # before an update spreads it into the weights
+            self.eos_fraction = stats["eos_fraction"]
             rollout_seconds = time.perf_counter() - started
             stats.update(self.update(rollout))
             self._check_finite(stats, ("policy_loss", "value_loss"))
