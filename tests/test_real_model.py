@@ -181,11 +181,16 @@ def test_kl_is_zero_before_the_first_update_and_logged_after(run):
 def test_the_reward_model_scores_the_same_after_reload(run):
     from align.rewards import RewardModelScorer
 
+    from align.data import with_system_prompt
+
     _, run_dir, results = run
-    scorer = RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint",
-                                               load_recipe(run[0]).model, batch_size=HELD_OUT_ROWS)
+    recipe = load_recipe(run[0])
+    scorer = RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint", recipe.model,
+                                               batch_size=HELD_OUT_ROWS)
     rows = [json.loads(line) for line in (run_dir / "reward" / "samples.jsonl").read_text().splitlines()]
-    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    # as the stage rendered them: with the recipe's system prompt
+    prompts = [with_system_prompt([{"role": "user", "content": r["prompt"]}], recipe.data.system_prompt)
+               for r in rows]
     chosen = scorer.score(prompts, [r["chosen"] for r in rows])
     rejected = scorer.score(prompts, [r["rejected"] for r in rows])
     trained = [r["after"] for r in rows]  # scored by the trainer's model at the end of training
