@@ -97,3 +97,25 @@ def test_prompts_have_the_stated_length(bench, tmp_path):
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "base")))
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").open()]
     assert [len(prompt_ids(tokenizer, [{"role": "user", "content": r["question"]}])) for r in rows] == [40, 40, 40]
+
+
+def test_phases_of_a_grpo_step_old_and_new_add_up_to_the_step(tmp_path, capsys):
+    """bench/phases.py on the tiny quickstart model: every phase a GRPO step is made of is timed, the FLOP/s of
+    the phases with model tokens are a fraction of the measured matmul peak, and old and new are both recorded."""
+    phases = load("phases")
+    out = tmp_path / "phases.jsonl"
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    assert phases.main(["--recipe", str(recipe), "--stages", "grpo", "--steps", "2", "--eval-prompts", "2",
+                        "--old-set", "model.merged_generation=true", "--out", str(out),
+                        "grpo.per_device_train_batch_size=8", "grpo.num_generations=4"]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["peak_flops"]["float32"] > 0 and record["matmul_params"] > 0
+    for run in (record["new"], record["old"]):
+        seconds = run["seconds_per_step"]
+        assert run["steps"] == 2 and {"generation", "log-probs", "forward+backward", "optimizer"} <= {
+            p for p, s in seconds.items() if s > 0}
+        assert sum(seconds.values()) == pytest.approx(run["step_seconds"])
+        assert run["evaluation_seconds"] > 0 and run["evaluated_prompts"] == 2
+        for phase in ("generation", "log-probs", "forward+backward"):
+            assert 0 < run["flops_per_s"][phase] < 2 * record["peak_flops"]["float32"]
+    assert "grpo: 2 steps" in capsys.readouterr().out
