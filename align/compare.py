@@ -236,8 +236,8 @@ def paired_differences(correct: dict[str, np.ndarray], *, seed: int) -> list[dic
 def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None = None, baseline: str | None = None,
             reference: str | None = None, accuracy: str | None = None, answer_column: str | None = None,
             answer_style: str | None = None,
-            columns: dict[str, str] | None = None, system_prompt: str | None = None, max_new_tokens: int = 128, temperature: float = 1.0,
-            top_p: float = 1.0, answers_per_prompt: int = 1, batch_size: int = 32, samples: int = 5, seed: int = 0,
+            columns: dict[str, str] | None = None, system_prompt: str | None = None, max_new_tokens: int = 128,
+            temperature: float = 1.0, top_p: float = 1.0, answers_per_prompt: int = 1, batch_size: int = 32, samples: int = 5, seed: int = 0,
             quantization: Quantization = Quantization.nf4, trust_remote_code: bool = False) -> dict[str, Any]:
     """Answer, score and report; returns what results.json holds. Everything that can be checked is checked
     before the first model loads."""

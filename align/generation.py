@@ -3,7 +3,6 @@ the dense weights generation runs on (`merged_weights`)."""
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 
 import torch
@@ -11,8 +10,6 @@ from tqdm.auto import tqdm
 
 from align.modeling import prompt_ids
 from align.processes import in_shares, state
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -120,9 +117,13 @@ def merged_weights(model):
 
 def _merged_weight(module) -> torch.Tensor | None:
     """The dense weight `module` computes with, or None where it is not a layer `merged_weights` replaces."""
-    import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
+    try:  # a full-precision base needs no bitsandbytes (not installed off Linux)
+        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.functional import dequantize_4bit
+    except ImportError:
+        Linear4bit = dequantize_4bit = None
     is_lora = isinstance(module, LoraLayer)
     base = module.get_base_layer() if is_lora else module
     if is_lora:
@@ -130,10 +131,10 @@ def _merged_weight(module) -> torch.Tensor | None:
         if module.merged or module.disable_adapters or any(
                 a in module.lora_variant or module.lora_bias.get(a) for a in active):
             return None
-    elif not isinstance(module, bnb.nn.Linear4bit):
+    elif Linear4bit is None or not isinstance(module, Linear4bit):
         return None
-    if isinstance(base, bnb.nn.Linear4bit):
-        weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(base.compute_dtype)
+    if Linear4bit is not None and isinstance(base, Linear4bit):
+        weight = dequantize_4bit(base.weight.data, base.weight.quant_state).to(base.compute_dtype)
     elif isinstance(base, torch.nn.Linear):
         weight = base.weight.detach().clone()
     else:

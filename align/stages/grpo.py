@@ -75,8 +75,8 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
             trainer.processing_class.save_pretrained(str(staging))
     return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
                      kl=(guard.first, guard.last, guard.max), before=before, after=after,
-                     train_loss=train_output.training_loss, eos_fraction_last=guard.eos_fraction, kl_unit="nats per token",
-                     **batch(trainer), rank_checksums=checksums)
+                     train_loss=train_output.training_loss, eos_fraction_last=guard.eos_fraction,
+                     kl_unit="nats per token", **batch(trainer), rank_checksums=checksums)
 
 
 def load_data(recipe: Recipe, tokenizer):
