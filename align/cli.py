@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -264,6 +265,7 @@ def _stage(args) -> int:
     state()  # the process group, before any model or trainer: every rank decision below reads it
 
     running = {"stage": args.command}
+    on_sigterm = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "run":
             from align import pipeline
@@ -276,9 +278,12 @@ def _stage(args) -> int:
     except torch.OutOfMemoryError as e:
         print(_out_of_memory(running["stage"], recipe, e), file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print(_interrupted(running["stage"], args, recipe), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(_interrupted(running["stage"], args, recipe, "terminated" if isinstance(e, Terminated) else
+                           "interrupted"), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
     from align.processes import is_main_process
 
     if not is_main_process():
@@ -342,13 +347,22 @@ def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
             for s in names(before, after)]
 
 
-def _interrupted(stage: str, args, recipe) -> str:
-    """One line for Ctrl-C: where the stage's resumable checkpoints are, and the command that resumes."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop): handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(stage: str, args, recipe, how: str) -> str:
+    """One line for Ctrl-C or SIGTERM (`how`): where the stage's resumable checkpoints are, and the command that
+    resumes."""
     if stage == "run":  # stopped before any stage began
-        return "interrupted before any stage started; nothing was trained"
+        return f"{how} before any stage started; nothing was trained"
     trainer = Path(recipe.run.root) / recipe.run.name / stage / "trainer"
     again = f"align run {args.recipe}" if args.command == "run" else f"align {stage} {args.recipe} --resume"
-    return (f"interrupted during the {stage} stage; `{again}` (with the same overrides) resumes from the last "
+    return (f"{how} during the {stage} stage; `{again}` (with the same overrides) resumes from the last "
             f"checkpoint in {trainer} (one every {stage}.save_steps={getattr(recipe, stage).save_steps} steps), "
             "if it had written one")
 

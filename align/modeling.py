@@ -274,8 +274,13 @@ def missing_local_path(name: str) -> str | None:
         "/" in name and Path(name.split("/")[0]).is_dir())
     if not looks_local:
         return None
-    near = path.parent if path.parent.is_dir() else None
-    nearby = f"; {near} has: {', '.join(sorted(p.name for p in near.iterdir() if not p.name.startswith('.'))[:8])}" if near else ""
+    import difflib
+
+    # Only model directories with a name close to the one given: the parent may be a shared directory (/tmp)
+    # whose other entries are nobody else's business.
+    models = [p.name for p in path.parent.iterdir() if (p / "config.json").is_file()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, models, n=3)
+    nearby = f"; model directories in {path.parent} with a similar name: {', '.join(close)}" if close else ""
     return f"no such directory ({path.resolve()}){nearby}. A hub model id is owner/name"
 
 

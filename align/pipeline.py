@@ -29,7 +29,7 @@ from typing import Any, Callable
 from align.errors import AlignError
 from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
 from align.processes import is_main_process, wait_for_everyone
-from align.rundir import checkpoint_problem, complete_checkpoint, inputs_digest, stage_inputs, utc_now
+from align.rundir import checkpoint_problem, complete_checkpoint, inputs_digest, stage_inputs, utc_now, write_file
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,7 @@ def _record(recipe: Recipe, event: dict[str, Any]) -> None:
         path = Path(recipe.run.root) / recipe.run.name / "pipeline.jsonl"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps({"time": utc_now(), **event}) + "\n")
+            write_file(path, json.dumps({"time": utc_now(), **event}) + "\n", append=True)
         except OSError as e:
             log.warning("could not record %s in %s (%s)", event, path, e.strerror or e)
 

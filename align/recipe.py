@@ -470,6 +470,8 @@ def check_values(recipe: Recipe, where) -> None:
             problem = "must be at most 1" if name == "top_p" else "must be below 1"
         elif name == "eval_steps" and value < 1:
             problem = "must be at least 1 (or null: evaluate only before and after training)"
+        elif name == "num_generations" and value < 2:
+            problem = "must be at least 2: a group's mean reward is each completion's baseline"
         if problem:
             raise RecipeError(f"{where}: {key}={value}: {problem}")
     name = recipe.run.name
@@ -500,7 +502,7 @@ def _merge(cfg, load, where: str):
         line = f":{mark.line + 1}" if mark else ""
         raise RecipeError(f"{where}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     except OmegaConfBaseException as e:
-        msg = getattr(e, "msg", str(e))
+        msg = str(getattr(e, "msg", e)).splitlines()[0]  # the rest is OmegaConf's internals (reference_type=...)
         key = getattr(e, "full_key", None)
         raise RecipeError(f"{where}: {key + ': ' if key else ''}{msg}") from None
 

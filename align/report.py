@@ -24,13 +24,16 @@ METRICS = (  # (label, metric, field, format)
 
 
 def write_reports(results: dict[str, Any], out: Path) -> None:
+    """results.json, a PNG per plot, report.md and report.html in `out` (none written through a link)."""
+    from align.rundir import write_file
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_file(out / "results.json", json.dumps(results, indent=2) + "\n")
     plots = _plots(results)
     for name, png in plots.items():
-        (out / f"{name}.png").write_bytes(png)
-    (out / "report.md").write_text(_markdown(results, plots))
-    (out / "report.html").write_text(_html(results, plots))
+        write_file(out / f"{name}.png", png)
+    write_file(out / "report.md", _markdown(results, plots))
+    write_file(out / "report.html", _html(results, plots))
 
 
 def metrics_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

@@ -11,13 +11,17 @@
       trainer/        the trainer's resumable checkpoints (each with its manifest too)
       .lock           held while a run trains the stage: a second run on it stops at once, naming the holder
 
-Only the main process writes; the others only take part in saving the model.
+Only the main process writes; the others only take part in saving the model. Nothing is written, renamed or
+deleted through a symbolic link in a run dir (a shared or downloaded one could point anywhere): a stage with a link
+in its dir is refused before it starts (`refuse_links`), and align's own files are written by `write_file`, which
+does not follow one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -97,6 +101,65 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+class RunDirLinked(AlignError, RuntimeError):
+    """A symbolic link where align would write in a run dir."""
+
+
+def links_in(path: Path) -> list[Path]:
+    """`path` itself if it is a symbolic link, else every link under it (none followed)."""
+    if path.is_symlink():
+        return [path]
+    found = []
+    for parent, dirs, files in os.walk(path):  # a linked directory is listed here, never entered
+        found += [Path(parent, name) for name in sorted(dirs + files) if Path(parent, name).is_symlink()]
+    return found
+
+
+def refuse_links(*paths: Path) -> None:
+    """Stops, naming each link and its target, if any of `paths` is or holds a symbolic link."""
+    links = [link for path in paths for link in links_in(path)]
+    if links:
+        shown = "; ".join(f"{link} -> {os.readlink(link)}" for link in links[:20])
+        more = f" (and {len(links) - 20} more)" if len(links) > 20 else ""
+        raise RunDirLinked(
+            f"symbolic link{'s' if len(links) > 1 else ''} in the run dir, where align would write: {shown}{more}. "
+            "align does not write, rename or delete through a link (it could overwrite files outside the run dir); "
+            "remove the link, or use a copy of the run dir with the files themselves (cp -rL)")
+
+
+def write_file(path: Path, content: str | bytes, *, append: bool = False) -> None:
+    """Writes (or appends) `content` to `path`, never through a symbolic link: a link there, or in place of its
+    directory, is refused."""
+    if path.parent.is_symlink():
+        refuse_links(path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_links(path)
+        raise
+    with os.fdopen(fd, "ab" if append else "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a run dir's journal (metrics.jsonl, samples.jsonl). A last line cut short (what a kill
+    while writing leaves) is dropped with a warning; a damaged line before it is an error naming it."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise AlignError(f"{path}:{number}: not a JSON record (the file was changed by hand?); fix or "
+                                 "delete that line") from None
+            log.warning("%s:%d: the last line is cut short (the run was killed while writing it); dropped",
+                        path, number)
+    return records
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Put a fully written `staging` directory at `target`, replacing what was there. The old target stays whole
     until the new one has its name, so `target` is never a half-written directory."""
@@ -115,7 +178,7 @@ def write_manifest(directory: Path, **about: Any) -> None:
     """align_manifest.json in `directory`: the sha256 of every file in it (and `about`), written last."""
     files = {str(p.relative_to(directory)): sha256_of(p) for p in sorted(directory.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps({**about, "files": files}, indent=1) + "\n")
+    write_file(directory / MANIFEST, json.dumps({**about, "files": files}, indent=1) + "\n")
 
 
 def manifest_problem(directory: Path) -> str | None:
@@ -192,12 +255,15 @@ class RunDirLocked(AlignError, RuntimeError):
 @contextlib.contextmanager
 def stage_lock(stage_dir: Path) -> Iterator[None]:
     """Holds `stage_dir`/.lock (an flock, so a killed run releases it) for the block; a second run on the same
-    stage dir stops at once, naming the holder. Main process only: the others write nothing."""
+    stage dir stops at once, naming the holder. Main process only: the others write nothing. A link in the stage
+    dir, or the run dir or stage dir being one, stops it first (`refuse_links`): before any work."""
     if not is_main_process():
         yield
         return
+    run_dir = stage_dir.parent  # run.root may be a link (the user's own choice of disk); below it none may
+    refuse_links(run_dir if run_dir.is_symlink() else stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir / ".lock", "a+") as f:
+    with os.fdopen(os.open(stage_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -292,17 +358,20 @@ class RunDir:
             self._before = json.loads(self.lineage_path.read_text()).get("before")
         if not is_main_process():
             return
+        refuse_links(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.samples_path.unlink(missing_ok=True)
-        self.config_path.write_text(to_yaml(self.recipe))
+        write_file(self.config_path, to_yaml(self.recipe))
         resumed_step = step_of(resumed_from) if resumed_from else None
         if resumed_step is None:
+            if self.trainer_dir.exists():
+                log.info("%s: a new run: the trainer checkpoints of the run before (%s) are removed", self.stage,
+                         ", ".join(p.name for p in sorted(self.trainer_dir.glob("checkpoint-*"))) or "none")
             shutil.rmtree(self.trainer_dir, ignore_errors=True)
-            self.metrics_path.write_text("")
+            write_file(self.metrics_path, "")
         else:
-            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resumed_step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            kept = [r for r in self.logged() if r.get("step", 0) <= resumed_step]
+            write_file(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
             details["resumed_from_step"] = resumed_step
         for item in data:
             item["sha256"] = sha256_of(item["path"])
@@ -337,19 +406,16 @@ class RunDir:
 
     def logged(self) -> list[dict[str, Any]]:
         """The records in metrics.jsonl (on a resumed run: those up to its checkpoint)."""
-        if not self.metrics_path.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+        return read_jsonl(self.metrics_path) if self.metrics_path.is_file() else []
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if is_main_process():
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            write_file(self.metrics_path, json.dumps(record) + "\n", append=True)
 
     def write_samples(self, rows: list[dict[str, Any]]) -> None:
         """samples.jsonl: the stage's held-out examples with its outputs, one JSON object per line."""
         if is_main_process():
-            self.samples_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            write_file(self.samples_path, "".join(json.dumps(row) + "\n" for row in rows))
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path]:
@@ -372,7 +438,7 @@ class RunDir:
             self._write_lineage()
 
     def _write_lineage(self) -> None:
-        self.lineage_path.write_text(json.dumps(self.lineage, indent=2) + "\n")
+        write_file(self.lineage_path, json.dumps(self.lineage, indent=2) + "\n")
 
 
 def stage_model(stage_dir: Path, *, trust_remote_code: bool = False) -> ModelConfig | None:

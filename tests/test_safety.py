@@ -292,10 +292,18 @@ def test_a_run_name_that_leaves_run_root_is_refused(write_recipe, name):
     ("sft.max_steps=0", "sft.max_steps=0: must be at least 1, or -1"),
     ("grpo.learning_rate=-1e-5", "grpo.learning_rate=-1e-05: must be positive"),
     ("grpo.temperature=0", "grpo.temperature=0.0: must be positive"),
+    ("grpo.num_generations=1", "grpo.num_generations=1: must be at least 2"),
 ])
 def test_settings_that_cannot_work_name_their_key(override, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("+", r"\+")):
         load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_key():
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", ["sft.max_steps=abc"])
+    assert str(raised.value) == ("override 'sft.max_steps=abc': sft.max_steps: Value 'abc' of type 'str' could not "
+                                 "be converted to Integer")
 
 
 def test_align_run_checks_every_stages_data_before_training(write_recipe, tmp_path, capsys):
@@ -355,7 +363,8 @@ def test_recipe_files_that_are_not_recipes(tmp_path):
             load_recipe(path, [f"model.name_or_path={TINY_BASE}"])
 
 
-def test_ctrl_c_is_one_line_that_says_how_to_resume(write_recipe, tmp_path):
+@pytest.mark.parametrize("sent, code, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, tmp_path, sent, code, how):
     path = sft_recipe(write_recipe, max_steps=2000)
     metrics = tmp_path / "runs" / "test" / "sft" / "metrics.jsonl"
     process = subprocess.Popen([sys.executable, "-m", "align", "sft", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -364,11 +373,11 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(write_recipe, tmp_path):
     while not (metrics.is_file() and metrics.read_text()):  # training has begun
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in err
+    assert process.returncode == code and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(
-        f"interrupted during the sft stage; `align sft {path} --resume` (with the same overrides) resumes from the "
+        f"{how} during the sft stage; `align sft {path} --resume` (with the same overrides) resumes from the "
         f"last checkpoint in {tmp_path / 'runs' / 'test' / 'sft' / 'trainer'}")
 
 
@@ -380,9 +389,11 @@ def test_a_local_model_path_that_does_not_exist_fails_at_once(tmp_path):
     from align.recipe import ModelConfig
 
     started = time.monotonic()
-    with pytest.raises(ModelLoadError, match=r"no such directory .*tiny-basee\); .* has: .*tiny-base"):
+    with pytest.raises(ModelLoadError, match=r"no such directory .*tiny-basee\); model directories in .* with a "
+                       r"similar name: tiny-base\.") as raised:
         load_tokenizer(ModelConfig(name_or_path=str(ROOT / "data" / "tiny-basee")))
     assert time.monotonic() - started < 5
+    assert "arithmetic" not in str(raised.value)  # data/'s other entries are not listed
 
 
 def test_the_base_model_path_is_recorded_absolute(monkeypatch, tmp_path):
@@ -419,3 +430,55 @@ def test_options_and_overrides_in_any_order(write_recipe, capsys):
     with pytest.raises(SystemExit):
         main(["run", str(path), "--only", "sft", "--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+# -- 14. Nothing is written through a link in a run dir -------------------------------------------------------------
+
+
+def _replace_with_link(entry: Path, outside: Path) -> Path:
+    """Moves `entry` (a file or directory) to `outside` and leaves a symbolic link to it in its place."""
+    shutil.move(entry, outside)
+    entry.symlink_to(outside, target_is_directory=outside.is_dir())
+    return outside
+
+
+def test_no_file_or_directory_a_stage_wrote_is_written_through_a_link(finished_sft, tmp_path, capsys):
+    """Each file and directory a finished stage left (listed, not named here), and the stage and run dirs
+    themselves, in turn made a link to a copy elsewhere: the re-run stops before any work, naming the link and
+    its target, and the copy elsewhere is byte for byte what it was."""
+    path, stage = finished_sft
+    written = sorted(stage.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    assert {"config.yaml", "lineage.json", "metrics.jsonl", ".lock", "checkpoint", "trainer"} <= {p.name for p in written}
+    for number, entry in enumerate([*written, stage, stage.parent]):
+        outside = _replace_with_link(entry, tmp_path / f"elsewhere-{number}")
+        before = files_of(outside) if outside.is_dir() else outside.read_bytes()
+        assert main(["sft", str(path), "sft.max_steps=4", "sft.save_steps=2"]) == 2
+        assert f"{entry} -> {outside}" in capsys.readouterr().err, entry
+        assert (files_of(outside) if outside.is_dir() else outside.read_bytes()) == before, entry
+        entry.unlink()
+        shutil.move(outside, entry)
+    assert complete_checkpoint(stage) == stage / "checkpoint"  # put back as it was
+
+
+def test_align_run_does_not_append_to_a_linked_pipeline_journal(finished_sft, tmp_path, capsys):
+    path, stage = finished_sft
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text("mine\n")
+    (stage.parent / "pipeline.jsonl").symlink_to(outside)
+    assert main(["run", str(path)]) == 2
+    assert f"{stage.parent / 'pipeline.jsonl'} -> {outside}" in capsys.readouterr().err
+    assert outside.read_text() == "mine\n"
+
+
+def test_a_torn_last_line_in_metrics_is_dropped_with_a_warning_and_resume_continues(finished_sft, caplog):
+    from align.stages import sft
+
+    path, stage = finished_sft
+    metrics = stage / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 20, "loss": 0.')  # what a kill -9 in the middle of a write leaves
+    sft.run(load_recipe(path), resume=True)
+    assert json.loads((stage / "lineage.json").read_text())["resumed_from_step"] == 20
+    assert f"{metrics}:" in caplog.text and "the last line is cut short" in caplog.text
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
+    assert max(r.get("step", 0) for r in records) == 20
