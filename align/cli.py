@@ -261,6 +261,7 @@ def _stage(args) -> int:
     import torch
 
     from align.processes import state
+    from align.rewards import RewardFailed
 
     state()  # the process group, before any model or trainer: every rank decision below reads it
 
@@ -282,6 +283,9 @@ def _stage(args) -> int:
         print(_interrupted(running["stage"], args, recipe, "terminated" if isinstance(e, Terminated) else
                            "interrupted"), file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    except RewardFailed as e:
+        print(_reward_failed(e, running["stage"], args, recipe), file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
     from align.processes import is_main_process
@@ -345,6 +349,19 @@ def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
 
     return [f"{prefix}{s} {before.get(s + '_fraction', 0):.1%} -> {after.get(s + '_fraction', 0):.1%} of answers"
             for s in names(before, after)]
+
+
+def _reward_failed(error, stage: str, args, recipe) -> str:
+    """One line for a reward function that raised or hung; its traceback goes to the stage dir's error.log."""
+    from align.processes import is_main_process
+    from align.rundir import write_file
+
+    log_path = Path(recipe.run.root) / recipe.run.name / stage / "error.log"
+    if is_main_process():
+        write_file(log_path, f"{error}\n\n{error.details}")
+    again = f"align run {args.recipe}" if args.command == "run" else f"align {stage} {args.recipe} --resume"
+    return (f"error: {error}; the traceback is in {log_path}. Once it is fixed, `{again}` (with the same overrides) "
+            "resumes from the stage's last checkpoint")
 
 
 class Terminated(KeyboardInterrupt):

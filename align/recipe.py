@@ -248,6 +248,9 @@ class RewardFunction:
     args: Dict[str, Any] = doc(
         dict, help="Keyword arguments for the function, e.g. exact_match {column: answer}, format {pattern: ...}, "
         "length {max_tokens: 64}, reward_model {checkpoint: auto}.")
+    timeout_s: Optional[float] = doc(
+        300.0, help="Seconds one call (one batch of completions) may take: a function that has not returned by then "
+        "stops the stage, naming it. None: no limit.")
 
 
 @dataclass
@@ -437,7 +440,7 @@ AT_LEAST_ONE = ("r", "per_device_train_batch_size", "per_device_eval_batch_size"
                 "max_length", "logging_steps", "save_steps", "save_total_limit", "max_new_tokens",
                 "max_completion_length", "num_generations", "num_mini_batches", "num_ppo_epochs", "kl_horizon",
                 "activation_checkpointing_every_n_layers", "eval_loss_rows")
-POSITIVE = ("learning_rate", "alpha", "num_train_epochs", "temperature", "top_p")
+POSITIVE = ("learning_rate", "alpha", "num_train_epochs", "temperature", "top_p", "timeout_s")
 NOT_NEGATIVE = ("warmup_steps", "weight_decay", "dropout", "eval_generations", "eval_samples", "beta",
                 "max_grad_norm")  # max_grad_norm=0: no clipping
 

@@ -22,6 +22,9 @@ import logging
 import math
 import numbers
 import re
+import sys
+import threading
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -225,6 +228,14 @@ class RewardError(AlignError, ValueError):
     """A reward function that cannot be used as specified; the message names it and what is wrong."""
 
 
+class RewardFailed(RewardError):
+    """A reward function raised or hung during a stage; `details` is its traceback (or where it hung)."""
+
+    def __init__(self, message: str, *, details: str):
+        super().__init__(message)
+        self.details = details
+
+
 # -- rule rewards shipped with align --------------------------------------------------------------------------
 
 
@@ -267,13 +278,13 @@ class RewardFunc:
     Its output is checked: one finite number (or None) per completion."""
 
     def __init__(self, name: str, fn: Callable, weight: float, args: dict[str, Any],
-                 scorer: "RewardModelScorer | None" = None):
+                 scorer: "RewardModelScorer | None" = None, timeout_s: float | None = None):
         self.__name__ = name  # TRL logs rewards/<__name__>/mean and /std
-        self.fn, self.weight, self.args = fn, weight, dict(args)
+        self.fn, self.weight, self.args, self.timeout_s = fn, weight, dict(args), timeout_s
         self.scorer = scorer  # the reward model behind a reward_model reward
 
     def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
-        values = self.fn(prompts=prompts, completions=completions, **self.args, **kwargs)
+        values = self._call(prompts=prompts, completions=completions, **self.args, **kwargs)
         if isinstance(values, torch.Tensor):
             values = values.tolist()
         try:
@@ -293,6 +304,47 @@ class RewardFunc:
                                   "where the reward does not apply")
         return [None if v is None else float(v) for v in values]
 
+    def _call(self, **kwargs):
+        """The function's values, from a thread of its own, so that one that never returns stops the stage
+        after `timeout_s` (the thread is left behind; the process ends with the stage). A failure is one line
+        naming the function and where; its traceback (or, for a hang, where it hangs) is the error's `details`."""
+        outcome: dict[str, Any] = {}
+
+        def call():
+            try:
+                outcome["values"] = self.fn(**kwargs)
+            except BaseException as e:  # noqa: BLE001  (handed to the stage's thread below)
+                outcome["error"] = e
+
+        thread = threading.Thread(target=call, name=f"reward {self.__name__}", daemon=True)
+        thread.start()
+        thread.join(self.timeout_s)
+        if thread.is_alive():
+            stack = traceback.format_stack(sys._current_frames()[thread.ident])
+            raise RewardFailed(f"reward '{self.__name__}' ({_where(self.fn)}) did not return within timeout_s="
+                               f"{self.timeout_s:g} s for {len(kwargs['completions'])} completions; fix it, or "
+                               "raise its timeout_s in the recipe's rewards list if it is only slow",
+                               details="where it was waiting:\n" + "".join(stack))
+        error = outcome.get("error")
+        if isinstance(error, AlignError):
+            raise error
+        if error is not None:
+            raise RewardFailed(f"reward '{self.__name__}' raised {type(error).__name__}: {str(error)[:200]} (at "
+                               f"{_raised_at(error)})", details="".join(traceback.format_exception(error)))
+        return outcome["values"]
+
+
+def _where(fn: Callable) -> str:
+    """file:line of a function's definition."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code else repr(fn)
+
+
+def _raised_at(error: BaseException) -> str:
+    """file:line where an exception was raised (the innermost frame of its traceback)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "unknown"
+
 
 def reward_function(spec, scorer: "RewardModelScorer | None" = None) -> RewardFunc:
     """A recipe's reward spec (`recipe.RewardFunction`) as a checked function. Plug-ins are imported here, and
@@ -302,16 +354,16 @@ def reward_function(spec, scorer: "RewardModelScorer | None" = None) -> RewardFu
             raise ValueError("the reward_model reward needs its scorer")
         check_reward_model_args(spec.args)
         return RewardFunc("reward_model", lambda prompts, completions, **_: scorer.score(prompts, completions),
-                          spec.weight, {}, scorer=scorer)
+                          spec.weight, {}, scorer=scorer, timeout_s=spec.timeout_s)
     if spec.name in RULES:
         fn = RULES[spec.name]
         _check_rule_args(spec.name, fn, spec.args)
-        return RewardFunc(spec.name, fn, spec.weight, spec.args)
+        return RewardFunc(spec.name, fn, spec.weight, spec.args, timeout_s=spec.timeout_s)
     if ":" not in spec.name:
         raise RewardError(f"reward '{spec.name}': not a reward shipped with align ({', '.join(['reward_model', *RULES])}) "
                           "nor a plug-in 'package.module:function'")
     fn = load_plugin(spec.name)
-    return RewardFunc(spec.name.rpartition(":")[2], fn, spec.weight, spec.args)
+    return RewardFunc(spec.name.rpartition(":")[2], fn, spec.weight, spec.args, timeout_s=spec.timeout_s)
 
 
 REWARD_MODEL_ARGS = ("checkpoint", "batch_size", "share_base")

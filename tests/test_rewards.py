@@ -1,6 +1,7 @@
 """Reward functions: the rules shipped with align, plug-ins and their errors, the reward model on a shared base."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from align.modeling import load_model
 from align.recipe import ModelConfig, RewardFunction
 from align.rewards import (
     RewardError,
+    RewardFailed,
     SharedBaseRewardModel,
     exact_match,
     format_match,
@@ -52,6 +54,7 @@ def test_rule_arguments_are_checked_against_the_rule():
 
 PLUGIN = '''
 import math
+import time
 CALLS = []
 
 def digits(prompts, completions, **kwargs):
@@ -69,6 +72,12 @@ def words(prompts, completions, **kwargs):
 
 def fewer_args(completions):
     return [0.0] * len(completions)
+
+def hangs(prompts, completions, **kwargs):
+    time.sleep(600)
+
+def breaks(prompts, completions, **kwargs):
+    return [1 / 0 for _ in completions]
 
 NOT_A_FUNCTION = 3
 '''
@@ -117,6 +126,24 @@ def test_bad_plugin_output_is_an_error_naming_the_plugin(plugin, name, error):
     fn = reward_function(RewardFunction(name=f"{plugin}:{name}"))
     with pytest.raises(RewardError, match=error):
         fn(PROMPTS, COMPLETIONS)
+
+
+def test_a_plugin_that_hangs_stops_after_its_timeout_naming_it_and_where_it_waits(plugin):
+    fn = reward_function(RewardFunction(name=f"{plugin}:hangs", timeout_s=0.5))
+    started = time.monotonic()
+    with pytest.raises(RewardFailed, match=r"reward 'hangs' \(.*my_rewards.py:\d+\) did not return within "
+                       r"timeout_s=0.5 s for 2 completions") as raised:
+        fn(PROMPTS, COMPLETIONS)
+    assert time.monotonic() - started < 5
+    assert "time.sleep(600)" in raised.value.details
+
+
+def test_a_plugin_that_raises_is_one_line_naming_the_file_and_line(plugin):
+    fn = reward_function(RewardFunction(name=f"{plugin}:breaks"))
+    with pytest.raises(RewardFailed, match=r"^reward 'breaks' raised ZeroDivisionError: division by zero \(at "
+                       r".*my_rewards.py:\d+\)$") as raised:
+        fn(PROMPTS, COMPLETIONS)
+    assert "Traceback" in raised.value.details and "1 / 0" in raised.value.details
 
 
 def test_none_means_not_applicable_and_passes(plugin, tmp_path):

@@ -4,6 +4,7 @@ failed or concurrent run, and bad input gets a one-line error naming the file (i
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -482,3 +483,29 @@ def test_a_torn_last_line_in_metrics_is_dropped_with_a_warning_and_resume_contin
     assert f"{metrics}:" in caplog.text and "the last line is cut short" in caplog.text
     records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
     assert max(r.get("step", 0) for r in records) == 20
+
+
+# -- 15. A reward function that hangs or raises stops the stage with one line -------------------------------------
+
+
+@pytest.mark.parametrize("body, message", [
+    ("time.sleep(600)", r"reward 'plug' \(.*my_plugin.py:4\) did not return within timeout_s=1 s"),
+    ("return [1 / 0 for _ in completions]", r"reward 'plug' raised ZeroDivisionError: division by zero \(at "
+                                            r".*my_plugin.py:5\)"),
+])
+def test_a_reward_plugin_that_hangs_or_raises_is_one_line_with_the_resume_hint(
+        write_recipe, tmp_path, monkeypatch, capsys, body, message):
+    (tmp_path / "my_plugin.py").write_text(f"import time\n\n\ndef plug(prompts, completions, **kwargs):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_plugin", raising=False)
+    path = write_recipe(
+        data={"prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}},
+        grpo={"init_from": "base", "max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
+              "max_completion_length": 8, "max_length": 64, "eval_generations": 4, "activation_checkpointing": False,
+              "rewards": [{"name": "my_plugin:plug", "timeout_s": 1}]})
+    assert main(["grpo", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    log_path = tmp_path / "runs" / "test" / "grpo" / "error.log"
+    assert re.match(rf"error: {message}.*; the traceback is in {re.escape(str(log_path))}\. Once it is fixed, "
+                    rf"`align grpo {re.escape(str(path))} --resume` \(with the same overrides\) resumes", err), err
+    assert "my_plugin.py" in log_path.read_text()
