@@ -107,27 +107,49 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: file not found (nor a hub dataset id such as owner/name or owner/name:test)")
     if path.is_dir():
         return _read_saved_dataset(path)
+    if not path.is_file():  # a FIFO, a device (/dev/zero), a socket: reading one may never end
+        raise DataError(f"{path}: not a regular file; give a data file ({FORMATS}), a directory written by "
+                        "save_to_disk, or a hub dataset id")
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported format '{path.suffix}'; use {FORMATS}")
+    if reader is not _read_parquet:
+        _check_text(path)
     try:
         return reader(path)
     except UnicodeDecodeError:
         raise _not_utf8(path) from None
 
 
+PROBE_BYTES = 8 << 20  # how much of a text data file is looked at before it is parsed
+
+
+def _check_text(path: Path) -> None:
+    """Refuses, from its first PROBE_BYTES, a file that is not line-based text: NUL bytes (a binary or sparse
+    file), or no line break at all (a .jsonl or .csv whose lines would be read whole, however long)."""
+    with path.open("rb") as f:
+        head = f.read(PROBE_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        line = head[:nul].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not a text file (a NUL byte at byte {nul}); a {path.suffix} data file is "
+                        "UTF-8 text")
+    if path.suffix.lower() != ".json" and len(head) == PROBE_BYTES and b"\n" not in head:
+        raise DataError(f"{path}: no line break in its first {PROBE_BYTES >> 20} MB; a {path.suffix} data file has "
+                        "one row per line")
+
+
 def _not_utf8(path: Path) -> DataError:
-    """Where in `path` the first byte that is not UTF-8 is, as a DataError."""
-    raw = path.read_bytes()
-    try:
-        raw.decode("utf-8")
-        return DataError(f"{path}: not UTF-8 text")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); save the "
-                         "file as UTF-8, e.g. iconv -f latin1 -t utf-8 in.jsonl > out.jsonl")
+    """Where in `path` the first byte that is not UTF-8 is, as a DataError (read a line at a time)."""
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 in.jsonl > out.jsonl")
+    return DataError(f"{path}: not UTF-8 text")
 
 
 def _read_jsonl(path: Path) -> list[Record]:
@@ -140,6 +162,8 @@ def _read_jsonl(path: Path) -> list[Record]:
                 values = json.loads(line)
             except json.JSONDecodeError as e:
                 values = Invalid("bad_json", f"not valid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                values = Invalid("bad_json", "JSON nested too deep to read")
             if not isinstance(values, (dict, Invalid)):
                 values = Invalid("bad_json", f"expected a JSON object, found {type(values).__name__}")
             records.append(Record(f"{path}:{line_no}", values))
@@ -152,6 +176,8 @@ def _read_json(path: Path) -> list[Record]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); a .json file holds one list of objects, "
                         "use .jsonl for one object per line") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deep to read; a .json file holds one list of objects") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects, found {type(data).__name__}")
     return [Record(f"{path} row {i}", v if isinstance(v, dict) else
@@ -707,6 +733,11 @@ def _open(path: str) -> tuple[list[Record], DataReport]:
 
 
 def _available(records: list[Record]) -> list[str]:
+    """The columns of the file's rows. A file none of whose rows could be read is an error naming the first."""
+    if records and not any(isinstance(r.values, dict) for r in records):
+        first = records[0]
+        raise DataError(f"{first.where}: {first.values.message}; no row of the file could be read "
+                        f"({len(records)} tried)")
     return list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
 
 

@@ -509,3 +509,40 @@ def test_a_reward_plugin_that_hangs_or_raises_is_one_line_with_the_resume_hint(
     assert re.match(rf"error: {message}.*; the traceback is in {re.escape(str(log_path))}\. Once it is fixed, "
                     rf"`align grpo {re.escape(str(path))} --resume` \(with the same overrides\) resumes", err), err
     assert "my_plugin.py" in log_path.read_text()
+
+
+# -- 16. Inputs that are not data files are refused by what they are, before they are read -------------------------
+
+
+def _endless_or_huge(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    if kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "2 GB sparse file":
+        with path.open("wb") as f:
+            f.truncate(2 << 30)
+    elif kind == "JSON nested 100,000 deep":
+        path.write_text('{"question": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}\n')
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("link to /dev/zero", "not a regular file"),
+    ("fifo", "not a regular file"),
+    ("2 GB sparse file", r"data.jsonl:1: not a text file \(a NUL byte at byte 0\)"),
+    ("JSON nested 100,000 deep", r"data.jsonl:1: JSON nested too deep to read"),
+])
+def test_data_check_on_an_endless_or_huge_input_answers_at_once_in_little_memory(tmp_path, capsys, kind, message):
+    import resource
+
+    path = _endless_or_huge(kind, tmp_path)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    started = time.monotonic()
+    assert main(["data", "check", str(path), "--kind", "qa", "--model", str(TINY_BASE)]) in (1, 2)
+    assert time.monotonic() - started < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < (1 << 20)  # under 1 GiB more
+    out = capsys.readouterr()
+    assert re.search(message, out.err + out.out), out
+    assert "Traceback" not in out.err
