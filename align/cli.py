@@ -541,10 +541,14 @@ def _compare(args) -> int:
 
 def _export(args) -> int:
     from align.modeling import export_merged
-    from align.rundir import policy_checkpoint, stage_model
+    from align.rundir import base_problem, policy_checkpoint, stage_model
 
     checkpoint = policy_checkpoint(Path(args.source))
     cfg = stage_model(checkpoint.parent, trust_remote_code=args.trust_remote_code)  # how it loaded its base
+    problem = cfg and base_problem(checkpoint.parent, cfg)
+    if problem:
+        raise AlignError(f"{problem}; point model.name_or_path in {checkpoint.parent / 'config.yaml'} at the base it "
+                         "trained on")
     out = export_merged(checkpoint, args.out, cfg, overwrite=args.overwrite)
     print(f"merged {checkpoint} into its base; saved to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0

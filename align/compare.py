@@ -37,7 +37,7 @@ import torch
 
 from align.errors import AlignError
 from align.recipe import DataConfig, ModelConfig, Quantization, RewardFunction
-from align.rundir import policy_checkpoint, sha256_of, stage_model
+from align.rundir import base_problem, parent_problem, policy_checkpoint, sha256_of, stage_model
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,12 @@ class Checkpoint:
         return f"{self.model.name_or_path}+{self.adapter}"
 
 
-def resolve(spec: str, quantization: Quantization = Quantization.nf4, trust_remote_code: bool = False) -> Checkpoint:
+def resolve(spec: str, quantization: Quantization = Quantization.nf4, trust_remote_code: bool = False, *,
+            with_reference: bool = True) -> Checkpoint:
     """`name=path` or `path`: a run dir, a stage dir or checkpoint (its policy adapter, loaded on the base the stage
-    trained on, from its config.yaml), an exported model dir, or a hub model id (loaded with `quantization`)."""
+    trained on, from its config.yaml, checked against lineage.json's digest of it), an exported model dir, or a
+    hub model id (loaded with `quantization`). `with_reference`: an RL checkpoint's reference from its lineage,
+    checked to be the policy it started from."""
     from align.data import HUB_ID
 
     name, _, path = spec.rpartition("=")
@@ -79,9 +82,13 @@ def resolve(spec: str, quantization: Quantization = Quantization.nf4, trust_remo
         stage_dir = adapter.parent
         lineage = json.loads((stage_dir / "lineage.json").read_text()) if (stage_dir / "lineage.json").is_file() else None
         model = stage_model(stage_dir, trust_remote_code=trust_remote_code) or _adapter_base(adapter, quantization)
+        problem = base_problem(stage_dir, model)
+        if problem:
+            raise CompareError(f"{spec}: {problem}; point model.name_or_path in {stage_dir / 'config.yaml'} at the "
+                               "base it trained on")
         default_name = f"{lineage['run']}/{lineage['stage']}" if lineage else adapter.name
         checkpoint = Checkpoint(name or default_name, spec, model, adapter, lineage)
-        checkpoint.reference = _reference(checkpoint)
+        checkpoint.reference = _reference(checkpoint) if with_reference else None
         if (stage_dir / "config.yaml").is_file():
             from align.recipe import load_recipe
 
@@ -120,10 +127,10 @@ def _reference(checkpoint: Checkpoint) -> Checkpoint | None:
     parent = lineage.get("parent_checkpoint")
     if parent is None:
         return Checkpoint("base", checkpoint.model.name_or_path, checkpoint.model)
-    if not Path(parent, "adapter_config.json").is_file():
-        log.warning("%s: its reference %s (from lineage) is gone; no KL for it (or pass --reference)",
-                    checkpoint.name, parent)
-        return None
+    problem = parent_problem(lineage)
+    if problem:
+        raise CompareError(f"{checkpoint.name}: {problem}; its KL would be measured against another policy. Pass "
+                           "--reference with the policy it started from (e.g. the run's sft stage)")
     return Checkpoint("reference", parent, checkpoint.model, Path(parent))
 
 
@@ -253,7 +260,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     k = answers_per_prompt
     if k < 1 or (k > 1 and temperature <= 0):
         raise CompareError(f"--answers-per-prompt {k}: needs to be >= 1, and 1 with greedy decoding (temperature 0)")
-    checkpoints = [resolve(spec, quantization, trust_remote_code) for spec in specs]
+    checkpoints = [resolve(spec, quantization, trust_remote_code, with_reference=reference is None) for spec in specs]
     names = [c.name for c in checkpoints]
     if len(set(names)) < len(names):
         raise CompareError(f"two checkpoints have the same name ({', '.join(names)}); label them as name=path")

@@ -64,6 +64,35 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+DIGESTS = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "align" / "digests.json"
+
+
+def cached_sha256(file: Path) -> str:
+    """sha256_of(file), remembered by path, size and modification time in ~/.cache/align/digests.json, so that
+    a 7B base is hashed once, not on every stage and compare."""
+    file = file.resolve()
+    stat = file.stat()
+    key, stamp = str(file), [stat.st_size, stat.st_mtime_ns]
+    try:
+        known = json.loads(DIGESTS.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_of(file)
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"stamp": stamp, "sha256": digest}
+    try:  # a cache: one that cannot be written only costs the hashing next time
+        DIGESTS.parent.mkdir(parents=True, exist_ok=True)
+        staging = DIGESTS.with_name(f"{DIGESTS.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(known))
+        staging.replace(DIGESTS)
+    except OSError:
+        pass
+    return digest
+
+
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
     """How to get these exact weights again: the sha256 of a local directory's weight files, or the hub commit
     that the revision resolved to (from the local cache when offline; None if it cannot be resolved)."""
@@ -72,7 +101,7 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
     if local.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in local.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-            digest.update(sha256_of(file).encode())
+            digest.update(cached_sha256(file).encode())
         identity["weights_sha256"] = digest.hexdigest()
     else:
         from transformers.utils.hub import resolve_revision
@@ -216,6 +245,41 @@ def checkpoint_problem(stage_dir: str | Path) -> str | None:
                 f"describes (started {lineage.get('start_time')}, {'finished' if lineage.get('end_time') else 'unfinished'})")
     if not lineage.get("end_time"):
         return f"{checkpoint}: the run that wrote it did not finish (no end_time in lineage.json)"
+    return None
+
+
+def parent_problem(lineage: dict[str, Any]) -> str | None:
+    """Why the parent checkpoint a stage's lineage names is not the one the stage started from (None: it is,
+    or the stage had none): gone, changed since (its sha256), or recorded before align kept its digest."""
+    parent = lineage.get("parent_checkpoint")
+    if parent is None:
+        return None
+    recorded = lineage.get("parent_sha256")
+    if recorded is None or not Path(parent).is_absolute():
+        return (f"its parent checkpoint is recorded as {parent} without a digest (a run dir from before align "
+                "recorded them), so which policy it started from cannot be checked")
+    if not (Path(parent) / "adapter_config.json").is_file():
+        return f"its parent checkpoint {parent} is gone"
+    now = sha256_of(parent)
+    if now != recorded:
+        return (f"its parent checkpoint {parent} changed since the stage started from it (sha256 {recorded[:12]} "
+                f"then, {now[:12]} now: trained again or edited)")
+    return None
+
+
+def base_problem(stage_dir: Path, model: ModelConfig) -> str | None:
+    """Why the base model a stage's config.yaml names is not the one it trained on (None: it is, or lineage.json
+    recorded no digest of it, as for a hub model): the sha256 of its weight files against lineage's."""
+    try:
+        recorded = json.loads((stage_dir / "lineage.json").read_text())["base_model"].get("weights_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if recorded is None or not Path(model.name_or_path).is_dir():
+        return None
+    now = model_identity(model).get("weights_sha256")
+    if now != recorded:
+        return (f"{stage_dir} trained on a base whose weights had sha256 {recorded}, and {model.name_or_path} (its "
+                f"config.yaml's model.name_or_path) now has {now}: another model, or changed since")
     return None
 
 
@@ -375,6 +439,9 @@ class RunDir:
             details["resumed_from_step"] = resumed_step
         for item in data:
             item["sha256"] = sha256_of(item["path"])
+        if parent is not None:  # absolute, and its digest: what compare and align run check it against later
+            parent = str(Path(parent).resolve())
+            details["parent_sha256"] = sha256_of(parent)
         inputs = stage_inputs(self.recipe, self.stage)
         self.lineage = {
             "stage": self.stage,

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from align.compare import (
     Checkpoint, CompareError, bootstrap, common_system_prompt, compare, paired_differences, resolve, summarise, win_rate,
 )
 from align.data import DataError
+from align.rundir import sha256_of
 
 
 def test_win_rate_counts_ties_as_half_and_apart():
@@ -121,14 +123,50 @@ def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter,
     assert "| checkpoint | reward | win rate vs baseline |" in markdown and "![reward_vs_kl](reward_vs_kl.png)" in markdown
 
 
-def test_an_rl_checkpoint_is_measured_against_the_policy_it_started_from(tmp_path, sft_adapter):
+def rl_stage(tmp_path, parent: Path, **lineage) -> Path:
+    """A finished GRPO stage (its checkpoint a copy of `parent`) that started from `parent`, as RunDir records it."""
     stage = tmp_path / "runs" / "x" / "grpo"
-    shutil.copytree(sft_adapter, stage / "checkpoint")
-    finished(stage / "checkpoint", run="x", stage="grpo", parent_checkpoint=str(sft_adapter))
+    shutil.copytree(parent, stage / "checkpoint")
+    finished(stage / "checkpoint", run="x", stage="grpo", parent_checkpoint=str(parent),
+             parent_sha256=sha256_of(parent), **lineage)
+    return stage
+
+
+def test_an_rl_checkpoint_is_measured_against_the_policy_it_started_from(tmp_path, sft_adapter):
+    stage = rl_stage(tmp_path, sft_adapter)
     checkpoint = resolve(str(tmp_path / "runs" / "x"))
     assert checkpoint.name == "x/grpo" and checkpoint.adapter == stage / "checkpoint"
     assert checkpoint.reference.adapter == sft_adapter
     assert resolve(f"sft={sft_adapter}").reference is None  # no reference implied for SFT
+
+
+def test_a_reference_that_changed_since_or_cannot_be_checked_stops_compare(tmp_path, sft_adapter, eval_file):
+    stage = rl_stage(tmp_path, sft_adapter)
+    recorded = sha256_of(sft_adapter)
+    weights = sft_adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # the SFT stage trained again, or edited
+    with pytest.raises(CompareError, match=rf"x/grpo: its parent checkpoint {sft_adapter} changed since the stage "
+                       rf"started from it \(sha256 {recorded[:12]} then, {sha256_of(sft_adapter)[:12]} now"):
+        resolve(str(stage))
+    assert resolve(str(stage), with_reference=False).reference is None  # what --reference does first
+    lineage = json.loads((stage / "lineage.json").read_text())
+    (stage / "lineage.json").write_text(json.dumps({**lineage, "parent_checkpoint": "runs/x/sft/checkpoint",
+                                                    "parent_sha256": None}))  # as run dirs before the digest
+    with pytest.raises(CompareError, match=r"recorded as runs/x/sft/checkpoint without a digest .* Pass --reference"):
+        compare([str(stage)], str(eval_file), out=tmp_path / "out")
+
+
+def test_a_run_dir_whose_base_is_not_the_one_it_trained_on_is_refused(tmp_path, sft_adapter, capsys):
+    from align.cli import main
+
+    stage = rl_stage(tmp_path, sft_adapter, base_model={"weights_sha256": "0" * 64})
+    (stage / "config.yaml").write_text(f"model:\n  name_or_path: {TINY_BASE}\n")
+    with pytest.raises(CompareError, match=r"trained on a base whose weights had sha256 0{64}, and .*tiny-base .* "
+                                           r"now has [0-9a-f]{64}: another model"):
+        resolve(str(stage))
+    assert main(["export", str(stage), "--out", str(tmp_path / "exported")]) == 2
+    assert "trained on a base whose weights had sha256 0000" in capsys.readouterr().err
+    assert not (tmp_path / "exported").exists()
 
 
 def test_bad_inputs_fail_before_any_generation(tmp_path, sft_adapter, eval_file, monkeypatch):

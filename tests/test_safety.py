@@ -546,3 +546,28 @@ def test_data_check_on_an_endless_or_huge_input_answers_at_once_in_little_memory
     out = capsys.readouterr()
     assert re.search(message, out.err + out.out), out
     assert "Traceback" not in out.err
+
+
+# -- 17. A finished RL stage whose parent checkpoint changed is trained again ---------------------------------------
+
+
+def test_align_run_trains_again_a_stage_whose_parent_changed_since(finished_sft):
+    from align.pipeline import _decide
+    from align.rundir import inputs_digest, sha256_of, stage_inputs
+
+    path, sft_stage = finished_sft
+    recipe_dict = yaml.safe_load(path.read_text())
+    recipe_dict["grpo"] = {"max_steps": 2}
+    recipe_dict["data"]["prompts"] = recipe_dict["data"]["sft"]
+    path.write_text(yaml.safe_dump(recipe_dict))
+    recipe = load_recipe(path)
+    stage = sft_stage.parent / "grpo"
+    shutil.copytree(sft_stage / "checkpoint", stage / "checkpoint")
+    parent = sft_stage / "checkpoint"
+    finished(stage / "checkpoint", run="test", stage="grpo", parent_checkpoint=str(parent),
+             parent_sha256=sha256_of(parent), inputs_sha256=inputs_digest(stage_inputs(recipe, "grpo")))
+    assert _decide(recipe, "grpo", stage, None)[0] == "skip"
+    weights = parent / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    action, reason = _decide(recipe, "grpo", stage, None)
+    assert action == "run" and f"its parent checkpoint {parent} changed since the stage started from it" in reason
