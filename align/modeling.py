@@ -73,7 +73,7 @@ def load_tokenizer(cfg: ModelConfig):
     elif tokenizer.chat_template is None:
         log.info("%s has no chat template; using align's default User:/Assistant: template", cfg.name_or_path)
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    turn_end = end_of_turn(tokenizer)
+    turn_end = _checked(lambda: end_of_turn(tokenizer), cfg)
     if turn_end is not None and turn_end != tokenizer.eos_token:
         # Generation (align's and TRL's), SFT's labels and PPO's completion mask all stop at tokenizer.eos_token:
         # it must be the token that ends an answer, not the end of a document (as LLaMA-Factory does too).
@@ -84,6 +84,20 @@ def load_tokenizer(cfg: ModelConfig):
         # Padding is masked out of attention and loss, so reusing EOS is safe; answers still end in a real EOS.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _checked(render, cfg: ModelConfig):
+    """`render()`, with a chat template that cannot render a conversation (a syntax error, an unknown variable,
+    an attribute its sandbox refuses) made one line naming where the template came from."""
+    from jinja2 import TemplateError
+
+    try:
+        return render()
+    except TemplateError as e:
+        source = "model.chat_template" if cfg.chat_template is not None else f"{cfg.name_or_path}'s chat template"
+        raise RecipeError(f"{source}: cannot render a conversation ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no message'}); fix the template, or set "
+                          "model.chat_template to one that renders") from None
 
 
 def end_of_turn(tokenizer) -> str | None:

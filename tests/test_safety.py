@@ -571,3 +571,13 @@ def test_align_run_trains_again_a_stage_whose_parent_changed_since(finished_sft)
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
     action, reason = _decide(recipe, "grpo", stage, None)
     assert action == "run" and f"its parent checkpoint {parent} changed since the stage started from it" in reason
+
+
+def test_a_chat_template_that_reaches_python_internals_is_one_line(write_recipe, tmp_path, capsys):
+    path = sft_recipe(write_recipe)
+    template = tmp_path / "template.jinja"
+    template.write_text("{{ messages.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert main(["sft", str(path), f"model.chat_template={template}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.chat_template: cannot render a conversation (SecurityError: ") and (
+        "fix the template" in err) and len(err.splitlines()) == 1
