@@ -384,24 +384,11 @@ def _interrupted(stage: str, args, recipe, how: str) -> str:
             "if it had written one")
 
 
-# What to lower when a stage runs out of GPU memory, the biggest saving first.
-MEMORY_SETTINGS = {
-    "sft": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)", "max_length",
-            "activation_checkpointing=true", "per_device_eval_batch_size"),
-    "reward": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)", "max_length",
-               "activation_checkpointing=true", "per_device_eval_batch_size"),
-    "grpo": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the prompts per step)",
-             "num_generations", "max_completion_length", "activation_checkpointing=true",
-             "per_device_eval_batch_size"),
-    "ppo": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the rollout)",
-            "per_device_eval_batch_size (the generation batch)", "max_completion_length",
-            "activation_checkpointing=true"),
-}
-
-
 def _out_of_memory(stage: str, recipe, error: Exception) -> str:
     first_line = str(error).splitlines()[0] if str(error) else "out of memory"
-    settings = "\n".join(f"  {stage}.{setting}" for setting in MEMORY_SETTINGS[stage])
+    from align.memory import SETTINGS
+
+    settings = "\n".join(f"  {stage}.{setting}" for setting in SETTINGS[stage])
     nf4 = "" if recipe.model.quantization.value == "nf4" else "\n  model.quantization=nf4 (a 4-bit base)"
     return (f"error: the {stage} stage ran out of GPU memory ({first_line}).\nLower, the biggest saving first:\n"
             f"{settings}{nf4}\nResumable checkpoints, if any were written, are in "

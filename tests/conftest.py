@@ -147,3 +147,24 @@ def reward_checkpoint(tmp_path_factory):
     model.save_pretrained(str(path))
     load_tokenizer(ModelConfig(name_or_path=str(TINY_BASE))).save_pretrained(str(path))
     return path
+
+
+def peak_memory(command: list[str], **kwargs) -> tuple[int, str]:
+    """Runs `command` in a fresh process and returns (its peak resident memory in bytes, its stderr). Measured
+    from a wrapper of its own, so that no earlier child of the test process is counted."""
+    import subprocess
+    import sys
+
+    wrapper = ("import resource, subprocess, sys\n"
+               "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+               "sys.stderr.write(done.stderr)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n")
+    done = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, **kwargs)
+    return int(done.stdout.split()[-1]), done.stderr
+
+
+def estimated_peak(stderr: str) -> float:
+    """Bytes of the estimate align.memory logged ("estimated peak memory X GB")."""
+    import re
+
+    return float(re.search(r"estimated peak memory ([\d.]+) GB", stderr).group(1)) * (1 << 30)

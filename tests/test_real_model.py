@@ -8,12 +8,13 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import QA_HELDOUT, ROOT
+from conftest import QA_HELDOUT, ROOT, estimated_peak, peak_memory
 
 from align import pipeline
 from align.recipe import ModelConfig, load_recipe
@@ -257,3 +258,13 @@ def test_compare_answers_end_at_the_end_of_turn(run, tmp_path):
     assert results["checkpoints"]["grpo"]["metrics"]["kl"]["mean"] >= 0  # to its reference, the SFT policy
     answers = [sample["answers"]["grpo"] for sample in results["samples"]]
     assert len(answers) == 4 and not any(turn in a for a in answers for turn in ("<|im", "user\n", "assistant\n"))
+
+
+def test_the_memory_estimate_is_within_2x_of_the_measured_peak(model_dir, tmp_path):
+    """One GRPO step of the recipe's batch (16 completions a forward pass), its peak measured."""
+    path = short_recipe(model_dir, tmp_path)
+    peak, err = peak_memory([sys.executable, "-m", "align", "grpo", str(path), "grpo.init_from=base",
+                             "grpo.max_steps=1", "grpo.per_device_train_batch_size=16", "grpo.num_generations=8"],
+                            cwd=ROOT)
+    estimate = estimated_peak(err)
+    assert 0.5 <= peak / estimate <= 2, (peak, estimate)

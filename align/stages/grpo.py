@@ -24,6 +24,7 @@ from align import rl
 from align.errors import AlignError
 from align.generation import merged_weights
 from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
+from align import memory
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
 from align.callbacks import MetricsCallback, ProgressBar, eos_fraction, guarded_train
@@ -50,6 +51,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
+    memory.check(recipe, "grpo", reports[0])  # before a model loads: a batch that cannot fit stops now
     model = rl.load_policy(recipe, cfg, init, "grpo")
     rewards = specs.functions(model)
     resume_from = run_dir.resume_from() if resume else None

@@ -46,6 +46,7 @@ from align.errors import AlignError
 from align.generation import generate_batch, merged_weights
 from align.processes import check_identical
 from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
+from align import memory
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
 from align.callbacks import NonFinite, non_finite_message
@@ -76,6 +77,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
+    memory.check(recipe, "ppo", reports[0])  # before a model loads: a batch that cannot fit stops now
     _rollouts_per_epoch(cfg, len(train), accelerator.num_processes)  # enough prompts, before loading the model
     resume_from = run_dir.resume_from() if resume else None
     policy = rl.load_policy(recipe, cfg, init, "ppo")

@@ -33,6 +33,7 @@ from align.modeling import (
     trainable_in_compute_dtype,
     trainable_weights,
 )
+from align import memory
 from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
@@ -53,6 +54,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     init = init_adapter(recipe, "reward")  # fails before anything loads
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
+    memory.check(recipe, "reward", reports[0])  # before a model loads: a batch that cannot fit stops now
     model = _model(recipe, init)
     resume_from = run_dir.resume_from() if resume else None
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)

@@ -23,6 +23,7 @@ from align.modeling import (
     check_context, checkpointing, load_model, load_tokenizer, lora_config, sft_example,
     trainable_in_compute_dtype,
 )
+from align import memory
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
@@ -45,6 +46,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
+    memory.check(recipe, "sft", reports[0])  # before a model loads: a batch that cannot fit stops now
     model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
     resume_from = run_dir.resume_from() if resume else None
     trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
