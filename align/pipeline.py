@@ -29,8 +29,8 @@ from typing import Any, Callable
 from align.errors import AlignError
 from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
 from align.processes import is_main_process, wait_for_everyone
-from align.rundir import (checkpoint_problem, complete_checkpoint, inputs_digest, parent_problem, stage_inputs, utc_now,
-                          write_file)
+from align.rundir import (base_problem, checkpoint_problem, complete_checkpoint, inputs_digest, parent_problem,
+                          stage_inputs, utc_now, write_file)
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,9 @@ def _decide(recipe: Recipe, name: str, stage_dir: Path, forced: str | None) -> t
         return "run", "its inputs changed since it ran: " + _changes(lineage.get("inputs") or {}, now)
     problem = checkpoint_problem(stage_dir)
     parent = parent_problem(lineage) if lineage.get("parent_sha256") else None  # one recorded without a digest
-    if problem is None and parent:                                               # cannot be checked: kept
-        return "run", parent
+    changed = parent or base_problem(stage_dir, recipe.model)                    # cannot be checked: kept
+    if problem is None and changed:
+        return "run", changed
     if problem is None:
         return "skip", f"finished at {lineage['end_time']} with the same inputs; checkpoint {stage_dir / 'checkpoint'}"
     if lineage.get("end_time"):  # it finished, but its checkpoint is gone or damaged: its result is lost

@@ -581,3 +581,15 @@ def test_a_chat_template_that_reaches_python_internals_is_one_line(write_recipe,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.chat_template: cannot render a conversation (SecurityError: ") and (
         "fix the template" in err) and len(err.splitlines()) == 1
+
+
+def test_align_run_trains_again_a_stage_whose_base_weights_changed_since(finished_sft):
+    from align.pipeline import _decide
+
+    path, stage = finished_sft
+    assert _decide(load_recipe(path), "sft", stage, None)[0] == "skip"
+    lineage = json.loads((stage / "lineage.json").read_text())
+    lineage["base_model"]["weights_sha256"] = "0" * 64  # what another model at the same path would show
+    (stage / "lineage.json").write_text(json.dumps(lineage))
+    action, reason = _decide(load_recipe(path), "sft", stage, None)
+    assert action == "run" and "trained on a base whose weights had sha256 " + "0" * 64 in reason
