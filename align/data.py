@@ -108,8 +108,7 @@ def read_records(path: str | Path) -> list[Record]:
     if path.is_dir():
         return _read_saved_dataset(path)
     if not path.is_file():  # a FIFO, a device (/dev/zero), a socket: reading one may never end
-        raise DataError(f"{path}: not a regular file; give a data file ({FORMATS}), a directory written by "
-                        "save_to_disk, or a hub dataset id")
+        raise DataError(f"{path}: not a regular file (a FIFO or a device is never read); use {FORMATS}")
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     reader = readers.get(path.suffix.lower())
     if reader is None:
