@@ -368,14 +368,17 @@ def test_recipe_files_that_are_not_recipes(tmp_path):
 def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, tmp_path, sent, code, how):
     path = sft_recipe(write_recipe, max_steps=2000)
     metrics = tmp_path / "runs" / "test" / "sft" / "metrics.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "align", "sft", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text()):  # training has begun
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    process.send_signal(sent)
-    _, err = process.communicate(timeout=60)
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:  # a file, not a pipe: a full pipe would block the run's progress bars
+        process = subprocess.Popen([sys.executable, "-m", "align", "sft", str(path)], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text()):  # training has begun
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(sent)
+        process.wait(timeout=60)
+    err = log.read_text()
     assert process.returncode == code and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(
         f"{how} during the sft stage; `align sft {path} --resume` (with the same overrides) resumes from the "
