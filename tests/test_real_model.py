@@ -106,7 +106,9 @@ def short_recipe(model_dir: Path, tmp: Path) -> Path:
     recipe["sft"].update(short, max_steps=12, learning_rate=1e-3, eval_generations=4, eval_loss_rows=None,
                          max_new_tokens=32)
     recipe["reward"].update(short, per_device_train_batch_size=4)
-    rl = {**short, "eval_generations": 4, "eval_samples": 0, "max_completion_length": 48}
+    # temperature 1: two steps of 2 prompts x 4 answers, varied enough that a group's rewards differ and the one
+    # update moves the policy (at the recipe's 0.7 both groups were once all right or all wrong: no update)
+    rl = {**short, "eval_generations": 4, "eval_samples": 0, "max_completion_length": 48, "temperature": 1.0}
     recipe["grpo"].update(rl, num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=1)
     recipe["ppo"].update(rl, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
                          num_ppo_epochs=1)

@@ -385,6 +385,21 @@ def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, t
         f"last checkpoint in {tmp_path / 'runs' / 'test' / 'sft' / 'trainer'}")
 
 
+def test_a_stop_signal_whose_exception_is_lost_still_ends_the_run_with_the_resume_line(monkeypatch, capsys):
+    from align import cli
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(cli._StopOnSignal, "GRACE_S", 0.2)
+    stop = cli._StopOnSignal(lambda how: f"{how} during the sft stage; resume with ...")
+    try:
+        stop(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass  # lost, as a library that swallows it would
+    time.sleep(1)
+    assert exits == [130] and "interrupted during the sft stage; resume with ..." in capsys.readouterr().err
+
+
 # -- 11. Model paths ------------------------------------------------------------------------------------------------
 
 
