@@ -129,7 +129,7 @@ def _reference(checkpoint: Checkpoint) -> Checkpoint | None:
         return Checkpoint("base", checkpoint.model.name_or_path, checkpoint.model)
     problem = parent_problem(lineage)
     if problem:
-        raise CompareError(f"{checkpoint.name}: {problem}; its KL would be measured against another policy. Pass "
+        raise CompareError(f"{checkpoint.name}: {problem}; its KL could be measured against another policy. Pass "
                            "--reference with the policy it started from (e.g. the run's sft stage)")
     return Checkpoint("reference", parent, checkpoint.model, Path(parent))
 
