@@ -132,16 +132,23 @@ def check(recipe, stage: str, train) -> dict[str, Any]:
     """Estimates `stage`'s peak memory for its batch, its sequences as long as the longest of its training data
     (`train`: the data.DataReport of the training file; a QA pair, a preference pair's longer side, or a prompt
     and max_completion_length), and stops with DoesNotFit, naming what to lower, when more than the machine has
-    free would be needed. Logs the estimate; returns it."""
+    free would be needed. Logs the estimate; returns it ({} when the config cannot be read or lacks a field the
+    estimate needs: loading the model then says what is wrong)."""
     from transformers import AutoConfig
 
     from align.modeling import compute_dtype, device
 
-    cfg = getattr(recipe, stage)
-    config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
-    shape = Shape.of(config)
     import torch
+
+    cfg = getattr(recipe, stage)
+    try:
+        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+        shape = Shape.of(config)
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # loading the model says why, if it cannot load
+        log.warning("%s: memory not estimated: %s's config does not say its shape (%s)", stage,
+                    recipe.model.name_or_path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return {}
 
     dtype_bytes = torch.finfo(compute_dtype(recipe.model)).bits // 8
     batch = cfg.per_device_train_batch_size
