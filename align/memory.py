@@ -134,11 +134,10 @@ def check(recipe, stage: str, train) -> dict[str, Any]:
     and max_completion_length), and stops with DoesNotFit, naming what to lower, when more than the machine has
     free would be needed. Logs the estimate; returns it ({} when the config cannot be read or lacks a field the
     estimate needs: loading the model then says what is wrong)."""
+    import torch
     from transformers import AutoConfig
 
     from align.modeling import compute_dtype, device
-
-    import torch
 
     cfg = getattr(recipe, stage)
     try:
