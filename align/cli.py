@@ -356,6 +356,11 @@ def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
             for s in names(before, after)]
 
 
+def _resume_command(stage: str, args) -> str:
+    """The command that carries on an interrupted stage: `align run` again, or the stage with --resume."""
+    return f"align run {args.recipe}" if args.command == "run" else f"align {stage} {args.recipe} --resume"
+
+
 def _reward_failed(error, stage: str, args, recipe) -> str:
     """One line for a reward function that raised or hung; its traceback goes to the stage dir's error.log."""
     from align.processes import is_main_process
@@ -364,7 +369,7 @@ def _reward_failed(error, stage: str, args, recipe) -> str:
     log_path = Path(recipe.run.root) / recipe.run.name / stage / "error.log"
     if is_main_process():
         write_file(log_path, f"{error}\n\n{error.details}")
-    again = f"align run {args.recipe}" if args.command == "run" else f"align {stage} {args.recipe} --resume"
+    again = _resume_command(stage, args)
     return (f"error: {error}; the traceback is in {log_path}. Once it is fixed, `{again}` (with the same overrides) "
             "resumes from the stage's last checkpoint")
 
@@ -408,7 +413,7 @@ def _interrupted(stage: str, args, recipe, how: str) -> str:
     if stage == "run":  # stopped before any stage began
         return f"{how} before any stage started; nothing was trained"
     trainer = Path(recipe.run.root) / recipe.run.name / stage / "trainer"
-    again = f"align run {args.recipe}" if args.command == "run" else f"align {stage} {args.recipe} --resume"
+    again = _resume_command(stage, args)
     return (f"{how} during the {stage} stage; `{again}` (with the same overrides) resumes from the last "
             f"checkpoint in {trainer} (one every {stage}.save_steps={getattr(recipe, stage).save_steps} steps), "
             "if it had written one")
