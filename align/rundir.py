@@ -77,11 +77,11 @@ def cached_sha256(file: Path) -> str:
         known = json.loads(DIGESTS.read_text())
     except (OSError, ValueError):
         known = {}
-    entry = known.get(key) if isinstance(known, dict) else None
+    known = known if isinstance(known, dict) else {}  # a damaged cache is only a cache
+    entry = known.get(key)
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = sha256_of(file)
-    known = known if isinstance(known, dict) else {}
     known[key] = {"stamp": stamp, "sha256": digest}
     try:  # a cache: one that cannot be written only costs the hashing next time
         DIGESTS.parent.mkdir(parents=True, exist_ok=True)
