@@ -58,7 +58,10 @@ class ModelConfig:
     compute_dtype: DType = doc(
         DType.auto,
         help="Dtype of activations (and of the base weights when quantization=none). auto: bfloat16 on a GPU "
-        "that supports it, else float16 on GPU, float32 on CPU (CPUs without bf16 units run bf16 ~10x slower).",
+        "that supports it, else float16 on GPU; on a CPU bfloat16 where lscpu lists amx_bf16 (AMX units: "
+        "a bf16 matmul ~6x a float32 one there), else float32 (without them bf16 is slower). On a CPU in "
+        "bfloat16 the LoRA weights and optimizer stay float32 and the forward runs under autocast. The choice "
+        "and its reason are logged.",
     )
     attn_implementation: Optional[str] = doc(None, help="sdpa, eager, flash_attention_2, ...; None: transformers' default.")
     merged_generation: Optional[bool] = doc(

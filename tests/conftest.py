@@ -19,12 +19,23 @@ PREF_TRAIN = ROOT / "data" / "arithmetic" / "preference_train.jsonl"
 PREF_HELDOUT = ROOT / "data" / "arithmetic" / "preference_heldout.jsonl"
 
 
+@pytest.fixture(autouse=True)
+def float32_on_every_cpu(monkeypatch):
+    """model.compute_dtype auto is bfloat16 on CPUs with AMX and float32 on others: the tests' figures must not
+    depend on which CPU runs them, so in-process they see a CPU without AMX (and write_recipe's recipes, which
+    subprocesses read, say float32). The bfloat16 path is tested by name (tests/test_precision.py)."""
+    import align.modeling
+
+    monkeypatch.setattr(align.modeling, "cpu_has_amx_bf16", lambda: False)
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Writes a recipe YAML under tmp_path (runs go to tmp_path/runs) and returns its path."""
 
     def write(name: str = "test", **sections) -> Path:
-        recipe = {"model": {"name_or_path": str(TINY_BASE)}, "run": {"root": str(tmp_path / "runs")}}
+        recipe = {"model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"},
+                  "run": {"root": str(tmp_path / "runs")}}
         for key, value in sections.items():
             recipe[key] = {**recipe.get(key, {}), **value}
         path = tmp_path / f"{name}.yaml"

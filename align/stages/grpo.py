@@ -23,7 +23,7 @@ from typing import Any
 from align import rl
 from align.errors import AlignError
 from align.generation import merged_weights
-from align.modeling import load_tokenizer, trainable_in_compute_dtype, trainable_weights
+from align.modeling import load_tokenizer, trainable_in_float32, trainable_weights
 from align import memory
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
@@ -125,7 +125,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[Re
         processing_class=tokenizer,
         callbacks=[MetricsCallback(run_dir)],
     )
-    trainable_in_compute_dtype(trainer.model, recipe.model, exact)
+    trainable_in_float32(trainer.model, recipe.model, exact)
     return trainer, guard.attach(trainer)
 
 

@@ -30,7 +30,7 @@ from align.modeling import (
     load_model,
     load_tokenizer,
     lora_config,
-    trainable_in_compute_dtype,
+    trainable_in_float32,
     trainable_weights,
 )
 from align import memory
@@ -122,7 +122,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         processing_class=tokenizer,
         callbacks=[MetricsCallback(run_dir)],
     )
-    trainable_in_compute_dtype(trainer.model, recipe.model, exact)
+    trainable_in_float32(trainer.model, recipe.model, exact)
     ProgressBar("loss", "accuracy").attach(trainer)
     return trainer
 

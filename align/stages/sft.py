@@ -21,7 +21,7 @@ from align.data import load_qa, load_train_eval
 from align.generation import generate
 from align.modeling import (
     check_context, checkpointing, load_model, load_tokenizer, lora_config, sft_example,
-    trainable_in_compute_dtype,
+    trainable_in_float32,
 )
 from align import memory
 from align.recipe import Recipe, RecipeError
@@ -89,7 +89,7 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
         peft_config=lora_config(recipe.lora),
         callbacks=[MetricsCallback(run_dir)],
     )
-    trainable_in_compute_dtype(trainer.model, recipe.model)
+    trainable_in_float32(trainer.model, recipe.model)
     ProgressBar("loss").attach(trainer)
     return trainer
 
