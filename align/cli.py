@@ -13,8 +13,14 @@ from pathlib import Path
 
 from align.errors import AlignError
 from align.recipe import describe
+from align.registry import BY_NAME, FINAL, STAGES
 
 TINY_BASE = "data/tiny-base"
+
+
+def _order() -> str:
+    """'sft, reward, grpo|ppo': the stages `align run` goes through."""
+    return ", ".join([*(s.name for s in STAGES if not s.final), "|".join(FINAL)])
 
 
 def _recipe_keys(*sections: str) -> str:
@@ -32,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser(
         "run",
-        help="run every stage of a recipe in order (sft, reward, grpo|ppo), skipping finished ones",
-        description="Run the recipe's stages in order, each starting from the previous ones' checkpoints: sft, "
-        "reward, then grpo or ppo (rl.algorithm). A stage that finished with the same inputs (recipe keys, data "
+        help=f"run every stage of a recipe in order ({_order()}), skipping finished ones",
+        description=f"Run the recipe's stages in order, each starting from the previous ones' checkpoints: "
+        f"{_order()} (the last by rl.algorithm). A stage that finished with the same inputs (recipe keys, data "
         "files, earlier stages) is skipped; one that was interrupted resumes from its last trainer checkpoint; one "
         "whose inputs changed re-runs, with every stage after it, and the log says which inputs changed. Gates: "
         "RL waits for a reward model with held-out accuracy >= rl.min_reward_accuracy, and every stage must render "
@@ -46,59 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         + _recipe_keys("rl"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    names = ", ".join([*(s.name for s in STAGES if not s.final), "rl"])
     run.add_argument("--from", dest="start", metavar="STAGE",
-                     help="re-run this stage (sft, reward, rl) and every one after it, even if finished")
-    run.add_argument("--only", metavar="STAGE", help="run just this stage (sft, reward, rl); earlier ones must be finished")
+                     help=f"re-run this stage ({names}) and every one after it, even if finished")
+    run.add_argument("--only", metavar="STAGE", help=f"run just this stage ({names}); earlier ones must be finished")
     run.add_argument("--fresh", action="store_true",
                      help="ignore finished and interrupted stages: run every selected stage from step 0")
 
-    sft = commands.add_parser(
-        "sft",
-        help="supervised fine-tuning with LoRA (loss on answers only)",
-        description="Fine-tune the recipe's base model on question-answer pairs with LoRA; the loss is on the "
-        "answer tokens only. Writes runs/<run>/sft/ (config.yaml, lineage.json, metrics.jsonl, checkpoint/).",
-        epilog=_recipe_keys("model", "lora", "data", "run", "sft"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    reward = commands.add_parser(
-        "reward",
-        help="train a pairwise reward model (LoRA + score head) on preference data",
-        description="Train a reward model on chosen/rejected pairs (or rated responses) with TRL's RewardTrainer: "
-        "the recipe's base model with a LoRA adapter (from the SFT stage's by default) and a one-output score "
-        "head. Reports held-out pairwise accuracy, mean margin and reward mean/std before and after. Writes "
-        "runs/<run>/reward/ (config.yaml, lineage.json, metrics.jsonl, samples.jsonl, checkpoint/).",
-        epilog=_recipe_keys("model", "lora", "data", "run", "reward"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    grpo = commands.add_parser(
-        "grpo",
-        help="optimise the SFT policy with GRPO against reward functions, with a KL penalty to the SFT policy",
-        description="Reinforcement learning with TRL's GRPOTrainer: completions sampled per prompt, scored by the "
-        "recipe's reward functions (reward model, rules, plug-ins; grpo.rewards), and the policy (the SFT adapter "
-        "on the 4-bit base) pushed towards the better ones, minus grpo.beta x KL to the frozen SFT policy. "
-        "Reports held-out greedy answers' rewards before and after and the KL per step. Writes runs/<run>/grpo/.",
-        epilog=_recipe_keys("model", "lora", "data", "run", "grpo"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ppo = commands.add_parser(
-        "ppo",
-        help="optimise the SFT policy with PPO (value model, per-token KL penalty to the SFT policy)",
-        description="Reinforcement learning with align's PPO loop (TRL has no PPOTrainer): one completion sampled "
-        "per prompt and scored by the recipe's reward functions (ppo.rewards); per-token rewards -ppo.beta x "
-        "(log pi - log pi_ref) plus the score at the last token; GAE advantages from a value model (by default "
-        "the reward model when it is the whole score); clipped policy and value losses over several epochs per rollout. Policy, "
-        "reference, reward and value models are adapters on one 4-bit base. Reports held-out rewards before and "
-        "after and the KL per step. Writes runs/<run>/ppo/ (checkpoint/ = policy adapter, checkpoint/value/ = "
-        "value model).",
-        epilog=_recipe_keys("model", "lora", "data", "run", "ppo"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for stage in (sft, reward, grpo, ppo):
-        name = stage.prog.split()[-1]
-        stage.add_argument("--resume", action="store_true",
-                           help=f"continue from the last complete checkpoint in runs/<run>/{name}/trainer/ (written "
-                           f"every {name}.save_steps); `align run` does this by itself for an interrupted stage")
-    for stage in (run, sft, reward, grpo, ppo):
+    stages = []
+    for spec in STAGES:
+        parser_ = commands.add_parser(spec.name, help=spec.help, description=spec.description,
+                                      epilog=_recipe_keys("model", "lora", "data", "run", spec.name),
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser_.add_argument("--resume", action="store_true",
+                             help=f"continue from the last complete checkpoint in runs/<run>/{spec.name}/trainer/ "
+                             f"(written every {spec.name}.save_steps); `align run` does this by itself for an "
+                             "interrupted stage")
+        stages.append(parser_)
+    for stage in (run, *stages):
         name = stage.prog.split()[-1]
         stage.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value",
@@ -218,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("run", "sft", "reward", "grpo", "ppo"):
+        if args.command == "run" or args.command in BY_NAME:
             return _stage(args)
         if args.command == "data":
             return _data_check(args)
@@ -301,7 +272,7 @@ def _stage(args) -> int:
     if args.command == "run":
         _print_pipeline(console, names, outcomes, recipe)
         return 0
-    PRINTERS[args.command](console, results)
+    _print_summary(console, BY_NAME[args.command].module.summary(results))
     if "train_loss" in results:
         console.print(f"train loss {results['train_loss']:.4f}", soft_wrap=True)
     console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True)
@@ -309,12 +280,27 @@ def _stage(args) -> int:
     return 0
 
 
+def _print_summary(console, summary) -> None:
+    """A stage's Summary in full: notes, before/after tables, samples."""
+    from rich.table import Table
+
+    for note in summary.notes:
+        console.print(note, soft_wrap=True)
+    for title, rows in summary.tables:
+        table = Table(title=title)
+        for column in ("", "before", "after"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for sample in summary.samples:
+        console.print(f"  {sample}", soft_wrap=True)
+
+
 def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
     """One row per stage: what happened to it and what it achieved on held-out data (before -> after)."""
     from rich.table import Table
 
-    arrow = lambda b, a, f: f"{f(b)} -> {f(a)}"  # noqa: E731
-    pct, num = (lambda v: f"{v:.1%}"), (lambda v: f"{v:.3f}")  # noqa: E731
     table = Table(title=f"align run {recipe.run.name}: held-out results (before -> after)")
     for column in ("stage", "", "result"):
         table.add_column(column)
@@ -324,36 +310,10 @@ def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
         if outcome is None:
             table.add_row(name, "not selected", "")
             continue
-        r = outcome.results
-        b, a = r.get("before") or {}, r.get("after") or {}
-        lines = []
-        if name == "sft" and a:
-            lines.append(f"answer loss {arrow(b['answer_loss'], a['answer_loss'], num)}")
-            if "answer_accuracy" in a:
-                lines.append(f"accuracy {arrow(b['answer_accuracy'], a['answer_accuracy'], pct)}")
-            lines += _style_lines(b, a)
-        elif name == "reward" and a:
-            lines.append(f"pair accuracy {arrow(b['pair_accuracy'], a['pair_accuracy'], pct)}")
-        elif a:
-            for decoding in ("greedy", "sampled"):
-                if decoding in a:
-                    lines.append(f"{decoding} reward {arrow(b[decoding]['reward_mean'], a[decoding]['reward_mean'], num)}")
-                    if "rewards/exact_match" in a[decoding]:
-                        lines.append(f"{decoding} accuracy {arrow(b[decoding]['rewards/exact_match'], a[decoding]['rewards/exact_match'], pct)}")
-                    lines += _style_lines(b[decoding], a[decoding], f"{decoding} ")
-        if name in ("grpo", "ppo") and r.get("kl_last") is not None:
-            lines.append(f"KL {r['kl_first']:.3g} -> {r['kl_last']:.3g} {kl_unit(r)} (max {r['kl_max']:.3g})")
+        lines = BY_NAME[name].module.summary(outcome.results).headline
         table.add_row(name, outcome.action, "\n".join(lines) or "(no held-out data)")
     console.print(table)
     console.print(f"run dir: {Path(recipe.run.root) / recipe.run.name} (checkpoints: <stage>/checkpoint)", soft_wrap=True)
-
-
-def _style_lines(before: dict, after: dict, prefix: str = "") -> list[str]:
-    """'worked 12.5% -> 100.0% (of answers)' per answer style (data.answer_style), before -> after."""
-    from align.styles import names
-
-    return [f"{prefix}{s} {before.get(s + '_fraction', 0):.1%} -> {after.get(s + '_fraction', 0):.1%} of answers"
-            for s in names(before, after)]
 
 
 def _resume_command(stage: str, args) -> str:
@@ -421,102 +381,11 @@ def _interrupted(stage: str, args, recipe, how: str) -> str:
 
 def _out_of_memory(stage: str, recipe, error: Exception) -> str:
     first_line = str(error).splitlines()[0] if str(error) else "out of memory"
-    from align.memory import SETTINGS
-
-    settings = "\n".join(f"  {stage}.{setting}" for setting in SETTINGS[stage])
+    settings = "\n".join(f"  {stage}.{setting}" for setting in BY_NAME[stage].memory_settings)
     nf4 = "" if recipe.model.quantization.value == "nf4" else "\n  model.quantization=nf4 (a 4-bit base)"
     return (f"error: the {stage} stage ran out of GPU memory ({first_line}).\nLower, the biggest saving first:\n"
             f"{settings}{nf4}\nResumable checkpoints, if any were written, are in "
             f"{recipe.run.root}/{recipe.run.name}/{stage}/trainer/.")
-
-
-def _before_after(title: str, rows: list[tuple[str, str, str]]):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for column in ("", "before", "after"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def _print_sft(console, results: dict) -> None:
-    before, after = results["before"], results["after"]
-    if not after:
-        console.print("no held-out file (data.sft.eval), so no before/after evaluation")
-        return
-    rows = [("answer loss", f"{before['answer_loss']:.4f}", f"{after['answer_loss']:.4f}")]
-    if "answer_accuracy" in after:
-        rows.append(("answer accuracy (greedy, final number)", f"{before['answer_accuracy']:.1%}",
-                     f"{after['answer_accuracy']:.1%}"))
-    console.print(_before_after("SFT on held-out data", rows + _style_rows(before, after)))
-    for sample in after.get("samples", []):
-        mark = "[green]right[/green]" if sample["correct"] else "[red]wrong[/red]"
-        console.print(f"  {mark} {sample['prompt']} -> {sample['answer'].strip()!r}", soft_wrap=True)
-
-
-def _print_reward(console, results: dict) -> None:
-    before, after = results["before"], results["after"]
-    console.print(f"reward model LoRA initialised from: {results['init_from'] or 'fresh (reward.init_from=base)'}",
-                  soft_wrap=True)
-    if not after:
-        console.print("no held-out file (data.preference.eval), so no before/after evaluation")
-        return
-    rows = [("pairwise accuracy (chosen > rejected)", f"{before['pair_accuracy']:.1%}", f"{after['pair_accuracy']:.1%}")]
-    rows += [(label, f"{before[key]:.3f}", f"{after[key]:.3f}") for label, key in (
-        ("mean margin (chosen - rejected)", "margin_mean"), ("reward mean", "reward_mean"),
-        ("reward std", "reward_std"), ("loss", "loss"))]
-    console.print(_before_after(f"reward model on {after['pairs']} held-out pairs", rows))
-
-
-def kl_unit(results: dict) -> str:
-    """An RL stage's KL unit, as its results say (a run dir written before they said so: PPO's has beta_last)."""
-    return results.get("kl_unit") or ("nats per completion" if "beta_last" in results else "nats per token")
-
-
-def _print_rl(console, results: dict) -> None:
-    """GRPO's and PPO's results: KL per token (GRPO) or per completion (PPO), rewards before and after."""
-    before, after = results["before"], results["after"]
-    console.print(f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
-                  f"{results['steps']} steps in {results['train_seconds']:.0f} s", soft_wrap=True)
-    kl = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    console.print(f"KL to the reference ({kl_unit(results)}): first step {kl(results['kl_first'])}, last "
-                  f"{kl(results['kl_last'])}, max {kl(results['kl_max'])}")
-    if results.get("eos_fraction_last") is not None:
-        console.print(f"rollouts that ended at EOS (the last logged): {results['eos_fraction_last']:.1%}")
-    if not after:
-        console.print("no held-out prompts (data.prompts.eval), so no before/after evaluation")
-        return
-    for decoding, title in (("greedy", f"greedy answers to {after['prompts']} held-out prompts"),
-                            ("sampled", f"{after.get('sampled', {}).get('per_prompt')} sampled answers to each of "
-                                        f"{after['prompts']} held-out prompts (training temperature)")):
-        if decoding not in after:
-            continue
-        b, a = before[decoding], after[decoding]
-        rows = [("reward (weighted total)", f"{b['reward_mean']:.4f}", f"{a['reward_mean']:.4f}")]
-        rows += [(key.split("/", 1)[1], f"{b[key]:.4f}", f"{a[key]:.4f}") for key in a if key.startswith("rewards/")]
-        rows.append(("answer tokens (mean)", f"{b['completion_tokens_mean']:.1f}", f"{a['completion_tokens_mean']:.1f}"))
-        if "ended_at_eos" in a and "ended_at_eos" in b:
-            rows.append(("ended at EOS", f"{b['ended_at_eos']:.1%}", f"{a['ended_at_eos']:.1%}"))
-        console.print(_before_after(title, rows + _style_rows(b, a)))
-
-
-def _style_rows(before: dict, after: dict) -> list[tuple[str, str, str]]:
-    """Each answer style's share and accuracy (data.answer_style), before and after; '-' where it had no answer."""
-    from align.styles import names
-
-    rows = []
-    for style in names(before, after):
-        rows.append((f"{style} answers: share", f"{before.get(style + '_fraction', 0):.1%}",
-                     f"{after.get(style + '_fraction', 0):.1%}"))
-        if style + "_accuracy" in (*before, *after):
-            rows.append((f"{style} answers: accuracy", *(f"{r[style + '_accuracy']:.1%}" if style + "_accuracy" in r
-                                                         else "-" for r in (before, after))))
-    return rows
-
-
-PRINTERS = {"sft": _print_sft, "reward": _print_reward, "grpo": _print_rl, "ppo": _print_rl}
 
 
 def _compare(args) -> int:

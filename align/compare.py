@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from align import registry
 from align.errors import AlignError
 from align.recipe import DataConfig, ModelConfig, Quantization, RewardFunction
 from align.rundir import base_problem, parent_problem, policy_checkpoint, sha256_of, stage_model
@@ -122,7 +123,8 @@ def _reference(checkpoint: Checkpoint) -> Checkpoint | None:
     """The policy an RL checkpoint started from, as its lineage records it: its parent adapter, or the base model
     (a fresh adapter's reference). None for SFT and other checkpoints: no reference is implied."""
     lineage = checkpoint.lineage or {}
-    if lineage.get("stage") not in ("grpo", "ppo"):
+    spec = registry.BY_NAME.get(lineage.get("stage"))
+    if spec is None or not spec.reference:
         return None
     parent = lineage.get("parent_checkpoint")
     if parent is None:

@@ -32,21 +32,6 @@ log = logging.getLogger(__name__)
 
 GB = 1 << 30
 
-# What to lower when a stage does not fit, the biggest saving first (also what an out-of-memory error suggests).
-SETTINGS = {
-    "sft": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)", "max_length",
-            "activation_checkpointing=true", "per_device_eval_batch_size"),
-    "reward": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)", "max_length",
-               "activation_checkpointing=true", "per_device_eval_batch_size"),
-    "grpo": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the prompts per step)",
-             "num_generations", "max_completion_length", "activation_checkpointing=true",
-             "per_device_eval_batch_size"),
-    "ppo": ("per_device_train_batch_size (raise gradient_accumulation_steps to keep the rollout)",
-            "per_device_eval_batch_size (the generation batch)", "max_completion_length",
-            "activation_checkpointing=true"),
-}
-
-
 class DoesNotFit(AlignError, MemoryError):
     """A stage's estimated memory is more than the machine has free."""
 
@@ -138,7 +123,9 @@ def check(recipe, stage: str, train) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from align.modeling import compute_dtype, device
+    from align.registry import stage as registered
 
+    spec = registered(stage)
     cfg = getattr(recipe, stage)
     try:
         config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
@@ -152,19 +139,20 @@ def check(recipe, stage: str, train) -> dict[str, Any]:
     dtype_bytes = torch.finfo(compute_dtype(recipe.model)).bits // 8
     batch = cfg.per_device_train_batch_size
     longest = max(train.lengths["total"])
-    generates = stage in ("grpo", "ppo")
+    generates = spec.generates
     if generates:
         longest += cfg.max_completion_length
-    sequences = batch * (2 if stage == "reward" else 1)
+    sequences = batch * (2 if spec.data == "preference" else 1)  # a pair is two sequences
     # The LM head's logits where the loss reads them: none for a reward model (one score per sequence).
-    loss_tokens = 0 if stage == "reward" else sequences * (cfg.max_completion_length if generates else longest)
+    loss_tokens = 0 if spec.head == "score" else sequences * (cfg.max_completion_length if generates else longest)
     on_cpu = device().type == "cpu"
     parts = estimate(
         shape, dtype_bytes=dtype_bytes, quantized=recipe.model.quantization.value == "nf4", lora_r=recipe.lora.r,
-        trained_adapters=2 if stage == "ppo" else 1, adapters={"sft": 1, "reward": 1, "grpo": 2, "ppo": 4}[stage],
-        micro_batch_tokens=sequences * longest * (2 if stage == "ppo" else 1), loss_tokens=loss_tokens,
+        trained_adapters=spec.trained_adapters, adapters=spec.adapters,
+        # each trained adapter's forward keeps its activations (PPO: the policy's and the value model's)
+        micro_batch_tokens=sequences * longest * spec.trained_adapters, loss_tokens=loss_tokens,
         checkpointing=bool(cfg.activation_checkpointing),
-        generation_batch=(cfg.per_device_eval_batch_size if stage == "ppo" else batch) if generates else 0,
+        generation_batch=getattr(cfg, spec.generation_batch) if generates else 0,
         generation_tokens=longest,
         merged_generation=bool(on_cpu if recipe.model.merged_generation is None else recipe.model.merged_generation))
     needed = sum(parts.values())
@@ -174,7 +162,7 @@ def check(recipe, stage: str, train) -> dict[str, Any]:
     log.info("%s: estimated peak memory %.1f GB (%s GB%s), %.1f GB %s", stage, (needed + have) / GB, summary,
              f", and {have / GB:.1f} GB this process has already" if have else "", free / GB, measured)
     if needed > free:
-        settings = "\n".join(f"  {stage}.{setting}" for setting in SETTINGS[stage])
+        settings = "\n".join(f"  {stage}.{setting}" for setting in spec.memory_settings)
         raise DoesNotFit(
             f"the {stage} stage would need about {needed / GB:.1f} GB more memory ({summary} GB, for micro-batches "
             f"of {batch} x {longest} tokens), and {free / GB:.1f} GB is {measured}.\nLower, the biggest saving "

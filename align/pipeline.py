@@ -19,17 +19,18 @@ Gates, before a stage starts: the prompt it renders has the token ids the finish
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from align import registry
 from align.errors import AlignError
+from align.registry import BY_NAME, FINAL, STAGES
 from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
 from align.processes import is_main_process, wait_for_everyone
-from align.rundir import (base_problem, checkpoint_problem, complete_checkpoint, inputs_digest, parent_problem,
+from align.rundir import (base_problem, checkpoint_problem, inputs_digest, parent_problem,
                           stage_inputs, utc_now, write_file)
 
 log = logging.getLogger(__name__)
@@ -51,69 +52,47 @@ class Outcome:
 
 
 def stage_names(recipe: Recipe) -> list[str]:
-    """The recipe's stages in order: sft, reward, and grpo or ppo."""
-    names = [s for s in ("sft", "reward") if getattr(recipe, s) is not None]
-    rl = rl_stage(recipe)
-    return names + ([rl] if rl else [])
+    """The recipe's stages in the registry's order (align/registry.py), ending at most one final stage
+    (rl.algorithm)."""
+    final = final_stage(recipe)
+    return [s.name for s in STAGES if getattr(recipe, s.name) is not None and (not s.final or s.name == final)]
 
 
-def rl_stage(recipe: Recipe) -> str | None:
+def final_stage(recipe: Recipe) -> str | None:
+    """The stage that ends `align run` (grpo, ppo): rl.algorithm, or auto: the one the recipe has a section for."""
     choice = recipe.rl.algorithm
-    present = [s for s in ("grpo", "ppo") if getattr(recipe, s) is not None]
+    present = [name for name in FINAL if getattr(recipe, name) is not None]
     if choice == RLAlgorithm.auto:
         if len(present) > 1:
-            raise RecipeError("the recipe has both a grpo and a ppo section; choose one for `align run` with "
-                              "rl.algorithm=grpo or rl.algorithm=ppo")
+            raise RecipeError(f"the recipe has both a {' and a '.join(present)} section; choose one for `align run` with "
+                              + " or ".join(f"rl.algorithm={name}" for name in present))
         return present[0] if present else None
     if getattr(recipe, choice.value) is None:
         raise RecipeError(f"rl.algorithm={choice.value}, but the recipe has no {choice.value} section")
     return choice.value
 
 
-DATA = {"sft": "sft", "reward": "preference", "grpo": "prompts", "ppo": "prompts"}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # a missing path with one of these is a file, not a hub id
 
 
 def validate(recipe: Recipe) -> list[str]:
     """The recipe's stages, after refusing what any of them would refuse once the earlier ones have trained for
-    hours: missing data files (hub ids are taken on trust: no network needed), settings a stage rejects, unknown
-    reward functions, a starting point that no stage provides. Nothing is downloaded or loaded."""
+    hours: missing data files (hub ids are taken on trust: no network needed), and whatever each stage's
+    `check` refuses (settings, unknown reward functions, a starting point that no stage provides), with the
+    stages before it counted as trained. Nothing is downloaded or loaded."""
     from align.data import HUB_ID
-    from align.modeling import checkpointing
-    from align.rewards import check_reward_model_args, reward_function
-    from align.stages import adapter_dir
 
-    from align.styles import load_style
-
-    load_style(recipe.data.answer_style)
     names = stage_names(recipe)
-    for name in names:
-        checkpointing(getattr(recipe, name))
-        files = getattr(recipe.data, DATA[name])
+    for i, name in enumerate(names):
+        data = registry.stage(name).data
+        files = getattr(recipe.data, data)
         if files.train is None:
-            raise RecipeError(f"data.{DATA[name]}.train is not set, and the {name} stage needs it")
+            raise RecipeError(f"data.{data}.train is not set, and the {name} stage needs it")
         for split, path in (("train", files.train), ("eval", files.eval)):
             if path and not Path(path).exists() and (not HUB_ID.match(path) or path.endswith(FILE_SUFFIXES)):
-                raise RecipeError(f"data.{DATA[name]}.{split}={path}: no such file or directory (nor a hub dataset id "
+                raise RecipeError(f"data.{data}.{split}={path}: no such file or directory (nor a hub dataset id "
                                   "such as owner/name:split)")
-        if name in ("grpo", "ppo"):
-            importlib.import_module(f"align.stages.{name}")._check(recipe)
-            for spec in getattr(recipe, name).rewards:
-                if spec.name != "reward_model":
-                    reward_function(spec)
-                    continue
-                check_reward_model_args(spec.args)
-                where = spec.args.get("checkpoint", "auto")
-                if where == "auto" and recipe.reward is None:
-                    _need_stage(recipe, "reward", f"{name}.rewards: reward_model (args.checkpoint=auto)")
-                elif where != "auto":
-                    adapter_dir(where, f"{name}.rewards: reward_model args.checkpoint={where}", "not a reward checkpoint")
-        if name != "sft":
-            choice = getattr(recipe, name).init_from
-            if choice == "sft" and recipe.sft is None:
-                _need_stage(recipe, "sft", f"{name}.init_from=sft")
-            elif choice not in ("auto", "sft", "base"):
-                adapter_dir(choice, f"{name}.init_from={choice}", "not auto, sft, base, or a LoRA adapter directory")
+        registry.stage(name).module.check(recipe, upcoming=tuple(names[:i]))
     return names
 
 
@@ -124,13 +103,7 @@ def check_data(recipe: Recipe, names: list[str]) -> None:
 
     tokenizer = load_tokenizer(recipe.model)
     for name in names:
-        importlib.import_module(f"align.stages.{name}").load_data(recipe, tokenizer)
-
-
-def _need_stage(recipe: Recipe, stage: str, setting: str) -> None:
-    if complete_checkpoint(Path(recipe.run.root) / recipe.run.name / stage) is None:
-        raise RecipeError(f"{setting} needs a {stage} stage: add a {stage} section to the recipe, or point it at a "
-                          "checkpoint")
+        registry.stage(name).module.load_data(recipe, tokenizer)
 
 
 def run(recipe: Recipe, *, start: str | None = None, only: str | None = None, fresh: bool = False,
@@ -139,14 +112,14 @@ def run(recipe: Recipe, *, start: str | None = None, only: str | None = None, fr
     Stage names: sft, reward, rl (or grpo/ppo). `on_stage(name)` is called as each stage begins."""
     names = validate(recipe)
     if not names:
-        raise RecipeError("the recipe has no stage sections (sft, reward, grpo, ppo); add one (see "
+        raise RecipeError(f"the recipe has no stage sections ({', '.join(BY_NAME)}); add one (see "
                           "recipes/quickstart.yaml)")
     selected = names
     for option, wanted in (("--from", start), ("--only", only)):
         if wanted is None:
             continue
-        name = rl_stage(recipe) if wanted in ("rl", "grpo", "ppo") else wanted
-        if wanted in ("grpo", "ppo") and name != wanted or name not in names:
+        name = final_stage(recipe) if wanted == "rl" or wanted in FINAL else wanted
+        if wanted in FINAL and name != wanted or name not in names:
             raise RecipeError(f"{option} {wanted}: this recipe's stages are {', '.join(names)}")
         selected = names[names.index(name):] if option == "--from" else [name]
     check_data(recipe, selected)
@@ -172,10 +145,9 @@ def _run_stage(recipe: Recipe, name: str, forced: str | None) -> Outcome:
         return Outcome(name, "skipped", reason, lineage["results"])
     if recipe.rl.check_prompt_rendering:
         check_prompt_rendering(recipe, name)
-    if name in ("grpo", "ppo"):
+    if hasattr(getattr(recipe, name), "rewards"):
         check_reward_accuracy(recipe, name)
-    module = importlib.import_module(f"align.stages.{name}")
-    results = module.run(recipe, resume=action == "resume")
+    results = registry.stage(name).module.run(recipe, resume=action == "resume")
     _record(recipe, {"stage": name, "action": "finished", "checkpoint": results["checkpoint"]})
     return Outcome(name, "resumed" if action == "resume" else "ran", reason, results)
 
@@ -259,10 +231,8 @@ def check_prompt_rendering(recipe: Recipe, stage: str) -> None:
     finished earlier stage (its config.yaml) saw. A stage sees the prompt as: SFT and the reward model, the start
     of the rendered prompt + answer they train on (`modeling.sft_example` starts the completion where the two
     renderings diverge); RL, the prompt with the generation prompt, which it generates from."""
-    from align.rundir import UPSTREAM
-
     mine = rendered_prompt(recipe, stage)
-    for earlier in UPSTREAM[stage]:
+    for earlier in registry.stage(stage).upstream:
         config = Path(recipe.run.root) / recipe.run.name / earlier / "config.yaml"
         if getattr(recipe, earlier) is None or not config.is_file():
             continue
@@ -292,6 +262,6 @@ def rendered_prompt(recipe: Recipe, stage: str) -> tuple[list[int], str, list[st
     tokenizer = load_tokenizer(recipe.model)
     prompt = with_system_prompt(PROBE, recipe.data.system_prompt)
     ids = prompt_ids(tokenizer, prompt)
-    if stage in ("sft", "reward"):
+    if not registry.stage(stage).generates:
         ids = conversation_ids(tokenizer, [prompt + PROBE_ANSWER])[0][:len(ids)]
     return ids, tokenizer.decode(ids), [tokenizer.decode([i]) for i in ids]

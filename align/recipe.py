@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from align.errors import AlignError
+from align.registry import FINAL
 
 
 class RecipeError(AlignError, ValueError):
@@ -355,10 +356,8 @@ class PPOStage(RLStage):
         "reward, else policy (next to other rewards it predicts the wrong score at the wrong scale).")
 
 
-class RLAlgorithm(Enum):
-    auto = "auto"
-    grpo = "grpo"
-    ppo = "ppo"
+# auto, or a stage that can end `align run` (align/registry.py)
+RLAlgorithm = Enum("RLAlgorithm", {"auto": "auto", **{name: name for name in FINAL}})
 
 
 @dataclass
@@ -366,8 +365,8 @@ class RLChoice:
     """What `align run` does at the RL step."""
 
     algorithm: RLAlgorithm = doc(
-        RLAlgorithm.auto, help="The RL stage `align run` runs: grpo, ppo, or auto: the one the recipe has a section "
-        "for (a recipe with both must choose).")
+        RLAlgorithm.auto, help=f"The stage that ends `align run`: {', '.join(FINAL)}, or auto: the one the recipe "
+        "has a section for (a recipe with several must choose).")
     min_reward_accuracy: float = doc(
         0.6, help="Gate: `align run` does not start RL on a reward model whose held-out pairwise accuracy is below "
         "this (a weak reward model is the usual cause of runaway KL). Applies when the RL rewards include "

@@ -15,7 +15,8 @@ from align.recipe import Recipe, RecipeError, RLStage, section_name
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
 from align.rundir import RunDir
 from align.styles import breakdown, describe, load_style
-from align.stages import adapter_dir, finished_checkpoint
+from align.errors import AlignError
+from align.stages import adapter_dir, finished_checkpoint, init_adapter
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,14 @@ def load_prompt_data(recipe: Recipe, cfg: RLStage, tokenizer):
                            cfg.max_length - cfg.max_completion_length, what="prompts")
 
 
-def check_section(recipe: Recipe, section: str) -> RLStage:
-    """The recipe's `section` (grpo, ppo), refused before anything loads if it cannot work."""
+class KLExceeded(AlignError, RuntimeError):
+    """The policy moved further from the reference than the stage's max_kl allows."""
+
+
+def check_section(recipe: Recipe, section: str, upcoming: tuple[str, ...] = ()) -> RLStage:
+    """The recipe's `section` (grpo, ppo), refused before anything loads if it cannot work: its settings, its
+    reward functions, and the checkpoints it starts from and is scored by (`upcoming`: stages `align run` trains
+    before it)."""
     cfg = getattr(recipe, section)
     if cfg is None:
         raise RecipeError(f"the recipe has no {section} section; add one (see recipes/quickstart.yaml)")
@@ -36,9 +43,16 @@ def check_section(recipe: Recipe, section: str) -> RLStage:
         raise RecipeError(f"{section}.rewards is empty; list at least one reward, e.g. "
                           f"{section}.rewards=[{{name: reward_model}}] (see docs/rewards.md)")
     load_style(recipe.data.answer_style)
+    checkpointing(cfg)
     if cfg.max_completion_length >= cfg.max_length:
         raise RecipeError(f"{section}.max_completion_length={cfg.max_completion_length} leaves no room for the "
                           f"prompt in {section}.max_length={cfg.max_length}")
+    for spec in cfg.rewards:
+        if spec.name == "reward_model":
+            reward_checkpoint(recipe, spec, upcoming)
+        else:
+            reward_function(spec)  # an unknown name or a plug-in that does not import stops here
+    init_adapter(recipe, section, upcoming)
     return cfg
 
 
@@ -50,7 +64,7 @@ class RewardSpecs:
     def __init__(self, recipe: Recipe, cfg: RLStage):
         self.recipe, self.cfg = recipe, cfg
         self.rules = {i: reward_function(s) for i, s in enumerate(cfg.rewards) if s.name != "reward_model"}
-        self.checkpoints = {i: _reward_checkpoint(recipe, s) for i, s in enumerate(cfg.rewards)
+        self.checkpoints = {i: reward_checkpoint(recipe, s) for i, s in enumerate(cfg.rewards)
                             if s.name == "reward_model"}
 
     def functions(self, policy) -> list[RewardFunc]:
@@ -69,13 +83,14 @@ class RewardSpecs:
                                    batch_size=args.get("batch_size", self.cfg.per_device_eval_batch_size))
 
 
-def _reward_checkpoint(recipe: Recipe, spec) -> Path:
-    """The reward stage checkpoint a reward_model reward uses: args.checkpoint, or this recipe's (auto)."""
+def reward_checkpoint(recipe: Recipe, spec, upcoming: tuple[str, ...] = ()) -> Path:
+    """The reward stage checkpoint a reward_model reward uses: args.checkpoint, or this recipe's (auto; `upcoming`:
+    stages `align run` trains first)."""
     check_reward_model_args(spec.args)
     choice = spec.args.get("checkpoint", "auto")
     setting = f"reward 'reward_model' (args.checkpoint={choice})"
     if choice == "auto":
-        return finished_checkpoint(recipe, "reward", setting, "or set its args.checkpoint=<dir>")
+        return finished_checkpoint(recipe, "reward", setting, "or set its args.checkpoint=<dir>", upcoming)
     return adapter_dir(choice, setting, "not a reward stage checkpoint")
 
 

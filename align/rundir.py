@@ -36,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from align import registry
 from align.errors import AlignError
 from align.processes import is_main_process, wait_for_everyone
 from align.recipe import ModelConfig, Recipe, to_yaml
@@ -345,12 +346,8 @@ def stage_lock(stage_dir: Path) -> Iterator[None]:
             f.truncate(0)
 
 
-# What each stage's result depends on: its own recipe keys (besides those every stage reads: model, lora, seed,
-# the data settings shared by all files), and the stages it starts from.
-STAGE_KEYS = {"sft": ("sft", "data.sft"), "reward": ("reward", "data.preference", "data.pair_rule"),
-              "grpo": ("grpo", "data.prompts"), "ppo": ("ppo", "data.prompts")}
+# What every stage's result depends on besides its own keys (registry.Stage.keys) and the stages it starts from.
 SHARED_KEYS = ("model", "lora", "run.seed", "data.columns", "data.system_prompt", "data.skip_invalid")
-UPSTREAM = {"sft": (), "reward": ("sft",), "grpo": ("sft", "reward"), "ppo": ("sft", "reward")}
 
 
 def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
@@ -359,18 +356,19 @@ def stage_inputs(recipe: Recipe, stage: str) -> dict[str, Any]:
     RL stages start from). `align run` re-runs a finished stage whose inputs changed."""
     from omegaconf import OmegaConf
 
+    spec = registry.stage(stage)
     recipe_dict = OmegaConf.to_container(OmegaConf.structured(recipe), enum_to_str=True)
     inputs: dict[str, Any] = {}
-    for key in SHARED_KEYS + STAGE_KEYS[stage]:
+    for key in SHARED_KEYS + spec.keys:
         value = recipe_dict
         for part in key.split("."):
             value = value[part]
         inputs.update(_flat(key, value))
-    files = recipe_dict["data"][STAGE_KEYS[stage][1].removeprefix("data.")]
+    files = recipe_dict["data"][spec.data]
     for path in filter(None, (files["train"], files["eval"])):
         if Path(path).exists():  # a hub dataset is named by its id (and revision) alone
             inputs[f"sha256({path})"] = sha256_of(path)
-    for earlier in UPSTREAM[stage]:
+    for earlier in spec.upstream:
         if getattr(recipe, earlier) is not None:
             inputs[f"{earlier} stage"] = inputs_digest(stage_inputs(recipe, earlier))
     return inputs
@@ -525,7 +523,7 @@ def stage_model(stage_dir: Path, *, trust_remote_code: bool = False) -> ModelCon
     return model
 
 
-POLICY_STAGES = ("ppo", "grpo", "sft")
+POLICY_STAGES = tuple(s.name for s in reversed(registry.STAGES) if s.policy)  # the latest first
 
 
 def policy_checkpoint(source: Path) -> Path:
@@ -542,8 +540,10 @@ def policy_checkpoint(source: Path) -> Path:
                                      f"{stage_dir.name})")
             return candidate
     finished = [s for s in POLICY_STAGES if complete_checkpoint(source / s)]
-    if finished[:2] == ["ppo", "grpo"]:
-        raise AlignError(f"{source} has both a ppo and a grpo checkpoint; name one: {source / 'ppo'} or {source / 'grpo'}")
+    finals = [s for s in finished if registry.stage(s).final]
+    if len(finals) > 1:
+        raise AlignError(f"{source} has both a {' and a '.join(finals)} checkpoint; name one: "
+                         + " or ".join(str(source / s) for s in finals))
     if not finished:
         problems = [checkpoint_problem(source / s) for s in POLICY_STAGES if (source / s / "checkpoint").is_dir()]
         raise AlignError(f"{source}: no LoRA checkpoint here (adapter_config.json), nor a finished "

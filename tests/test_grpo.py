@@ -123,7 +123,7 @@ def test_reward_rises_on_an_easy_rule_and_the_plugin_sees_prompt_completion_and_
 
 def test_max_kl_stops_the_run_with_its_message(write_recipe, sft_adapter):
     recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), grpo=grpo_section(max_kl=1e-9, max_steps=5)))
-    with pytest.raises(grpo.KLExceeded, match=r"the KL to the reference reached .* at step 2, above grpo.max_kl=1e-09"
+    with pytest.raises(rl.KLExceeded, match=r"the KL to the reference reached .* at step 2, above grpo.max_kl=1e-09"
                                               r".*raise grpo.beta.*no checkpoint written"):
         grpo.run(recipe)
     run_dir = sft_adapter.parents[1] / "grpo"

@@ -300,6 +300,6 @@ def test_too_few_prompts_and_value_init_without_a_reward_model(write_recipe, mon
 def test_kl_ceiling_stops_the_run_without_a_checkpoint(write_recipe, sft_adapter):
     recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), ppo=ppo_section(
         max_steps=4, learning_rate=5e-2, max_kl=1e-3, eval_generations=0)))
-    with pytest.raises(ppo.KLExceeded, match=r"above ppo.max_kl=0.001.*raise ppo.beta.*no checkpoint written"):
+    with pytest.raises(rl.KLExceeded, match=r"above ppo.max_kl=0.001.*raise ppo.beta.*no checkpoint written"):
         ppo.run(recipe)
     assert not (Path(recipe.run.root) / "test" / "ppo" / "checkpoint").exists()

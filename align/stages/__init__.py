@@ -1,4 +1,5 @@
-"""One module per stage; each exposes `run(recipe) -> results`."""
+"""One module per stage (its protocol and the registry of stages: align/registry.py), and what they share: the
+stage lock, the TRL config every stage builds, and where a stage starts from."""
 
 from __future__ import annotations
 
@@ -53,26 +54,32 @@ def trl_config(config_cls: type, stage: Any, recipe, run_dir, *, has_eval: bool,
                           f"{str(e).splitlines()[0]}") from None
 
 
-def init_adapter(recipe, section: str) -> Path | None:
+def init_adapter(recipe, section: str, upcoming: tuple[str, ...] = ()) -> Path | None:
     """The LoRA adapter the stage `section` starts from, per its `init_from`: auto (the SFT stage's checkpoint
-    when the recipe has an sft section), sft, base (None: a fresh adapter) or an adapter directory."""
+    when the recipe has an sft section), sft, base (None: a fresh adapter) or an adapter directory. `upcoming`:
+    stages `align run` trains before this one, whose checkpoints count as there."""
     choice = getattr(recipe, section).init_from
     setting = f"{section}.init_from={choice}"
     if choice == "base" or (choice == "auto" and recipe.sft is None):
         return None
     if choice in ("auto", "sft"):
-        return finished_checkpoint(recipe, "sft", setting, f"or set {section}.init_from=base")
+        return finished_checkpoint(recipe, "sft", setting, f"or set {section}.init_from=base", upcoming)
     return adapter_dir(choice, setting, "not auto, sft, base, or a LoRA adapter directory")
 
 
-def finished_checkpoint(recipe, stage: str, setting: str, alternative: str) -> Path:
-    """This recipe's finished checkpoint of `stage`; `setting` (the recipe value that asked for it) and
-    `alternative` (another way out) go into the error when there is none."""
+def finished_checkpoint(recipe, stage: str, setting: str, alternative: str, upcoming: tuple[str, ...] = ()) -> Path:
+    """This recipe's finished checkpoint of `stage` (or where it will be, if `stage` is in `upcoming`); `setting`
+    (the recipe value that asked for it) and `alternative` (another way out) go into the error when there is none."""
     from align.recipe import RecipeError
     from align.rundir import checkpoint_problem
 
     stage_dir = Path(recipe.run.root) / recipe.run.name / stage
+    if stage in upcoming:
+        return stage_dir / "checkpoint"
     problem = checkpoint_problem(stage_dir)
+    if problem and getattr(recipe, stage) is None:
+        raise RecipeError(f"{setting} needs a {stage} stage, and the recipe has no {stage} section ({problem}); add "
+                          f"one, {alternative}")
     if problem:
         raise RecipeError(f"{setting}: {problem}; run `align {stage}` with this recipe first, {alternative}")
     return stage_dir / "checkpoint"

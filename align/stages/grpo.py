@@ -21,13 +21,13 @@ import time
 from typing import Any
 
 from align import rl
-from align.errors import AlignError
 from align.generation import merged_weights
 from align.modeling import load_tokenizer, trainable_in_float32, trainable_weights
 from align import memory
 from align.recipe import Quantization, Recipe, RecipeError
 from align.rewards import RewardFunc
 from align.callbacks import MetricsCallback, ProgressBar, eos_fraction, guarded_train
+from align.summary import rl_summary
 from align.rundir import RunDir, model_identity
 from align.processes import check_identical, is_main_process
 from align.stages import batch, exclusive, init_adapter, trl_config
@@ -36,15 +36,11 @@ from align.styles import load_style
 log = logging.getLogger(__name__)
 
 
-class KLExceeded(AlignError, RuntimeError):
-    """The policy moved further from the reference than grpo.max_kl allows."""
-
-
 @exclusive("grpo")
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
-    _check(recipe)
+    check(recipe)
     cfg = recipe.grpo
     run_dir = RunDir(recipe, "grpo")
     init = init_adapter(recipe, "grpo")
@@ -85,9 +81,12 @@ def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out prompts (held-out None when data.prompts.eval is unset) and their reports."""
     return rl.load_prompt_data(recipe, recipe.grpo, tokenizer)
 
-def _check(recipe: Recipe) -> None:
-    """Settings that cannot work, refused before anything loads."""
-    cfg = rl.check_section(recipe, "grpo")
+
+summary = rl_summary  # the stage protocol's summary(results): where it started, the KL, rewards before and after
+
+def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
+    """Settings that cannot work, refused before anything loads (`upcoming`: stages `align run` trains first)."""
+    cfg = rl.check_section(recipe, "grpo", upcoming)
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     if per_step % cfg.num_generations:
         raise RecipeError(f"grpo.per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions "
@@ -179,7 +178,7 @@ class KLGuard(ProgressBar):
 
     def raise_if_exceeded(self) -> None:
         if self.exceeded:
-            raise KLExceeded(self.exceeded + " (no checkpoint written; metrics.jsonl has the run's curve)")
+            raise rl.KLExceeded(self.exceeded + " (no checkpoint written; metrics.jsonl has the run's curve)")
 
 
 def _evaluate(trainer, held_out, rewards: list[RewardFunc], recipe: Recipe, when: str) -> dict[str, Any]:

@@ -50,15 +50,12 @@ from align import memory
 from align.recipe import Recipe, RecipeError
 from align.rewards import RewardFunc, SharedBaseRewardModel
 from align.callbacks import NonFinite, non_finite_message
+from align.summary import rl_summary
 from align.rundir import RunDir, model_identity, replace_dir, stage_inputs, step_of, write_manifest
 from align.stages import exclusive, init_adapter
 from align.styles import load_style
 
 log = logging.getLogger(__name__)
-
-
-class KLExceeded(AlignError, RuntimeError):
-    """The policy moved further from the reference than ppo.max_kl allows."""
 
 
 @exclusive("ppo")
@@ -68,7 +65,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     random states, step), if there is one."""
     from accelerate import Accelerator
 
-    _check(recipe)
+    check(recipe)
     cfg = recipe.ppo
     run_dir = RunDir(recipe, "ppo")
     # The trackers the HF stages reach through report_to, through Accelerate's tracking API here.
@@ -118,9 +115,12 @@ def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out prompts (held-out None when data.prompts.eval is unset) and their reports."""
     return rl.load_prompt_data(recipe, recipe.ppo, tokenizer)
 
-def _check(recipe: Recipe) -> None:
-    """Settings that cannot work, refused before anything loads."""
-    cfg = rl.check_section(recipe, "ppo")  # sizes below 1 were refused with the recipe (recipe.check_values)
+
+summary = rl_summary  # the stage protocol's summary(results): where it started, the KL, rewards before and after
+
+def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
+    """Settings that cannot work, refused before anything loads (`upcoming`: stages `align run` trains first)."""
+    cfg = rl.check_section(recipe, "ppo", upcoming)  # sizes below 1 were refused with the recipe (recipe.check_values)
     if cfg.kl_target is not None and cfg.kl_target <= 0:
         raise RecipeError(f"ppo.kl_target={cfg.kl_target}; set a positive KL per sequence (nats), or null for a fixed beta")
 
@@ -523,7 +523,7 @@ class PPOLoop:
                      "below 0, though the KL itself cannot", kl, self.step + 1)
         self.kl_last, self.kl_max = kl, max(kl, self.kl_max if self.kl_max is not None else kl)
         if self.cfg.max_kl is not None and kl > self.cfg.max_kl:
-            raise KLExceeded(
+            raise rl.KLExceeded(
                 f"the KL to the reference reached {kl:.4g} nats per completion at step {self.step + 1}, above "
                 f"ppo.max_kl={self.cfg.max_kl:g}: the policy is drifting away from the SFT policy. Lower "
                 "ppo.learning_rate, raise ppo.beta (or set ppo.kl_target), or raise ppo.max_kl if this is intended "

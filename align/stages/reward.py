@@ -37,6 +37,7 @@ from align import memory
 from align.recipe import Recipe, RecipeError
 from align.rewards import score_conversations
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.summary import Summary, arrow, num, pct
 from align.rundir import RunDir, model_identity
 from align.processes import check_identical, in_shares
 from align.stages import batch, exclusive, init_adapter, trl_config
@@ -48,10 +49,9 @@ log = logging.getLogger(__name__)
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
-    if recipe.reward is None:
-        raise RecipeError("the recipe has no reward section; add one (see recipes/quickstart.yaml)")
+    check(recipe)
     run_dir = RunDir(recipe, "reward")
-    init = init_adapter(recipe, "reward")  # fails before anything loads
+    init = init_adapter(recipe, "reward")
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
     memory.check(recipe, "reward", reports[0])  # before a model loads: a batch that cannot fit stops now
@@ -74,6 +74,28 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     _write_samples(run_dir, held_out, before, after)
     run_dir.finish(results)
     return results
+
+
+def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
+    """Settings that cannot work, refused before anything loads (`upcoming`: stages `align run` trains first)."""
+    if recipe.reward is None:
+        raise RecipeError("the recipe has no reward section; add one (see recipes/quickstart.yaml)")
+    checkpointing(recipe.reward)
+    init_adapter(recipe, "reward", upcoming)
+
+
+def summary(results: dict[str, Any]) -> Summary:
+    """Held-out pairwise accuracy, margin and reward statistics before and after."""
+    before, after = results["before"], results["after"]
+    notes = [f"reward model LoRA initialised from: {results['init_from'] or 'fresh (reward.init_from=base)'}"]
+    if not after:
+        return Summary(notes=notes + ["no held-out file (data.preference.eval), so no before/after evaluation"])
+    rows = [("pairwise accuracy (chosen > rejected)", pct(before["pair_accuracy"]), pct(after["pair_accuracy"]))]
+    rows += [(label, num(before[key]), num(after[key])) for label, key in (
+        ("mean margin (chosen - rejected)", "margin_mean"), ("reward mean", "reward_mean"),
+        ("reward std", "reward_std"), ("loss", "loss"))]
+    return Summary(notes=notes, tables=[(f"reward model on {after['pairs']} held-out pairs", rows)],
+                   headline=[arrow("pair accuracy", before["pair_accuracy"], after["pair_accuracy"], pct)])
 
 
 def load_data(recipe: Recipe, tokenizer):

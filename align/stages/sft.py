@@ -27,6 +27,7 @@ from align import memory
 from align.recipe import Recipe, RecipeError
 from align.rewards import final_answer_match
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.summary import Summary, arrow, num, pct, style_lines, style_rows
 from align.rundir import RunDir, model_identity
 from align.processes import check_identical
 from align.stages import batch, exclusive, trl_config
@@ -39,8 +40,7 @@ log = logging.getLogger(__name__)
 def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
-    if recipe.sft is None:
-        raise RecipeError("the recipe has no sft section; add one (see recipes/quickstart.yaml)")
+    check(recipe)
     run_dir = RunDir(recipe, "sft")
     style = load_style(recipe.data.answer_style)
     # Data is validated before the model loads: a bad row should stop the run in seconds, not after a download.
@@ -66,6 +66,31 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     _write_samples(run_dir, before, after)
     run_dir.finish(results)
     return results
+
+
+def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
+    """Settings that cannot work, refused before anything loads."""
+    if recipe.sft is None:
+        raise RecipeError("the recipe has no sft section; add one (see recipes/quickstart.yaml)")
+    checkpointing(recipe.sft)
+    load_style(recipe.data.answer_style)
+
+
+def summary(results: dict[str, Any]) -> Summary:
+    """The held-out answer loss and greedy accuracy before and after, each answer style, a few answers."""
+    before, after = results["before"], results["after"]
+    if not after:
+        return Summary(notes=["no held-out file (data.sft.eval), so no before/after evaluation"])
+    rows = [("answer loss", num(before["answer_loss"], 4), num(after["answer_loss"], 4))]
+    headline = [arrow("answer loss", before["answer_loss"], after["answer_loss"])]
+    if "answer_accuracy" in after:
+        rows.append(("answer accuracy (greedy, final number)", pct(before["answer_accuracy"]),
+                     pct(after["answer_accuracy"])))
+        headline.append(arrow("accuracy", before["answer_accuracy"], after["answer_accuracy"], pct))
+    samples = [f"{'[green]right[/green]' if s['correct'] else '[red]wrong[/red]'} {s['prompt']} -> "
+               f"{s['answer'].strip()!r}" for s in after.get("samples", [])]
+    return Summary(tables=[("SFT on held-out data", rows + style_rows(before, after))],
+                   headline=headline + style_lines(before, after), samples=samples)
 
 
 def load_data(recipe: Recipe, tokenizer):

@@ -1,0 +1,105 @@
+"""Every stage align runs, declared once: the CLI's subcommands and their help, `align run`'s order, data checks
+and RL choice, the run dir's input keys and upstream stages, compare's and export's notion of a policy, the memory
+settings an error suggests, and the printed summaries are all read from here.
+
+A stage is a module `align.stages.<name>` with this public protocol:
+- `check(recipe)`: refuse, before anything loads or trains, what the stage would refuse later (settings,
+  reward functions, a starting point no stage provides); nothing is read but the recipe and the run dir;
+- `load_data(recipe, tokenizer) -> (train, held_out, reports)`: read and validate its data files;
+- `run(recipe, *, resume=False) -> results`: train, evaluate before and after, save; the results are what
+  lineage.json records (`checkpoint`, `run_dir`, `before`, `after`, ...);
+- `summary(results) -> align.summary.Summary`: what the CLI prints about those results.
+Adding a stage: the module, its recipe section (align/recipe.py) and one `Stage` entry below.
+
+Light on purpose (no torch): `align --help` reads it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+BATCH = "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the subcommand, the recipe section and the run dir's folder
+    help: str  # one line in `align --help`
+    description: str  # `align <name> --help`
+    data: str  # the data.<section> it trains on: sft, preference, prompts
+    keys: tuple[str, ...]  # recipe keys its result depends on besides the shared ones (rundir.stage_inputs)
+    upstream: tuple[str, ...] = ()  # stages it starts from or is scored by, earliest first
+    policy: bool = False  # its checkpoint is a causal-LM policy adapter (compare, export)
+    final: bool = False  # one of the alternatives for the last step of `align run` (rl.algorithm)
+    reference: bool = False  # trained against a frozen copy of the policy it started from (compare's KL)
+    generates: bool = False  # samples completions while training (memory estimate, the prompt it renders)
+    generation_batch: str = "per_device_train_batch_size"  # the setting that sizes a generation batch
+    head: str = "lm"  # the head it trains: lm (a policy's logits) or score (a reward model's one output)
+    adapters: int = 1  # LoRA adapters on the base while it trains (memory estimate)
+    trained_adapters: int = 1
+    memory_settings: tuple[str, ...] = (BATCH, "max_length", "activation_checkpointing=true",
+                                        "per_device_eval_batch_size")  # what to lower, biggest saving first
+
+    @property
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"align.stages.{self.name}")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "sft", data="sft", keys=("sft", "data.sft"), policy=True,
+        help="supervised fine-tuning with LoRA (loss on answers only)",
+        description="Fine-tune the recipe's base model on question-answer pairs with LoRA; the loss is on the "
+        "answer tokens only. Writes runs/<run>/sft/ (config.yaml, lineage.json, metrics.jsonl, checkpoint/).",
+    ),
+    Stage(
+        "reward", data="preference", keys=("reward", "data.preference", "data.pair_rule"), upstream=("sft",),
+        head="score",
+        help="train a pairwise reward model (LoRA + score head) on preference data",
+        description="Train a reward model on chosen/rejected pairs (or rated responses) with TRL's RewardTrainer: "
+        "the recipe's base model with a LoRA adapter (from the SFT stage's by default) and a one-output score "
+        "head. Reports held-out pairwise accuracy, mean margin and reward mean/std before and after. Writes "
+        "runs/<run>/reward/ (config.yaml, lineage.json, metrics.jsonl, samples.jsonl, checkpoint/).",
+    ),
+    Stage(
+        "grpo", data="prompts", keys=("grpo", "data.prompts"), upstream=("sft", "reward"), policy=True, final=True,
+        reference=True, generates=True, adapters=2,
+        memory_settings=("per_device_train_batch_size (raise gradient_accumulation_steps to keep the prompts per "
+                         "step)", "num_generations", "max_completion_length", "activation_checkpointing=true",
+                         "per_device_eval_batch_size"),
+        help="optimise the SFT policy with GRPO against reward functions, with a KL penalty to the SFT policy",
+        description="Reinforcement learning with TRL's GRPOTrainer: completions sampled per prompt, scored by the "
+        "recipe's reward functions (reward model, rules, plug-ins; grpo.rewards), and the policy (the SFT adapter "
+        "on the 4-bit base) pushed towards the better ones, minus grpo.beta x KL to the frozen SFT policy. "
+        "Reports held-out greedy answers' rewards before and after and the KL per step. Writes runs/<run>/grpo/.",
+    ),
+    Stage(
+        "ppo", data="prompts", keys=("ppo", "data.prompts"), upstream=("sft", "reward"), policy=True, final=True,
+        reference=True, generates=True, generation_batch="per_device_eval_batch_size", adapters=4,
+        trained_adapters=2,
+        memory_settings=("per_device_train_batch_size (raise gradient_accumulation_steps to keep the rollout)",
+                         "per_device_eval_batch_size (the generation batch)", "max_completion_length",
+                         "activation_checkpointing=true"),
+        help="optimise the SFT policy with PPO (value model, per-token KL penalty to the SFT policy)",
+        description="Reinforcement learning with align's PPO loop (TRL has no PPOTrainer): one completion sampled "
+        "per prompt and scored by the recipe's reward functions (ppo.rewards); per-token rewards -ppo.beta x "
+        "(log pi - log pi_ref) plus the score at the last token; GAE advantages from a value model (by default "
+        "the reward model when it is the whole score); clipped policy and value losses over several epochs per "
+        "rollout. Policy, reference, reward and value models are adapters on one 4-bit base. Reports held-out "
+        "rewards before and after and the KL per step. Writes runs/<run>/ppo/ (checkpoint/ = policy adapter, "
+        "checkpoint/value/ = value model).",
+    ),
+)
+
+BY_NAME = {stage.name: stage for stage in STAGES}
+FINAL = tuple(stage.name for stage in STAGES if stage.final)
+
+
+def stage(name: str) -> Stage:
+    """The stage called `name`; a KeyError names the stages there are."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no stage {name!r}; the stages are {', '.join(BY_NAME)}") from None
