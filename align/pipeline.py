@@ -55,7 +55,18 @@ def stage_names(recipe: Recipe) -> list[str]:
     """The recipe's stages in the registry's order (align/registry.py), ending at most one final stage
     (rl.algorithm)."""
     final = final_stage(recipe)
-    return [s.name for s in STAGES if getattr(recipe, s.name) is not None and (not s.final or s.name == final)]
+    needed = _needed(recipe, final) if final else None
+    return [s.name for s in STAGES if getattr(recipe, s.name) is not None
+            and (s.name == final if s.final else needed is None or s.name in needed)]
+
+
+def _needed(recipe: Recipe, final: str) -> set[str]:
+    """The stages the final one starts from or is scored by: its upstream stages, and the reward stage when one of
+    its rewards is this recipe's reward model (DPO needs none otherwise)."""
+    rewards = getattr(getattr(recipe, final), "rewards", [])
+    own_reward_model = any(r.name == "reward_model" and r.args.get("checkpoint", "auto") == "auto" for r in rewards)
+    return set(registry.stage(final).upstream) | ({"reward"} | set(registry.stage("reward").upstream)
+                                                  if own_reward_model else set())
 
 
 def final_stage(recipe: Recipe) -> str | None:

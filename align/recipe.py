@@ -356,6 +356,31 @@ class PPOStage(RLStage):
         "reward, else policy (next to other rewards it predicts the wrong score at the wrong scale).")
 
 
+@dataclass
+class DPOStage(RLStage, TRLStage):
+    """Offline preference optimisation with TRL's DPOTrainer: the policy learns from data.preference pairs
+    directly, with no reward model; rewards, max_completion_length, temperature and the eval_* fields only score
+    held-out answers (data.prompts.eval) before and after, as GRPO's and PPO's are scored."""
+
+    learning_rate: float = doc(5e-5, help="Peak learning rate (LoRA; TRL's full fine-tuning default is 1e-6).")
+    max_length: int = doc(
+        512, help="Longest prompt + answer of a pair in tokens (the longer side); longer pairs are errors (or "
+        "skipped and counted with data.skip_invalid).")
+    beta: float = doc(
+        0.1, help="Inverse temperature of the implicit reward beta x (log pi - log pi_ref): higher keeps the "
+        "policy closer to the reference (the SFT policy). TRL's default, set here so an upgrade cannot move it.")
+    loss_type: List[str] = doc(
+        lambda: ["sigmoid"], help="TRL's DPO losses: sigmoid (DPO), ipo, hinge, robust, bco_pair, apo_zero, "
+        "apo_down, sppo_hard, nca_pair, exo_pair, aot, aot_unpaired, discopop, sigmoid_norm, sft; several are "
+        "combined with loss_weights (e.g. [sigmoid, sft] for DPO + NLL).")
+    loss_weights: Optional[List[float]] = doc(
+        None, help="One weight per loss_type entry; None: 1 each.")
+    label_smoothing: float = doc(
+        0.0, help="Probability that a pair's label is flipped (conservative DPO, robust); 0: trust the labels.")
+    eval_samples: int = doc(0, help="Answers sampled per held-out prompt at `temperature`, scored before and "
+                            "after (0: greedy answers only).")
+
+
 # auto, or a stage that can end `align run` (align/registry.py)
 RLAlgorithm = Enum("RLAlgorithm", {"auto": "auto", **{name: name for name in FINAL}})
 
@@ -386,6 +411,8 @@ class Recipe:
     reward: Optional[RewardStage] = doc(None, help="Reward model stage (pairwise, LoRA + score head).")
     grpo: Optional[GRPOStage] = doc(None, help="GRPO stage (policy LoRA, KL penalty to the frozen SFT policy).")
     ppo: Optional[PPOStage] = doc(None, help="PPO stage (policy and value LoRA, KL penalty to the frozen SFT policy).")
+    dpo: Optional[DPOStage] = doc(None, help="DPO stage (policy LoRA trained on preference pairs against the frozen "
+                                  "SFT policy; no reward model).")
     rl: RLChoice = doc(RLChoice, help="`align run`: which RL stage, and the gates before it.")
 
 

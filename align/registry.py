@@ -91,6 +91,17 @@ STAGES: tuple[Stage, ...] = (
         "rewards before and after and the KL per step. Writes runs/<run>/ppo/ (checkpoint/ = policy adapter, "
         "checkpoint/value/ = value model).",
     ),
+
+    Stage(
+        "dpo", data="preference", keys=("dpo", "data.preference", "data.pair_rule", "data.prompts.eval"),
+        upstream=("sft",), policy=True, final=True, reference=True, adapters=2,
+        help="optimise the SFT policy on preference pairs with DPO (no reward model; the SFT policy as reference)",
+        description="Direct preference optimisation with TRL's DPOTrainer on the data.preference pairs: the "
+        "policy (the SFT adapter on the 4-bit base) raises the implicit reward dpo.beta x (log pi - log pi_ref) of "
+        "each chosen answer above its rejected one's, against a frozen copy of the SFT adapter on the same base. "
+        "Reports the implicit-reward accuracy on held-out pairs and the held-out prompts' greedy answers scored by "
+        "dpo.rewards, before and after. Writes runs/<run>/dpo/.",
+    ),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

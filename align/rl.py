@@ -212,7 +212,7 @@ def finish(run_dir: RunDir, *, init: Path | None, resume_from: Path | None, step
 
 def write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
     """Held-out answers before and after training, side by side, in samples.jsonl."""
-    if not after:
+    if "samples" not in after:
         return
     run_dir.write_samples([
         {"prompt": b["prompt"], "columns": b["columns"], "before": b["completion"], "after": a["completion"],

@@ -1,0 +1,186 @@
+"""DPO: the SFT policy optimised directly on preference pairs, with no reward model, against the frozen SFT policy.
+
+    align dpo recipes/quickstart.yaml
+    align run recipes/quickstart.yaml rl.algorithm=dpo
+    align dpo recipes/quickstart.yaml dpo.beta=0.3 dpo.loss_type=[sigmoid,sft] dpo.loss_weights=[1,0.2]
+
+TRL's DPOTrainer on the data.preference pairs (the reward model's data, columns and checks): the loss raises the
+implicit reward beta x (log pi(answer) - log pi_ref(answer)) of each chosen answer above its rejected one's. The
+policy is the recipe's base (4-bit NF4 by default) with the SFT stage's LoRA adapter, trainable. The reference is
+that same SFT adapter, frozen: given a PeftModel and no ref_model, TRL copies its adapter into a second adapter
+"ref" on the same base weights (one base in memory), so the reference is the SFT policy, not the base with the
+adapter switched off, and the implicit rewards start at 0. Before and after training the stage measures the
+implicit-reward accuracy and margin on the held-out pairs (data.preference.eval), and answers held-out prompts
+(data.prompts.eval) greedily, scored by dpo.rewards, as GRPO's and PPO's policies are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from align import memory, rl
+from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align.data import load_preferences, load_prompts, load_train_eval
+from align.modeling import check_context, checkpointing, load_tokenizer, trainable_in_float32, trainable_weights
+from align.processes import check_identical, is_main_process
+from align.recipe import Recipe, RecipeError
+from align.rewards import reward_function
+from align.rundir import RunDir, model_identity
+from align.stages import batch, exclusive, init_adapter, trl_config
+from align.styles import load_style
+from align.summary import Summary, arrow, num, pct, policy_answers
+
+log = logging.getLogger(__name__)
+
+
+@exclusive("dpo")
+def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
+    """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
+    carry on from the stage's last complete trainer checkpoint, if there is one."""
+    check(recipe)
+    cfg = recipe.dpo
+    run_dir = RunDir(recipe, "dpo")
+    init = init_adapter(recipe, "dpo")
+    specs = rl.RewardSpecs(recipe, cfg)
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, reports = load_data(recipe, tokenizer)
+    prompts = _held_out_prompts(recipe, tokenizer, reports)
+    memory.check(recipe, "dpo", reports[0])  # before a model loads: a batch that cannot fit stops now
+    model = rl.load_policy(recipe, cfg, init, "dpo")
+    rewards = specs.functions(model)
+    resume_from = run_dir.resume_from() if resume else None
+    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
+    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
+                  parent=str(init) if init else None, reference=rl.reference_description(init),
+                  rewards=specs.lineage(), resumed_from=resume_from)
+
+    evaluate = lambda when: _evaluate(trainer, held_out, prompts, rewards, recipe, when)  # noqa: E731
+    before = run_dir.evaluated_before(lambda: evaluate("before"))
+    start = time.monotonic()
+    train_output = guarded_train(trainer, "dpo", resume_from_checkpoint=resume_from)
+    seconds = time.monotonic() - start
+    after = evaluate("after")
+
+    checksums = check_identical(trainer.model, "dpo")
+    with run_dir.checkpoint() as staging:
+        if is_main_process():
+            # The policy adapter only: TRL's "ref" copy is not part of the result.
+            trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
+            tokenizer.save_pretrained(str(staging))
+    logged = [record for record in run_dir.logged() if "rewards/margins" in record]
+    margins = [record["rewards/margins"] for record in logged]
+    log_ratios = [record["rewards/chosen"] / cfg.beta for record in logged]
+    return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
+                     kl=(None, None, None), before=before, after=after, train_loss=train_output.training_loss,
+                     margin_first=margins[0] if margins else None, margin_last=margins[-1] if margins else None,
+                     log_ratio_first=log_ratios[0] if log_ratios else None,
+                     log_ratio_last=log_ratios[-1] if log_ratios else None,
+                     **batch(trainer), rank_checksums=checksums)
+
+
+def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
+    """Settings that cannot work, refused before anything loads (`upcoming`: stages `align run` trains first)."""
+    cfg = recipe.dpo
+    if cfg is None:
+        raise RecipeError("the recipe has no dpo section; add one (see recipes/quickstart.yaml)")
+    checkpointing(cfg)
+    load_style(recipe.data.answer_style)
+    if cfg.beta <= 0:
+        raise RecipeError(f"dpo.beta={cfg.beta}; set a positive beta (TRL's default is 0.1)")
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
+        raise RecipeError(f"dpo.loss_weights has {len(cfg.loss_weights)} entries and dpo.loss_type "
+                          f"{len(cfg.loss_type)}; give one weight per loss")
+    for spec in cfg.rewards:
+        if spec.name == "reward_model":
+            rl.reward_checkpoint(recipe, spec, upcoming)
+        else:
+            reward_function(spec)
+    init_adapter(recipe, "dpo", upcoming)
+
+
+def load_data(recipe: Recipe, tokenizer):
+    """Validated train and held-out preference pairs (held-out None when data.preference.eval is unset) and their
+    reports, with TRL's column names (prompt, chosen, rejected: conversations it renders with the chat template)."""
+    check_context(recipe.model, recipe.dpo.max_length, "dpo.max_length")
+    train, held_out, reports = load_train_eval(recipe.data.preference, load_preferences, recipe.data, tokenizer,
+                                               recipe.dpo.max_length, what="preference")
+    ids = ["chosen_ids", "rejected_ids"]  # align's own tokenisation, for the reward model; DPOTrainer tokenizes
+    return train.remove_columns(ids), held_out.remove_columns(ids) if held_out is not None else None, reports
+
+
+def _held_out_prompts(recipe: Recipe, tokenizer, reports: list):
+    """The held-out prompts whose greedy answers are scored before and after (data.prompts.eval), or None when
+    there are none or no reward scores them."""
+    cfg = recipe.dpo
+    if recipe.data.prompts.eval is None or not cfg.rewards or not cfg.eval_generations:
+        log.info("dpo: no held-out answers are scored (%s)", "dpo.rewards is empty" if not cfg.rewards else
+                 "data.prompts.eval is not set" if recipe.data.prompts.eval is None else "dpo.eval_generations=0")
+        return None
+    prompts, report = load_prompts(recipe.data.prompts.eval, recipe.data, tokenizer,
+                                   cfg.max_length - cfg.max_completion_length)
+    reports.append(report)
+    return prompts
+
+
+def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = recipe.dpo
+    args = trl_config(DPOConfig, cfg, recipe, run_dir, has_eval=held_out is not None,
+                      # the first step's implicit rewards are logged before any update: 0 if the reference is the
+                      # policy this run started from
+                      defaults={"logging_first_step": True},
+                      # Dropout would make the policy differ from its own frozen copy, and the first margin with it;
+                      # the rest fixes what TRL's defaults would otherwise decide (the reference stays the SFT
+                      # policy, computed alongside, never refreshed).
+                      disable_dropout=True, precompute_ref_log_probs=False, sync_ref_model=False,
+                      f_divergence_type="reverse_kl")
+    exact = trainable_weights(model)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                         processing_class=tokenizer, callbacks=[MetricsCallback(run_dir)])
+    trainable_in_float32(trainer.model, recipe.model, exact)
+    ProgressBar("loss", "rewards/margins").attach(trainer)
+    return trainer
+
+
+def _evaluate(trainer, held_out, prompts, rewards, recipe: Recipe, when: str) -> dict[str, Any]:
+    """The implicit reward on the held-out pairs (accuracy: chosen above rejected; mean margin; DPO loss), and the
+    held-out prompts' answers scored by dpo.rewards (rl.evaluate: greedy, and sampled with eval_samples)."""
+    result: dict[str, Any] = {}
+    if held_out is not None:
+        metrics = trainer.evaluate()
+        result.update(pairs=len(held_out), reward_accuracy=metrics["eval_rewards/accuracies"],
+                      margin_mean=metrics["eval_rewards/margins"], loss=metrics["eval_loss"])
+        log.info("%s training: held-out implicit-reward accuracy %.1f%% of %d pairs, mean margin %.3f", when,
+                 100 * result["reward_accuracy"], len(held_out), result["margin_mean"])
+    if prompts is not None:
+        cfg = recipe.dpo
+        result.update(rl.evaluate(trainer.model, trainer.processing_class, prompts, rewards, cfg, when,
+                                  sampling={"temperature": cfg.temperature, "top_p": cfg.top_p},
+                                  trainer_state=trainer.state, log_metrics=trainer.log,
+                                  style=load_style(recipe.data.answer_style)))
+    return result
+
+
+def summary(results: dict[str, Any]) -> Summary:
+    """Where the policy started, the implicit reward on held-out pairs, held-out answers before and after."""
+    before, after = results["before"], results["after"]
+    out = Summary(notes=[f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
+                         f"{results['steps']} steps in {results['train_seconds']:.0f} s"])
+    if results.get("margin_first") is not None:
+        out.notes.append(f"implicit reward margin (chosen - rejected) on training batches: first step "
+                         f"{results['margin_first']:.4f}, last {results['margin_last']:.4f}; log-ratio of chosen "
+                         f"answers to the reference: first {results['log_ratio_first']:.4f}, last "
+                         f"{results['log_ratio_last']:.4f} nats")
+    if "pairs" in after:
+        out.tables.append((f"implicit reward on {after['pairs']} held-out pairs", [
+            ("accuracy (chosen > rejected)", pct(before["reward_accuracy"]), pct(after["reward_accuracy"])),
+            ("mean margin", num(before["margin_mean"], 4), num(after["margin_mean"], 4)),
+            ("DPO loss", num(before["loss"], 4), num(after["loss"], 4))]))
+        out.headline.append(arrow("pair accuracy (implicit reward)", before["reward_accuracy"],
+                                  after["reward_accuracy"], pct))
+    if "greedy" in after:
+        policy_answers(out, results)
+    return out
