@@ -1,0 +1,106 @@
+"""The DPO stage on the tiny base, 4-bit NF4 on CPU: TRL's DPOTrainer with the SFT adapter as policy and a frozen
+copy of it as reference, through the CLI; what `align run` trains before it; compare and export on its checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, TINY_BASE, run_keeping_trainer
+from peft import PeftModel
+from safetensors.torch import load_file
+from trl.trainer.utils import use_adapter
+
+from align import pipeline
+from align.cli import main
+from align.modeling import load_model
+from align.recipe import ModelConfig, RecipeError, load_recipe
+from align.stages import dpo
+
+
+def dpo_section(**overrides):
+    """A few seconds of DPO: 16 pairs a step, greedy answers to 8 held-out prompts scored by exact match."""
+    return {"learning_rate": 5e-4, "max_steps": 8, "warmup_steps": 0, "per_device_train_batch_size": 16,
+            "max_length": 128, "max_completion_length": 32, "activation_checkpointing": False, "logging_steps": 1,
+            "per_device_eval_batch_size": 32, "eval_generations": 8, "save_steps": 100,
+            "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], **overrides}
+
+
+def pairs(tmp_path, n: int = 64) -> Path:
+    """The first `n` held-out pairs (evaluating all 200 would take most of the test's time)."""
+    path = tmp_path / "pairs_heldout.jsonl"
+    path.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:n]))
+    return path
+
+
+def data(tmp_path):
+    return {"preference": {"train": str(PREF_TRAIN), "eval": str(pairs(tmp_path))},
+            "prompts": {"eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}}
+
+
+def test_first_margin_is_zero_the_reference_is_the_sft_policy_and_held_out_accuracy_rises(
+        write_recipe, sft_adapter, tmp_path, capsys):
+    path = write_recipe(sft={}, data=data(tmp_path), dpo=dpo_section())
+    recipe = load_recipe(path)
+    results, trainer = run_keeping_trainer(dpo, recipe)
+
+    logs = [json.loads(line) for line in (Path(results["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [m for m in logs if "rewards/margins" in m]
+    assert [m["step"] for m in train_logs] == list(range(1, 9))
+    # Before any update the policy is its reference: every implicit reward, and so the margin, is exactly 0.
+    assert train_logs[0]["rewards/chosen"] == train_logs[0]["rewards/margins"] == 0.0
+    assert results["margin_first"] == 0.0 and results["log_ratio_first"] == 0.0
+    assert results["margin_last"] == train_logs[-1]["rewards/margins"] > 0
+    losses = [m["loss"] for m in train_logs]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses  # the loss falls
+    before, after = results["before"], results["after"]
+    assert before["reward_accuracy"] == 0.0 and before["margin_mean"] == 0.0  # ties, before training
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-4)  # -log sigmoid(0)
+    assert after["reward_accuracy"] > 0.6 and after["margin_mean"] > 0 and after["pairs"] == 64
+    assert after["loss"] < before["loss"]
+    # The held-out prompts' greedy answers are scored as GRPO's are, before and after.
+    assert before["prompts"] == after["prompts"] == 8 and "rewards/exact_match" in after["greedy"]
+
+    # The reference adapter still computes what the saved SFT checkpoint computes; the policy moved.
+    policy = trainer.model.eval()
+    sft = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), str(sft_adapter)).eval()
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
+    with torch.no_grad():
+        with use_adapter(policy, "ref"):
+            reference = policy(input_ids=ids).logits
+        moved, expected = policy(input_ids=ids).logits, sft(input_ids=ids).logits
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+    assert (moved - expected).abs().max() > 1e-3
+
+    saved = load_file(results["checkpoint"] + "/adapter_model.safetensors")
+    assert saved and not any(".ref." in k for k in saved)
+    lineage = json.loads((Path(results["run_dir"]) / "lineage.json").read_text())
+    assert lineage["parent_checkpoint"] == str(sft_adapter) and "frozen" in lineage["reference"]
+    assert len((Path(results["run_dir"]) / "samples.jsonl").read_text().splitlines()) == 8
+
+    # The CLI prints the same figures, from the registry's summary.
+    assert main(["dpo", str(path), "--resume"]) == 0  # finished: resuming trains nothing more
+    out = capsys.readouterr().out
+    assert "implicit reward on 64 held-out pairs" in out and "first step 0.0000" in out
+
+
+def test_align_run_with_dpo_trains_no_reward_model_unless_a_reward_needs_one(write_recipe, tmp_path):
+    rule = [{"name": "exact_match", "args": {"column": "answer"}}]
+    sections = dict(sft={}, reward={}, grpo={"rewards": rule}, dpo={"rewards": rule}, data=data(tmp_path))
+    recipe = load_recipe(write_recipe(**sections), ["rl.algorithm=dpo"])
+    assert pipeline.stage_names(recipe) == ["sft", "dpo"]
+    scored = load_recipe(write_recipe(**{**sections, "dpo": {"rewards": [*rule, {"name": "reward_model"}]}}),
+                         ["rl.algorithm=dpo"])
+    assert pipeline.stage_names(scored) == ["sft", "reward", "dpo"]
+    assert pipeline.stage_names(load_recipe(write_recipe(**sections), ["rl.algorithm=grpo"])) == ["sft", "reward", "grpo"]
+    with pytest.raises(RecipeError, match="choose one for `align run` with rl.algorithm=grpo or rl.algorithm=dpo"):
+        pipeline.stage_names(load_recipe(write_recipe(**sections)))
+
+
+def test_settings_that_cannot_work_fail_before_loading(write_recipe, tmp_path):
+    recipe = load_recipe(write_recipe(data=data(tmp_path), dpo=dpo_section(loss_type=["sigmoid", "sft"],
+                                                                          loss_weights=[1.0])))
+    with pytest.raises(RecipeError, match="dpo.loss_weights has 1 entries and dpo.loss_type 2"):
+        dpo.run(recipe)
+    with pytest.raises(RecipeError, match="dpo.init_from=sft: .*no finished sft checkpoint"):
+        dpo.run(load_recipe(write_recipe(sft={}, data=data(tmp_path), dpo=dpo_section(init_from="sft"))))
