@@ -235,6 +235,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def feedback_rows(pairs: list[dict]) -> list[dict]:
+    """Answers labelled good or bad one at a time (KTO's unpaired shape): each pair's chosen answer true, its
+    rejected one false."""
+    return [{"question": p["question"], "answer": answer, "label": good}
+            for p in pairs for answer, good in ((p["chosen"], True), (p["rejected"], False))]
+
+
 def main(out: Path = Path("data"), seed: int = SEED) -> None:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,6 +252,9 @@ def main(out: Path = Path("data"), seed: int = SEED) -> None:
     train, held_out = preference_rows(rng, "train", count=3000), preference_rows(rng, "heldout", count=200)
     write_jsonl(out / "arithmetic" / "preference_train.jsonl", train)
     write_jsonl(out / "arithmetic" / "preference_heldout.jsonl", held_out)
+    # Unpaired feedback (KTO): the same pairs' answers labelled one at a time; no draws, so nothing else changes.
+    write_jsonl(out / "arithmetic" / "feedback_train.jsonl", feedback_rows(train))
+    write_jsonl(out / "arithmetic" / "feedback_heldout.jsonl", feedback_rows(held_out))
     # RL prompts: sums of the rl split, which neither pretraining nor SFT saw, with the reference answer that
     # exact_match compares with. Own stream again, so the files above stay as they were.
     write_jsonl(out / "arithmetic" / "rl_prompts.jsonl", qa_rows(random.Random(seed + 2), "rl", count=2000))

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--max-length", type=int, default=None,
                        help="token limit (default: the recipe's sft.max_length, reward.max_length, or for prompts "
                        "grpo.max_length - grpo.max_completion_length)")
-    check.add_argument("--kind", choices=("auto", "qa", "preference", "prompts"), default="auto",
+    check.add_argument("--kind", choices=("auto", "qa", "preference", "feedback", "prompts"), default="auto",
                        help="what a bare data file holds (default auto: preference if it has chosen/rejected or "
                        "responses/scores columns, else qa if it has answers, else prompts)")
 
@@ -449,23 +449,19 @@ def _data_check(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from align.data import load_preferences, load_prompts, load_qa, percentiles
+    from align.data import KINDS, percentiles
     from align.modeling import load_tokenizer, model_context
-    from align.recipe import GRPOStage, RewardStage, SFTStage, load_recipe
+    from align.recipe import load_recipe
 
     overrides = list(args.overrides) + ["data.skip_invalid=true"]  # count every problem instead of stopping
     if args.target.endswith((".yaml", ".yml")):
         recipe = load_recipe(args.target, overrides)
-        files = [(f, "qa") for f in (recipe.data.sft.train, recipe.data.sft.eval) if f]
-        files += [(f, "preference") for f in (recipe.data.preference.train, recipe.data.preference.eval) if f]
-        files += [(f, "prompts") for f in (recipe.data.prompts.train, recipe.data.prompts.eval) if f]
+        files = [(f, kind) for kind, (section, _) in KINDS.items()
+                 for f in (getattr(recipe.data, section).train, getattr(recipe.data, section).eval) if f]
     else:
         recipe = load_recipe(None, [f"model.name_or_path={args.model or TINY_BASE}"] + overrides)
         files = [(args.target, args.kind if args.kind != "auto" else _kind(args.target, recipe))]
-    rl = recipe.grpo or GRPOStage()
-    limits = {"qa": (recipe.sft or SFTStage()).max_length, "preference": (recipe.reward or RewardStage()).max_length,
-              "prompts": rl.max_length - rl.max_completion_length}
-    loaders = {"qa": load_qa, "preference": load_preferences, "prompts": load_prompts}
+    limits = _limits(recipe)
     tokenizer = load_tokenizer(recipe.model)
     # A bare file is checked with the stage defaults, capped at the model's context (a recipe's own max_length
     # above it is refused in training, and shown here as it is).
@@ -476,8 +472,9 @@ def _data_check(args) -> int:
         table.add_column(column)
     notes, invalid = [], False
     for path, kind in files:
-        max_length = args.max_length or min(limits[kind], context or limits[kind])
-        _, report = loaders[kind](path, recipe.data, tokenizer, max_length)
+        limit = limits[KINDS[kind][0]]
+        max_length = args.max_length or min(limit, context or limit)
+        _, report = KINDS[kind][1](path, recipe.data, tokenizer, max_length)
         lengths = "\n".join(f"{k}: {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items())
         columns = ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())
         columns += f"\nunused: {', '.join(report.unused)}" if report.unused else ""
@@ -487,6 +484,8 @@ def _data_check(args) -> int:
                       skipped, lengths)
         notes.extend(f"first {reason}: {problem}" for reason, problem in report.first_skipped.items())
         invalid = invalid or bool(report.skipped)
+        if report.labels:
+            notes.append(f"{path}: {report.labels['good']} answers labelled good, {report.labels['bad']} bad")
         if report.pairing:
             notes.append(f"{path}: rated responses paired by {report.pairing['rule']}: "
                          + ", ".join(f"{k}={v}" for k, v in report.pairing.items() if k != "rule"))
@@ -497,16 +496,30 @@ def _data_check(args) -> int:
     return 1 if invalid else 0
 
 
+def _limits(recipe) -> dict[str, int]:
+    """Per data section, the token limit of the first stage that trains on it (its max_length; for prompts, what
+    leaves room for max_completion_length), from the recipe's section or that stage's defaults."""
+    from align.data import KINDS
+    from align.recipe import TrainingStage, section_defaults
+
+    limits = {}
+    for spec in STAGES:
+        cfg = getattr(recipe, spec.name) or section_defaults(spec.name)
+        limits.setdefault(spec.data, cfg.max_length - cfg.max_completion_length if spec.generates else cfg.max_length)
+    return {section: limits.get(section, TrainingStage().max_length) for section, _ in KINDS.values()}
+
+
 def _kind(path: str, recipe) -> str:
-    """'preference' if the file's columns are preference columns (mapped or by their usual names), else 'qa' if
-    they are question-answer columns, else 'prompts'."""
-    from align.data import DataError, preference_columns, preference_pair_columns, qa_columns, read_records
+    """'preference' if the file's columns are preference columns (mapped or by their usual names), else
+    'feedback' if they are question-answer columns with a true/false label, else 'qa' if they are question-answer
+    columns, else 'prompts'."""
+    from align.data import DataError, feedback_columns, preference_columns, preference_pair_columns, qa_columns, read_records
 
     records = read_records(path)
     columns = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
     if preference_pair_columns(columns):  # chosen_x / rejected_x columns: the error will say how to map them
         return "preference"
-    for kind, detect in (("preference", preference_columns), ("qa", qa_columns)):
+    for kind, detect in (("preference", preference_columns), ("feedback", feedback_columns), ("qa", qa_columns)):
         try:
             detect(path, columns, recipe.data.columns)
             return kind

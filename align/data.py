@@ -45,12 +45,13 @@ AUTO_COLUMNS = {
     "input": ("input", "context"),
     "system": ("system",),
     "history": ("history",),
+    "label": ("label", "labels", "kto_label", "kto_tag"),
 }
 PROMPT_PARTS = ("input", "system", "history")  # Alpaca-style columns that join a text prompt
 ROLE_KEYS, CONTENT_KEYS = ("role", "from"), ("content", "value", "text")
 ROLE_TAGS = {"user": ("user", "human"), "assistant": ("assistant", "gpt", "bot", "model", "chatgpt"),
              "system": ("system",)}
-LABEL_COLUMNS = ("label", "labels", "kto_label", "kto_tag")
+LABEL_COLUMNS = AUTO_COLUMNS["label"]
 # owner/name, owner/name:split, owner/name:config:split; a split may be sliced as datasets slices it: test[:500]
 HUB_ID = re.compile(r"^(?P<name>[\w.-]+/[\w.-]+)(?::(?P<config>[\w.-]+)(?=:))?(?::(?P<split>[\w.-]+(?:\[[\d:%-]*\])?))?$")
 ROLES = ("system", "user", "assistant")
@@ -87,13 +88,15 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> rows (or pairs: identical, too_long) skipped
     first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> "where: message"
     pairing: dict[str, Any] = field(default_factory=dict)  # rated data: the rule and what it dropped
+    labels: dict[str, int] = field(default_factory=dict)  # unpaired feedback: good and bad answers kept
     lengths: dict[str, list[int]] = field(default_factory=dict)  # prompt/completion/... -> tokens per example
 
     def summary(self) -> dict[str, Any]:
         summary = {"path": self.path, "rows": self.rows, "examples": self.examples, "columns": self.columns,
                    "unused_columns": self.unused, "skipped": dict(self.skipped)} | (
                        {"passed_to_rewards": self.passed} if self.passed else {})
-        return summary | ({"pairing": self.pairing} if self.pairing else {})
+        return summary | ({"pairing": self.pairing} if self.pairing else {}) | (
+            {"labels": self.labels} if self.labels else {})
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -660,6 +663,51 @@ def load_preferences(path: str, cfg: DataConfig, tokenizer, max_length: int):
     return Dataset.from_list(examples), report
 
 
+# -- unpaired feedback (KTO) --------------------------------------------------------------------------------
+
+
+def feedback_columns(path: str, available: list[str], mapping: Columns) -> tuple[dict[str, str], list[str]]:
+    """A question-answer file's columns (`qa_columns`) and a label column: true for a good answer, false for a bad
+    one (TRL's unpaired preference type, LLaMA-Factory's kto_tag)."""
+    columns, detected = qa_columns(path, available, mapping)
+    label = resolve_columns(path, available, mapping, ("label",))
+    if not label:
+        raise DataError(f"{path}: cannot tell which column labels each answer good or bad (columns: "
+                        f"{', '.join(available)}); set data.columns.label=<column> (true: a good answer, false: a bad "
+                        "one)")
+    return columns | label, detected + (["label"] if mapping.label is None else [])
+
+
+def feedback_example(values: dict, columns: dict[str, str], cfg: DataConfig) -> dict[str, Any]:
+    """One row as TRL's conversational unpaired-preference example {prompt, completion, label}."""
+    label = values.get(columns["label"])
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV cells are text
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        raise Invalid("bad_label", f"field '{columns['label']}' is {label!r}; expected true (a good answer) or "
+                      "false (a bad one)")
+    return {**qa_example(values, columns, cfg), "label": label}
+
+
+def load_feedback(path: str, cfg: DataConfig, tokenizer, max_length: int):
+    """Answers labelled good or bad one at a time from `path` as a `datasets.Dataset` of {prompt, completion,
+    label}, and its DataReport (`report.labels`: how many of each). Errors and skips as in `load_qa`."""
+    from datasets import Dataset
+
+    records, report = _open(path)
+    report.columns, report.detected = feedback_columns(str(path), _available(records), cfg.columns)
+    _account(records, report, "KTO")
+    items = [(row, record.where, _attempt(feedback_example, record, report.columns, cfg))
+             for row, record in enumerate(records)]
+    examples = _validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)
+    good = sum(e["label"] for e in examples)
+    report.labels = {"good": good, "bad": len(examples) - good}
+    if examples and not (good and len(examples) - good):
+        raise DataError(f"{path}: every answer is labelled {'good' if good else 'bad'}; KTO needs answers of both "
+                        "kinds to tell them apart")
+    return Dataset.from_list(examples), report
+
+
 # -- prompts for RL ------------------------------------------------------------------------------------------
 
 # Names TRL gives its own arguments of a reward function; a data column with one of them would be shadowed.
@@ -762,8 +810,9 @@ def _account(records: list[Record], report: DataReport, stage: str) -> None:
     if labels:
         raise DataError(f"{report.path}: column '{labels[0]}' labels each answer good (true) or bad (false) on its "
                         f"own: unpaired feedback (the KTO shape), which the {stage} stage cannot train on (it would "
-                        "learn the bad answers too). For SFT keep only the rows labelled true; for a reward model, "
-                        "pair a good and a bad answer to the same prompt as chosen/rejected (docs/data.md)")
+                        "learn the bad answers too). `align kto` trains on it (data.feedback); for SFT keep only the "
+                        "rows labelled true; for a reward model or DPO, pair a good and a bad answer to the same "
+                        "prompt as chosen/rejected (docs/data.md)")
     if report.unused:
         hints = [f"'{c}' (set {CONTENT_HINTS[c.lower()]}={c} to use it)" for c in report.unused
                  if c.lower() in CONTENT_HINTS]
@@ -858,3 +907,10 @@ def _counts(counter: Counter) -> str:
 def percentiles(values: list[int], qs=(50, 90, 99, 100)) -> list[int]:
     ordered = sorted(values)
     return [ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] for q in qs] if ordered else []
+
+
+# -- the kinds of data, declared once --------------------------------------------------------------------------
+
+# kind -> (its data.<section>, its loader); `align data check` and the stages read files through these.
+KINDS = {"qa": ("sft", load_qa), "preference": ("preference", load_preferences),
+         "feedback": ("feedback", load_feedback), "prompts": ("prompts", load_prompts)}

@@ -104,6 +104,9 @@ class Columns:
     scores: Optional[str] = doc(
         None, help="Rated preference data: numeric score of each response (higher is better), a list per row or "
         "one per row. None: auto-detect (scores, ratings, score, rating).")
+    label: Optional[str] = doc(
+        None, help="Unpaired feedback (KTO): true for a good answer, false for a bad one. None: auto-detect (label, "
+        "labels, kto_label, kto_tag).")
     input: Optional[str] = doc(
         None, help="Alpaca: extra input joined to the prompt text after a newline (instruction + '\\n' + input) "
         "when not empty. None: auto-detect (input, context).")
@@ -143,6 +146,9 @@ class DataConfig:
     preference: DataFiles = doc(
         DataFiles, help="Preference data for the reward stage: chosen/rejected pairs (text or conversations), or "
         "rated responses (see docs/data.md).")
+    feedback: DataFiles = doc(
+        DataFiles, help="Unpaired feedback for the KTO stage: a prompt, one answer and a label (true: good, false: "
+        "bad) per row (see docs/data.md).")
     prompts: DataFiles = doc(
         DataFiles, help="Prompts for the RL stages (a prompt column, text or messages). Every other column (e.g. a "
         "reference answer) is passed to the reward functions under its own name.")
@@ -604,6 +610,12 @@ def describe(section: str) -> str:
 
 def to_yaml(recipe: Recipe) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def section_defaults(name: str):
+    """The stage section `name` of a recipe with every field at its default (what a recipe without it would get)."""
+    hint = typing.get_type_hints(Recipe)[name]
+    return typing.get_args(hint)[0]()  # Optional[XStage] -> XStage()
 
 
 def section_name(stage: Any) -> str:

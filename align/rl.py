@@ -47,13 +47,45 @@ def check_section(recipe: Recipe, section: str, upcoming: tuple[str, ...] = ()) 
     if cfg.max_completion_length >= cfg.max_length:
         raise RecipeError(f"{section}.max_completion_length={cfg.max_completion_length} leaves no room for the "
                           f"prompt in {section}.max_length={cfg.max_length}")
-    for spec in cfg.rewards:
+    check_rewards(recipe, section, upcoming)
+    init_adapter(recipe, section, upcoming)
+    return cfg
+
+
+def check_rewards(recipe: Recipe, section: str, upcoming: tuple[str, ...] = ()) -> None:
+    """Each of the section's rewards can be built: a known name or a plug-in that imports, and for the reward
+    model a checkpoint that is there (or a reward stage in `upcoming`)."""
+    for spec in getattr(recipe, section).rewards:
         if spec.name == "reward_model":
             reward_checkpoint(recipe, spec, upcoming)
         else:
-            reward_function(spec)  # an unknown name or a plug-in that does not import stops here
-    init_adapter(recipe, section, upcoming)
-    return cfg
+            reward_function(spec)
+
+
+def held_out_prompts(recipe: Recipe, section: str, tokenizer, reports: list):
+    """For a stage that trains offline (DPO, KTO): the held-out prompts (data.prompts.eval) whose answers its
+    rewards score before and after, as GRPO's and PPO's are, or None when there are none or no reward scores
+    them. Their report joins `reports`."""
+    cfg = getattr(recipe, section)
+    why = ("data.prompts.eval is not set" if recipe.data.prompts.eval is None else f"{section}.rewards is empty"
+           if not cfg.rewards else f"{section}.eval_generations=0" if not cfg.eval_generations else None)
+    if why:
+        log.info("%s: no held-out answers are scored (%s)", section, why)
+        return None
+    prompts, report = load_prompts(recipe.data.prompts.eval, recipe.data, tokenizer,
+                                   cfg.max_length - cfg.max_completion_length)
+    reports.append(report)
+    return prompts
+
+
+def evaluate_answers(trainer, prompts, rewards: list[RewardFunc], recipe: Recipe, section: str, when: str) -> dict:
+    """`evaluate` for a stage that trains offline: its own temperature and top_p for the sampled answers."""
+    if prompts is None:
+        return {}
+    cfg = getattr(recipe, section)
+    return evaluate(trainer.model, trainer.processing_class, prompts, rewards, cfg, when,
+                    sampling={"temperature": cfg.temperature, "top_p": cfg.top_p}, trainer_state=trainer.state,
+                    log_metrics=trainer.log, style=load_style(recipe.data.answer_style))
 
 
 class RewardSpecs:

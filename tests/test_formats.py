@@ -1,5 +1,6 @@
 """The user's data as it comes: Alpaca, ShareGPT, Anthropic-HH transcripts, content parts, BOMs. Each format loads
-to the token ids of the same data written plainly; every column is accounted for; unpaired labels are refused."""
+to the token ids of the same data written plainly; every column is accounted for; unpaired labels are refused
+where pairs or targets are read, and read as KTO's feedback."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from conftest import TINY_BASE, write_rows
 
 from align.cli import main
-from align.data import DataError, load_preferences, load_prompts, load_qa
+from align.data import DataError, load_feedback, load_preferences, load_prompts, load_qa
 from align.modeling import conversation_ids
 from align.recipe import load_recipe
 
@@ -131,6 +132,40 @@ def test_unpaired_labels_are_refused_for_sft_and_reward(tmp_path, tokenizer):
     with pytest.raises(DataError, match="which the reward model stage cannot train on"):
         load_preferences(str(kto), data_config("data.columns.chosen=completion", "data.columns.rejected=prompt"),
                          tokenizer, 256)
+
+
+def test_unpaired_labels_load_as_feedback_from_any_qa_shape(tmp_path, tokenizer, capsys, monkeypatch):
+    rows = [{"prompt": "What is 1 + 1?", "completion": "2", "label": True},
+            {"prompt": "What is 1 + 1?", "completion": "3", "label": False},
+            {"prompt": "What is 2 + 2?", "completion": "4", "label": True}]
+    plain, report = load_feedback(str(write_rows(tmp_path / "kto.jsonl", rows)), data_config(), tokenizer, 256)
+    assert plain.column_names == ["prompt", "completion", "label"] and plain["label"] == [True, False, True]
+    assert plain[1]["completion"] == [{"role": "assistant", "content": "3"}]
+    assert report.labels == {"good": 2, "bad": 1} and report.summary()["labels"] == {"good": 2, "bad": 1}
+    # CSV cells are text; LLaMA-Factory's kto_tag with a ShareGPT conversation; the same examples
+    csv = tmp_path / "kto.csv"
+    csv.write_text("q,a,ok\nWhat is 1 + 1?,2,true\nWhat is 1 + 1?,3,False\nWhat is 2 + 2?,4,TRUE\n")
+    mapped = load_feedback(str(csv), data_config("data.columns.prompt=q", "data.columns.completion=a",
+                                                 "data.columns.label=ok"), tokenizer, 256)[0]
+    sharegpt = write_rows(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["completion"]}],
+         "kto_tag": r["label"]} for r in rows])
+    assert mapped.to_list() == plain.to_list() == load_feedback(str(sharegpt), data_config(), tokenizer, 256)[0].to_list()
+
+    bad = write_rows(tmp_path / "bad.jsonl", [rows[0], {**rows[1], "label": "maybe"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*field 'label' is 'maybe'; expected true \(a good answer\) or "
+                                        r"false"):
+        load_feedback(str(bad), data_config(), tokenizer, 256)
+    with pytest.raises(DataError, match="every answer is labelled good; KTO needs answers of both kinds"):
+        load_feedback(str(write_rows(tmp_path / "good.jsonl", [rows[0], rows[2]])), data_config(), tokenizer, 256)
+    with pytest.raises(DataError, match="cannot tell which column labels each answer good or bad .* "
+                                        "set data.columns.label=<column>"):
+        load_feedback(str(write_rows(tmp_path / "qa.jsonl", PLAIN_QA)), data_config(), tokenizer, 256)
+
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["data", "check", str(tmp_path / "kto.jsonl")]) == 0  # auto: the feedback kind
+    printed = capsys.readouterr().out
+    assert "feedback" in printed and "label=label (auto)" in printed and "2 answers labelled good, 1 bad" in printed
 
 
 def test_every_column_is_accounted_for(tmp_path, tokenizer, caplog, capsys, monkeypatch):

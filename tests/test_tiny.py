@@ -55,6 +55,7 @@ def test_shipped_data_is_what_the_seeded_script_writes(tmp_path):
     write_data(tmp_path)
     for name in ("corpus.txt", "arithmetic/sft_train.jsonl", "arithmetic/sft_heldout.jsonl",
                  "arithmetic/preference_train.jsonl", "arithmetic/preference_heldout.jsonl",
+                 "arithmetic/feedback_train.jsonl", "arithmetic/feedback_heldout.jsonl",
                  "arithmetic/rl_prompts.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
 

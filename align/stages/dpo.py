@@ -22,11 +22,10 @@ from typing import Any
 
 from align import memory, rl
 from align.callbacks import MetricsCallback, ProgressBar, guarded_train
-from align.data import load_preferences, load_prompts, load_train_eval
+from align.data import load_preferences, load_train_eval
 from align.modeling import check_context, checkpointing, load_tokenizer, trainable_in_float32, trainable_weights
 from align.processes import check_identical, is_main_process
 from align.recipe import Recipe, RecipeError
-from align.rewards import reward_function
 from align.rundir import RunDir, model_identity
 from align.stages import batch, exclusive, init_adapter, trl_config
 from align.styles import load_style
@@ -46,7 +45,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     specs = rl.RewardSpecs(recipe, cfg)
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
-    prompts = _held_out_prompts(recipe, tokenizer, reports)
+    prompts = rl.held_out_prompts(recipe, "dpo", tokenizer, reports)
     memory.check(recipe, "dpo", reports[0])  # before a model loads: a batch that cannot fit stops now
     model = rl.load_policy(recipe, cfg, init, "dpo")
     rewards = specs.functions(model)
@@ -92,11 +91,7 @@ def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
     if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
         raise RecipeError(f"dpo.loss_weights has {len(cfg.loss_weights)} entries and dpo.loss_type "
                           f"{len(cfg.loss_type)}; give one weight per loss")
-    for spec in cfg.rewards:
-        if spec.name == "reward_model":
-            rl.reward_checkpoint(recipe, spec, upcoming)
-        else:
-            reward_function(spec)
+    rl.check_rewards(recipe, "dpo", upcoming)
     init_adapter(recipe, "dpo", upcoming)
 
 
@@ -108,20 +103,6 @@ def load_data(recipe: Recipe, tokenizer):
                                                recipe.dpo.max_length, what="preference")
     ids = ["chosen_ids", "rejected_ids"]  # align's own tokenisation, for the reward model; DPOTrainer tokenizes
     return train.remove_columns(ids), held_out.remove_columns(ids) if held_out is not None else None, reports
-
-
-def _held_out_prompts(recipe: Recipe, tokenizer, reports: list):
-    """The held-out prompts whose greedy answers are scored before and after (data.prompts.eval), or None when
-    there are none or no reward scores them."""
-    cfg = recipe.dpo
-    if recipe.data.prompts.eval is None or not cfg.rewards or not cfg.eval_generations:
-        log.info("dpo: no held-out answers are scored (%s)", "dpo.rewards is empty" if not cfg.rewards else
-                 "data.prompts.eval is not set" if recipe.data.prompts.eval is None else "dpo.eval_generations=0")
-        return None
-    prompts, report = load_prompts(recipe.data.prompts.eval, recipe.data, tokenizer,
-                                   cfg.max_length - cfg.max_completion_length)
-    reports.append(report)
-    return prompts
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
@@ -155,13 +136,7 @@ def _evaluate(trainer, held_out, prompts, rewards, recipe: Recipe, when: str) ->
                       margin_mean=metrics["eval_rewards/margins"], loss=metrics["eval_loss"])
         log.info("%s training: held-out implicit-reward accuracy %.1f%% of %d pairs, mean margin %.3f", when,
                  100 * result["reward_accuracy"], len(held_out), result["margin_mean"])
-    if prompts is not None:
-        cfg = recipe.dpo
-        result.update(rl.evaluate(trainer.model, trainer.processing_class, prompts, rewards, cfg, when,
-                                  sampling={"temperature": cfg.temperature, "top_p": cfg.top_p},
-                                  trainer_state=trainer.state, log_metrics=trainer.log,
-                                  style=load_style(recipe.data.answer_style)))
-    return result
+    return result | rl.evaluate_answers(trainer, prompts, rewards, recipe, "dpo", when)
 
 
 def summary(results: dict[str, Any]) -> Summary:
