@@ -272,7 +272,7 @@ def _stage(args) -> int:
     if args.command == "run":
         _print_pipeline(console, names, outcomes, recipe)
         return 0
-    _print_summary(console, BY_NAME[args.command].module.summary(results))
+    print_summary(console, BY_NAME[args.command].module.summary(results))
     if "train_loss" in results:
         console.print(f"train loss {results['train_loss']:.4f}", soft_wrap=True)
     console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True)
@@ -280,7 +280,7 @@ def _stage(args) -> int:
     return 0
 
 
-def _print_summary(console, summary) -> None:
+def print_summary(console, summary) -> None:
     """A stage's Summary in full: notes, before/after tables, samples."""
     from rich.table import Table
 
