@@ -387,6 +387,31 @@ class DPOStage(RLStage, TRLStage):
                             "after (0: greedy answers only).")
 
 
+@dataclass
+class KTOStage(RLStage, TRLStage):
+    """Offline preference optimisation from answers labelled good or bad one at a time (data.feedback), with
+    TRL's KTOTrainer; rewards, max_completion_length, temperature and the eval_* fields only score held-out answers
+    (data.prompts.eval) before and after, as for DPO."""
+
+    learning_rate: float = doc(5e-5, help="Peak learning rate (LoRA; TRL's full fine-tuning default is 1e-6).")
+    per_device_train_batch_size: int = doc(
+        8, help="Answers per device per forward pass; at least 2: KTO's KL estimate pairs each prompt with "
+        "another row's answer in the batch.")
+    max_length: int = doc(
+        512, help="Longest prompt + answer in tokens; longer rows are errors (or skipped and counted with "
+        "data.skip_invalid).")
+    beta: float = doc(
+        0.1, help="Inverse temperature of the implicit reward beta x (log pi - log pi_ref): higher keeps the "
+        "policy closer to the reference (the SFT policy). TRL's default, set here.")
+    loss_type: str = doc("kto", help="kto (KTO's loss, with its KL reference point), or apo_zero_unpaired.")
+    desirable_weight: float = doc(
+        1.0, help="Weight of the good answers' losses; with unequal numbers of good and bad answers, weigh them so "
+        "that good x desirable_weight / (bad x undesirable_weight) is in [1, 4/3] (the KTO paper).")
+    undesirable_weight: float = doc(1.0, help="Weight of the bad answers' losses.")
+    eval_samples: int = doc(0, help="Answers sampled per held-out prompt at `temperature`, scored before and "
+                            "after (0: greedy answers only).")
+
+
 # auto, or a stage that can end `align run` (align/registry.py)
 RLAlgorithm = Enum("RLAlgorithm", {"auto": "auto", **{name: name for name in FINAL}})
 
@@ -419,6 +444,8 @@ class Recipe:
     ppo: Optional[PPOStage] = doc(None, help="PPO stage (policy and value LoRA, KL penalty to the frozen SFT policy).")
     dpo: Optional[DPOStage] = doc(None, help="DPO stage (policy LoRA trained on preference pairs against the frozen "
                                   "SFT policy; no reward model).")
+    kto: Optional[KTOStage] = doc(None, help="KTO stage (policy LoRA trained on answers labelled good or bad "
+                                  "against the frozen SFT policy; no reward model).")
     rl: RLChoice = doc(RLChoice, help="`align run`: which RL stage, and the gates before it.")
 
 

@@ -102,6 +102,16 @@ STAGES: tuple[Stage, ...] = (
         "Reports the implicit-reward accuracy on held-out pairs and the held-out prompts' greedy answers scored by "
         "dpo.rewards, before and after. Writes runs/<run>/dpo/.",
     ),
+    Stage(
+        "kto", data="feedback", keys=("kto", "data.feedback", "data.prompts.eval"), upstream=("sft",), policy=True,
+        final=True, reference=True, adapters=2,
+        help="optimise the SFT policy on answers labelled good or bad with KTO (no pairs, no reward model)",
+        description="Kahneman-Tversky optimisation with TRL's KTOTrainer on data.feedback (a prompt, one answer "
+        "and a true/false label per row): the policy (the SFT adapter on the 4-bit base) raises the implicit "
+        "reward kto.beta x (log pi - log pi_ref) of good answers and lowers that of bad ones, against a frozen copy "
+        "of the SFT adapter on the same base. Reports the implicit rewards on held-out labelled answers and the "
+        "held-out prompts' greedy answers scored by kto.rewards, before and after. Writes runs/<run>/kto/.",
+    ),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}
