@@ -1,5 +1,5 @@
-"""`align run`: a recipe's stages in order (sft -> reward -> grpo|ppo, those the recipe has), each starting from the
-checkpoints of the ones before it, with the gates between them.
+"""`align run`: a recipe's stages in order (sft -> reward -> grpo|ppo|dpo|kto, those the recipe has and the last
+one needs), each starting from the checkpoints of the ones before it, with the gates between them.
 
     align run recipes/quickstart.yaml
     align run recipes/quickstart.yaml --from reward       # re-run reward and RL, keep SFT
@@ -70,7 +70,7 @@ def _needed(recipe: Recipe, final: str) -> set[str]:
 
 
 def final_stage(recipe: Recipe) -> str | None:
-    """The stage that ends `align run` (grpo, ppo): rl.algorithm, or auto: the one the recipe has a section for."""
+    """The stage that ends `align run` (registry.FINAL): rl.algorithm, or auto: the one the recipe has a section for."""
     choice = recipe.rl.algorithm
     present = [name for name in FINAL if getattr(recipe, name) is not None]
     if choice == RLAlgorithm.auto:
