@@ -153,7 +153,7 @@ def summary(results: dict[str, Any]) -> Summary:
         out.tables.append((f"implicit reward on {after['pairs']} held-out pairs", [
             ("accuracy (chosen > rejected)", pct(before["reward_accuracy"]), pct(after["reward_accuracy"])),
             ("mean margin", num(before["margin_mean"], 4), num(after["margin_mean"], 4)),
-            ("DPO loss", num(before["loss"], 4), num(after["loss"], 4))]))
+            ("loss (dpo.loss_type)", num(before["loss"], 4), num(after["loss"], 4))]))
         out.headline.append(arrow("pair accuracy (implicit reward)", before["reward_accuracy"],
                                   after["reward_accuracy"], pct))
     if "greedy" in after:
