@@ -5,10 +5,10 @@
     python bench/quickstart.py --keep runs/bench      # keep the run dirs (runs/bench/seed42/quickstart/...)
 
 Per seed, from nothing in a temporary run root: `align run recipes/quickstart.yaml` (sft -> reward -> grpo), the
-same with `rl.algorithm=ppo` (sft and reward are then skipped), and the README's `align compare` of the base, the
-SFT policy and both RL policies. Prints one table (each stage's held-out figures and wall time per seed, and their
+same with `rl.algorithm=ppo` and `rl.algorithm=dpo` (finished stages are then skipped), and the README's `align
+compare` of the base, the SFT policy and the GRPO, PPO and DPO policies. Prints one table (each stage's held-out figures and wall time per seed, and their
 range), checks the quickstart's bars (BARS) on every seed, and appends one JSON line to
-bench/results/quickstart.jsonl. Not part of the test suite: about 7 minutes a seed on 2 CPU cores.
+bench/results/quickstart.jsonl. Not part of the test suite: about 9 minutes a seed on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ def run_seed(seed: int, overrides: list[str], root: Path) -> dict:
     """Every command for one seed; the figures read back from lineage.json and results.json."""
     run = root / "quickstart"
     seconds = {}
-    for label, extra in (("run", []), ("ppo", ["rl.algorithm=ppo"])):
+    for label, extra in (("run", []), ("ppo", ["rl.algorithm=ppo"]), ("dpo", ["rl.algorithm=dpo"])):
         command = [sys.executable, "-m", "align", "run", RECIPE, f"run.root={root}", f"run.seed={seed}", *overrides,
                    *extra]
         seconds[label] = _timed(command)
     seconds["compare"] = _timed([sys.executable, "-m", "align", "compare", "base=data/tiny-base", f"sft={run}/sft",
-                                 f"grpo={run}/grpo", f"ppo={run}/ppo", "--reward", f"{run}/reward", "--reference",
+                                 f"grpo={run}/grpo", f"ppo={run}/ppo", f"dpo={run}/dpo", "--reward", f"{run}/reward",
+                                 "--reference",
                                  f"{run}/sft", "--out", str(run / "compare"), *COMPARE])
-    lineage = {stage: json.loads((run / stage / "lineage.json").read_text()) for stage in ("sft", "reward", "grpo", "ppo")}
+    lineage = {stage: json.loads((run / stage / "lineage.json").read_text())
+               for stage in ("sft", "reward", "grpo", "ppo", "dpo")}
     results = {stage: data["results"] for stage, data in lineage.items()}
     compare = json.loads((run / "compare" / "results.json").read_text())["checkpoints"]
     return {"seed": seed, "seconds": seconds, "results": results,
@@ -82,13 +84,18 @@ def figures(record: dict) -> dict[str, float]:
                 out[f"{name} {decoding} reward {when}"] = stage[when][decoding]["reward_mean"]
             out[f"{name} {decoding} worked share after"] = stage["after"][decoding].get("worked_fraction", 0.0)
         out[f"{name} KL first"], out[f"{name} KL max"] = stage["kl_first"], stage["kl_max"]
-    for name in ("base", "sft", "grpo", "ppo"):
+    dpo = r["dpo"]
+    for when in ("before", "after"):
+        out[f"dpo greedy accuracy {when}"] = dpo[when]["greedy"]["rewards/exact_match"]
+    out["dpo first margin"], out["dpo pair accuracy (implicit reward)"] = dpo["margin_first"], dpo["after"]["reward_accuracy"]
+    for name in ("base", "sft", "grpo", "ppo", "dpo"):
         for metric in ("reward", "accuracy"):
             out[f"compare {name} {metric}"] = c[name][metric]["mean"]
             out[f"compare {name} {metric} low"], out[f"compare {name} {metric} high"] = c[name][metric]["ci95"]
         out[f"compare {name} worked share"] = c[name].get("styles", {}).get("worked", {}).get("fraction", {}).get("mean", 0.0)
     out["wall: align run (s)"] = record["seconds"]["run"]
     out["wall: align run rl.algorithm=ppo (s)"] = record["seconds"]["ppo"]
+    out["wall: align run rl.algorithm=dpo (s)"] = record["seconds"]["dpo"]
     out["wall: align compare (s)"] = record["seconds"]["compare"]
     return out
 
@@ -102,6 +109,8 @@ BARS = {
                                                         and f["grpo sampled reward after"] > f["grpo sampled reward before"]),
     "grpo first KL <= 1e-4": lambda f: abs(f["grpo KL first"]) <= 1e-4,
     "ppo greedy accuracy >= sft + 10 points": lambda f: f["ppo greedy accuracy after"] >= f["sft accuracy (greedy)"] + 0.10,
+    "dpo greedy accuracy >= sft + 10 points": lambda f: f["dpo greedy accuracy after"] >= f["sft accuracy (greedy)"] + 0.10,
+    "dpo first margin 0": lambda f: f["dpo first margin"] == 0.0,
     "compare: rl > sft > base on reward and accuracy, rl and sft intervals apart": lambda f: all(
         f[f"compare {rl} {m} low"] > f[f"compare sft {m} high"] and f[f"compare sft {m}"] > f[f"compare base {m}"]
         for rl in ("grpo", "ppo") for m in ("reward", "accuracy")),
