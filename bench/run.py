@@ -112,9 +112,9 @@ def stage_overrides(args, work: Path, length: int) -> list[str]:
               f"{args.stage}.save_steps={args.steps + 1}",
               f"{args.stage}.activation_checkpointing={str(args.activation_checkpointing).lower()}"]
     if args.recipe:
-        from align.pipeline import DATA
+        from align.registry import stage
 
-        common.append(f"data.{DATA[args.stage]}.eval=null")
+        common.append(f"data.{stage(args.stage).data}.eval=null")
     sized = lambda *keys: [] if args.recipe else list(keys)  # noqa: E731  (a recipe keeps its own)
     if args.stage == "sft":
         return [f"data.sft.train={work / 'data.jsonl'}", "data.columns.prompt=question", "sft.eval_generations=0",
