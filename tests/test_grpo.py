@@ -156,9 +156,12 @@ def test_settings_that_cannot_work_fail_before_loading(write_recipe, monkeypatch
         grpo.run(error(rewards=[]))
     with pytest.raises(RecipeError, match=r"8 completions per step is not a multiple of grpo.num_generations=3"):
         grpo.run(error(num_generations=3))
-    with pytest.raises(RecipeError, match=r"no finished reward checkpoint at .*reward/checkpoint; run `align reward`"):
+    with pytest.raises(RecipeError, match=r"reward 'reward_model' \(args.checkpoint=auto\) needs the reward stage's "
+                                          r"checkpoint, and the recipe has no reward section \(there is no finished "
+                                          r"reward checkpoint at .*reward/checkpoint\)"):
         grpo.run(error(rewards=[{"name": "reward_model"}], init_from="base"))
-    with pytest.raises(RecipeError, match=r"grpo.init_from=sft: there is no finished sft checkpoint"):
+    with pytest.raises(RecipeError, match=r"grpo.init_from=sft needs the sft stage's checkpoint, and the recipe has no "
+                                          r"sft section \(there is no finished sft checkpoint"):
         grpo.run(error(init_from="sft"))
     with pytest.raises(RewardError, match=r"reward 'reward_model': unknown args \['batch'\]; it takes checkpoint"):
         grpo.run(error(rewards=[{"name": "reward_model", "args": {"batch": 4}}], init_from="base"))

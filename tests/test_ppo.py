@@ -281,9 +281,12 @@ def test_settings_that_cannot_work_fail_before_loading(write_recipe, monkeypatch
         ppo.run(recipe(rewards=[]))
     with pytest.raises(RecipeError, match=r"ppo.kl_target=0"):
         ppo.run(recipe(kl_target=0))
-    with pytest.raises(RecipeError, match=r"ppo.init_from=sft: there is no finished sft checkpoint"):
+    with pytest.raises(RecipeError, match=r"ppo.init_from=sft needs the sft stage's checkpoint, and the recipe has no "
+                                          r"sft section \(there is no finished sft checkpoint"):
         ppo.run(recipe(init_from="sft"))
-    with pytest.raises(RecipeError, match=r"no finished reward checkpoint at .*reward/checkpoint; run `align reward`"):
+    with pytest.raises(RecipeError, match=r"reward 'reward_model' \(args.checkpoint=auto\) needs the reward stage's "
+                                          r"checkpoint, and the recipe has no reward section \(there is no finished "
+                                          r"reward checkpoint at .*reward/checkpoint\)"):
         ppo.run(recipe(rewards=[{"name": "reward_model"}], init_from="base"))
 
 

@@ -28,7 +28,7 @@ def test_validation_refuses_what_a_later_stage_would(write_recipe):
 
     with pytest.raises(RecipeError, match="data.prompts.train=prompts.jsonl: no such file"):
         validate(load_recipe(write_recipe(grpo={"rewards": [{"name": "length"}]}), ["data.prompts.train=prompts.jsonl"]))
-    with pytest.raises(RecipeError, match="reward 'reward_model' .* needs a reward stage, and the recipe has no reward section"):
+    with pytest.raises(RecipeError, match="reward 'reward_model' .* needs the reward stage's checkpoint, and the recipe has no reward section"):
         validate(load_recipe(write_recipe(grpo={"rewards": [{"name": "reward_model"}]}),
                              ["data.prompts.train=owner/prompts"]))
     with pytest.raises(Exception, match="unknown_pkg"):

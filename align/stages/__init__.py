@@ -78,8 +78,8 @@ def finished_checkpoint(recipe, stage: str, setting: str, alternative: str, upco
         return stage_dir / "checkpoint"
     problem = checkpoint_problem(stage_dir)
     if problem and getattr(recipe, stage) is None:
-        raise RecipeError(f"{setting} needs a {stage} stage, and the recipe has no {stage} section ({problem}); add "
-                          f"one, {alternative}")
+        raise RecipeError(f"{setting} needs the {stage} stage's checkpoint, and the recipe has no {stage} section "
+                          f"({problem}); add one, {alternative}")
     if problem:
         raise RecipeError(f"{setting}: {problem}; run `align {stage}` with this recipe first, {alternative}")
     return stage_dir / "checkpoint"
