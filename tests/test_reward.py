@@ -37,7 +37,8 @@ def trained(tmp_path_factory, held_out_path):
     tmp = tmp_path_factory.mktemp("reward")
     recipe_path = tmp / "r.yaml"
     recipe_path.write_text(json.dumps({
-        "model": {"name_or_path": str(TINY_BASE)}, "run": {"root": str(tmp / "runs")},
+        # float32 as every test's (conftest.float32_on_every_cpu, which a module fixture does not see)
+        "model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "run": {"root": str(tmp / "runs")},
         "data": {"preference": {"train": str(PREF_TRAIN), "eval": str(held_out_path)}},
         "reward": reward_section(),
     }))
