@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
+from align import memory
+from align.callbacks import guarded_train
 from align.data import load_prompts, load_train_eval
 from align.generation import generate
-from align.modeling import check_context, checkpointing, load_model, lora_config
+from align.modeling import check_context, checkpointing, load_model, load_tokenizer, lora_config
+from align.processes import check_identical, is_main_process
 from align.recipe import Recipe, RecipeError, RLStage, section_name
 from align.rewards import RewardFunc, check_reward_model_args, reward_function, reward_model_scorer
-from align.rundir import RunDir
+from align.rundir import RunDir, model_identity
 from align.styles import breakdown, describe, load_style
 from align.errors import AlignError
-from align.stages import adapter_dir, finished_checkpoint, init_adapter
+from align.stages import adapter_dir, batch, finished_checkpoint, init_adapter
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +256,48 @@ def write_samples(run_dir: RunDir, before: dict, after: dict) -> None:
          "rewards_after": a["rewards"]}
         for b, a in zip(before.pop("samples"), after.pop("samples"))
     ])
+
+
+def train_offline(recipe: Recipe, section: str, *, resume: bool, load_data, trainer, held_out_metrics,
+                  logged_results: Callable[[list[dict], Any], dict]) -> dict[str, Any]:
+    """The run of a stage that trains offline against a frozen copy of the adapter it starts from (DPO, KTO):
+    its data and held-out prompts read and checked, the memory estimate, the policy, TRL's trainer
+    (`trainer(recipe, model, tokenizer, train, held_out, run_dir)`), the held-out evaluation before and after
+    (`held_out_metrics(trainer, held_out, when)` on its own held-out data, plus the prompts' answers), training,
+    the policy adapter saved without TRL's "ref" copy, and the results, with `logged_results(metrics.jsonl
+    records, cfg)` added."""
+    cfg = getattr(recipe, section)
+    run_dir = RunDir(recipe, section)
+    init = init_adapter(recipe, section)
+    specs = RewardSpecs(recipe, cfg)
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, reports = load_data(recipe, tokenizer)
+    prompts = held_out_prompts(recipe, section, tokenizer, reports)
+    memory.check(recipe, section, reports[0])  # before a model loads: a batch that cannot fit stops now
+    model = load_policy(recipe, cfg, init, section)
+    rewards = specs.functions(model)
+    resume_from = run_dir.resume_from() if resume else None
+    built = trainer(recipe, model, tokenizer, train, held_out, run_dir)
+    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
+                  parent=str(init) if init else None, reference=reference_description(init),
+                  rewards=specs.lineage(), resumed_from=resume_from)
+
+    def evaluate(when: str) -> dict[str, Any]:
+        measured = held_out_metrics(built, held_out, when) if held_out is not None else {}
+        return measured | evaluate_answers(built, prompts, rewards, recipe, section, when)
+
+    before = run_dir.evaluated_before(lambda: evaluate("before"))
+    start = time.monotonic()
+    train_output = guarded_train(built, section, resume_from_checkpoint=resume_from)
+    seconds = time.monotonic() - start
+    after = evaluate("after")
+
+    checksums = check_identical(built.model, section)
+    with run_dir.checkpoint() as staging:
+        if is_main_process():
+            built.model.save_pretrained(str(staging), selected_adapters=["default"])  # not TRL's "ref" copy
+            tokenizer.save_pretrained(str(staging))
+    extra = logged_results(run_dir.logged(), cfg)
+    return finish(run_dir, init=init, resume_from=resume_from, steps=built.state.global_step, seconds=seconds,
+                  kl=extra.pop("kl", (None, None, None)), before=before, after=after,
+                  train_loss=train_output.training_loss, **extra, **batch(built), rank_checksums=checksums)

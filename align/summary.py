@@ -88,10 +88,15 @@ def kl_notes(summary: Summary, results: dict) -> None:
                                 f"(max {results['kl_max']:.3g})")
 
 
+def policy_note(results: dict) -> str:
+    """Where a policy stage started, and its steps and training time."""
+    return (f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
+            f"{results['steps']} steps in {results['train_seconds']:.0f} s")
+
+
 def rl_summary(results: dict) -> Summary:
     """GRPO's and PPO's results: where the policy started, KL, rewards before and after."""
-    summary = Summary(notes=[f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
-                             f"{results['steps']} steps in {results['train_seconds']:.0f} s"])
+    summary = Summary(notes=[policy_note(results)])
     policy_answers(summary, results)
     kl_notes(summary, results)
     return summary

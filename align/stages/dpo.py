@@ -17,19 +17,17 @@ implicit-reward accuracy and margin on the held-out pairs (data.preference.eval)
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from align import memory, rl
-from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align import rl
+from align.callbacks import MetricsCallback, ProgressBar
 from align.data import load_preferences, load_train_eval
-from align.modeling import check_context, checkpointing, load_tokenizer, trainable_in_float32, trainable_weights
-from align.processes import check_identical, is_main_process
+from align.modeling import check_context, checkpointing, trainable_in_float32, trainable_weights
 from align.recipe import Recipe, RecipeError
-from align.rundir import RunDir, model_identity
-from align.stages import batch, exclusive, init_adapter, trl_config
+from align.rundir import RunDir
+from align.stages import exclusive, init_adapter, trl_config
 from align.styles import load_style
-from align.summary import Summary, arrow, num, pct, policy_answers
+from align.summary import Summary, arrow, num, pct, policy_answers, policy_note
 
 log = logging.getLogger(__name__)
 
@@ -39,44 +37,19 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
     check(recipe)
-    cfg = recipe.dpo
-    run_dir = RunDir(recipe, "dpo")
-    init = init_adapter(recipe, "dpo")
-    specs = rl.RewardSpecs(recipe, cfg)
-    tokenizer = load_tokenizer(recipe.model)
-    train, held_out, reports = load_data(recipe, tokenizer)
-    prompts = rl.held_out_prompts(recipe, "dpo", tokenizer, reports)
-    memory.check(recipe, "dpo", reports[0])  # before a model loads: a batch that cannot fit stops now
-    model = rl.load_policy(recipe, cfg, init, "dpo")
-    rewards = specs.functions(model)
-    resume_from = run_dir.resume_from() if resume else None
-    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
-    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
-                  parent=str(init) if init else None, reference=rl.reference_description(init),
-                  rewards=specs.lineage(), resumed_from=resume_from)
+    return rl.train_offline(recipe, "dpo", resume=resume, load_data=load_data, trainer=_trainer,
+                            held_out_metrics=_held_out_metrics, logged_results=_logged_results)
 
-    evaluate = lambda when: _evaluate(trainer, held_out, prompts, rewards, recipe, when)  # noqa: E731
-    before = run_dir.evaluated_before(lambda: evaluate("before"))
-    start = time.monotonic()
-    train_output = guarded_train(trainer, "dpo", resume_from_checkpoint=resume_from)
-    seconds = time.monotonic() - start
-    after = evaluate("after")
 
-    checksums = check_identical(trainer.model, "dpo")
-    with run_dir.checkpoint() as staging:
-        if is_main_process():
-            # The policy adapter only: TRL's "ref" copy is not part of the result.
-            trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
-            tokenizer.save_pretrained(str(staging))
-    logged = [record for record in run_dir.logged() if "rewards/margins" in record]
+def _logged_results(records: list[dict], cfg) -> dict[str, Any]:
+    """The implicit reward margin and the chosen answers' log-ratio to the reference at the first and last
+    logged training step (both 0 at the first: the reference is the policy the run started from)."""
+    logged = [record for record in records if "rewards/margins" in record]
     margins = [record["rewards/margins"] for record in logged]
     log_ratios = [record["rewards/chosen"] / cfg.beta for record in logged]
-    return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
-                     kl=(None, None, None), before=before, after=after, train_loss=train_output.training_loss,
-                     margin_first=margins[0] if margins else None, margin_last=margins[-1] if margins else None,
-                     log_ratio_first=log_ratios[0] if log_ratios else None,
-                     log_ratio_last=log_ratios[-1] if log_ratios else None,
-                     **batch(trainer), rank_checksums=checksums)
+    return {"margin_first": margins[0] if margins else None, "margin_last": margins[-1] if margins else None,
+            "log_ratio_first": log_ratios[0] if log_ratios else None,
+            "log_ratio_last": log_ratios[-1] if log_ratios else None}
 
 
 def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
@@ -126,24 +99,20 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
     return trainer
 
 
-def _evaluate(trainer, held_out, prompts, rewards, recipe: Recipe, when: str) -> dict[str, Any]:
-    """The implicit reward on the held-out pairs (accuracy: chosen above rejected; mean margin; DPO loss), and the
-    held-out prompts' answers scored by dpo.rewards (rl.evaluate: greedy, and sampled with eval_samples)."""
-    result: dict[str, Any] = {}
-    if held_out is not None:
-        metrics = trainer.evaluate()
-        result.update(pairs=len(held_out), reward_accuracy=metrics["eval_rewards/accuracies"],
-                      margin_mean=metrics["eval_rewards/margins"], loss=metrics["eval_loss"])
-        log.info("%s training: held-out implicit-reward accuracy %.1f%% of %d pairs, mean margin %.3f", when,
-                 100 * result["reward_accuracy"], len(held_out), result["margin_mean"])
-    return result | rl.evaluate_answers(trainer, prompts, rewards, recipe, "dpo", when)
+def _held_out_metrics(trainer, held_out, when: str) -> dict[str, Any]:
+    """The implicit reward on the held-out pairs: accuracy (chosen above rejected), mean margin, loss."""
+    metrics = trainer.evaluate()
+    result = dict(pairs=len(held_out), reward_accuracy=metrics["eval_rewards/accuracies"],
+                  margin_mean=metrics["eval_rewards/margins"], loss=metrics["eval_loss"])
+    log.info("%s training: held-out implicit-reward accuracy %.1f%% of %d pairs, mean margin %.3f", when,
+             100 * result["reward_accuracy"], len(held_out), result["margin_mean"])
+    return result
 
 
 def summary(results: dict[str, Any]) -> Summary:
     """Where the policy started, the implicit reward on held-out pairs, held-out answers before and after."""
     before, after = results["before"], results["after"]
-    out = Summary(notes=[f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
-                         f"{results['steps']} steps in {results['train_seconds']:.0f} s"])
+    out = Summary(notes=[policy_note(results)])
     if results.get("margin_first") is not None:
         out.notes.append(f"implicit reward margin (chosen - rejected) on training batches: first step "
                          f"{results['margin_first']:.4f}, last {results['margin_last']:.4f}; log-ratio of chosen "

@@ -16,19 +16,17 @@ at 0. Before and after training the stage measures the implicit rewards of the h
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from align import memory, rl
-from align.callbacks import MetricsCallback, ProgressBar, guarded_train
+from align import rl
+from align.callbacks import MetricsCallback, ProgressBar
 from align.data import load_feedback, load_train_eval
-from align.modeling import check_context, checkpointing, load_tokenizer, trainable_in_float32, trainable_weights
-from align.processes import check_identical, is_main_process
+from align.modeling import check_context, checkpointing, trainable_in_float32, trainable_weights
 from align.recipe import Recipe, RecipeError
-from align.rundir import RunDir, model_identity
-from align.stages import batch, exclusive, init_adapter, trl_config
+from align.rundir import RunDir
+from align.stages import exclusive, init_adapter, trl_config
 from align.styles import load_style
-from align.summary import Summary, arrow, kl_notes, num, policy_answers
+from align.summary import Summary, arrow, kl_notes, num, policy_answers, policy_note
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +36,16 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
     check(recipe)
-    cfg = recipe.kto
-    run_dir = RunDir(recipe, "kto")
-    init = init_adapter(recipe, "kto")
-    specs = rl.RewardSpecs(recipe, cfg)
-    tokenizer = load_tokenizer(recipe.model)
-    train, held_out, reports = load_data(recipe, tokenizer)
-    prompts = rl.held_out_prompts(recipe, "kto", tokenizer, reports)
-    memory.check(recipe, "kto", reports[0])  # before a model loads: a batch that cannot fit stops now
-    model = rl.load_policy(recipe, cfg, init, "kto")
-    rewards = specs.functions(model)
-    resume_from = run_dir.resume_from() if resume else None
-    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
-    run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
-                  parent=str(init) if init else None, reference=rl.reference_description(init),
-                  rewards=specs.lineage(), resumed_from=resume_from)
+    return rl.train_offline(recipe, "kto", resume=resume, load_data=load_data, trainer=_trainer,
+                            held_out_metrics=_held_out_metrics, logged_results=_logged_results)
 
-    evaluate = lambda when: _evaluate(trainer, held_out, prompts, rewards, recipe, when)  # noqa: E731
-    before = run_dir.evaluated_before(lambda: evaluate("before"))
-    start = time.monotonic()
-    train_output = guarded_train(trainer, "kto", resume_from_checkpoint=resume_from)
-    seconds = time.monotonic() - start
-    after = evaluate("after")
 
-    checksums = check_identical(trainer.model, "kto")
-    with run_dir.checkpoint() as staging:
-        if is_main_process():
-            # The policy adapter only: TRL's "ref" copy is not part of the result.
-            trainer.model.save_pretrained(str(staging), selected_adapters=["default"])
-            tokenizer.save_pretrained(str(staging))
-    kls = [record["kl"] for record in run_dir.logged() if "kl" in record and "rewards/margins" in record]
-    return rl.finish(run_dir, init=init, resume_from=resume_from, steps=trainer.state.global_step, seconds=seconds,
-                     kl=(kls[0], kls[-1], max(kls)) if kls else (None, None, None), before=before, after=after,
-                     train_loss=train_output.training_loss, kl_unit="nats per answer (KTO's batch estimate)",
-                     **batch(trainer), rank_checksums=checksums)
+def _logged_results(records: list[dict], cfg) -> dict[str, Any]:
+    """KTO's KL estimate at the training steps (0 at the first: the reference is the policy the run started
+    from), first, last and max."""
+    kls = [record["kl"] for record in records if "kl" in record and "rewards/margins" in record]
+    return {"kl": (kls[0], kls[-1], max(kls)) if kls else (None, None, None),
+            "kl_unit": "nats per answer (KTO's batch estimate)"}
 
 
 def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
@@ -116,25 +90,22 @@ def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir)
     return trainer
 
 
-def _evaluate(trainer, held_out, prompts, rewards, recipe: Recipe, when: str) -> dict[str, Any]:
-    """The implicit rewards of the held-out labelled answers (good, bad, their difference; the KL estimate; the
-    loss), and the held-out prompts' answers scored by kto.rewards."""
-    result: dict[str, Any] = {}
-    if held_out is not None:
-        metrics = trainer.evaluate()
-        result.update(answers=len(held_out), reward_good=metrics["eval_rewards/chosen"],
-                      reward_bad=metrics["eval_rewards/rejected"], margin_mean=metrics["eval_rewards/margins"],
-                      kl=metrics["eval_kl"], loss=metrics["eval_loss"])
-        log.info("%s training: held-out implicit reward of good answers %.3f, of bad ones %.3f (%d answers)", when,
-                 result["reward_good"], result["reward_bad"], len(held_out))
-    return result | rl.evaluate_answers(trainer, prompts, rewards, recipe, "kto", when)
+def _held_out_metrics(trainer, held_out, when: str) -> dict[str, Any]:
+    """The implicit rewards of the held-out labelled answers: good, bad, their difference, the KL estimate, the
+    loss."""
+    metrics = trainer.evaluate()
+    result = dict(answers=len(held_out), reward_good=metrics["eval_rewards/chosen"],
+                  reward_bad=metrics["eval_rewards/rejected"], margin_mean=metrics["eval_rewards/margins"],
+                  kl=metrics["eval_kl"], loss=metrics["eval_loss"])
+    log.info("%s training: held-out implicit reward of good answers %.3f, of bad ones %.3f (%d answers)", when,
+             result["reward_good"], result["reward_bad"], len(held_out))
+    return result
 
 
 def summary(results: dict[str, Any]) -> Summary:
     """Where the policy started, the KL, the implicit rewards of held-out good and bad answers, held-out answers."""
     before, after = results["before"], results["after"]
-    out = Summary(notes=[f"policy started from: {results['init_from'] or 'a fresh adapter on the base'}; "
-                         f"{results['steps']} steps in {results['train_seconds']:.0f} s"])
+    out = Summary(notes=[policy_note(results)])
     if "answers" in after:
         out.tables.append((f"implicit reward of {after['answers']} held-out labelled answers", [
             ("good answers (mean)", num(before["reward_good"], 4), num(after["reward_good"], 4)),
