@@ -363,18 +363,26 @@ class PPOStage(RLStage):
 
 
 @dataclass
-class DPOStage(RLStage, TRLStage):
-    """Offline preference optimisation with TRL's DPOTrainer: the policy learns from data.preference pairs
-    directly, with no reward model; rewards, max_completion_length, temperature and the eval_* fields only score
-    held-out answers (data.prompts.eval) before and after, as GRPO's and PPO's are scored."""
+class OfflineStage(RLStage, TRLStage):
+    """What the stages that learn from preference data without sampling share (DPO, KTO): the implicit reward's
+    beta; rewards, max_completion_length, temperature and the eval_* fields only score held-out answers
+    (data.prompts.eval) before and after, as GRPO's and PPO's are scored."""
 
     learning_rate: float = doc(5e-5, help="Peak learning rate (LoRA; TRL's full fine-tuning default is 1e-6).")
     max_length: int = doc(
-        512, help="Longest prompt + answer of a pair in tokens (the longer side); longer pairs are errors (or "
-        "skipped and counted with data.skip_invalid).")
+        512, help="Longest prompt + answer in tokens (a pair's longer side); longer rows are errors (or skipped and "
+        "counted with data.skip_invalid).")
     beta: float = doc(
         0.1, help="Inverse temperature of the implicit reward beta x (log pi - log pi_ref): higher keeps the "
         "policy closer to the reference (the SFT policy). TRL's default, set here so an upgrade cannot move it.")
+    eval_samples: int = doc(0, help="Answers sampled per held-out prompt at `temperature`, scored before and "
+                            "after (0: greedy answers only).")
+
+
+@dataclass
+class DPOStage(OfflineStage):
+    """DPO with TRL's DPOTrainer, on the data.preference pairs."""
+
     loss_type: List[str] = doc(
         lambda: ["sigmoid"], help="TRL's DPO losses: sigmoid (DPO), ipo, hinge, robust, bco_pair, apo_zero, "
         "apo_down, sppo_hard, nca_pair, exo_pair, aot, aot_unpaired, discopop, sigmoid_norm, sft; several are "
@@ -383,33 +391,20 @@ class DPOStage(RLStage, TRLStage):
         None, help="One weight per loss_type entry; None: 1 each.")
     label_smoothing: float = doc(
         0.0, help="Probability that a pair's label is flipped (conservative DPO, robust); 0: trust the labels.")
-    eval_samples: int = doc(0, help="Answers sampled per held-out prompt at `temperature`, scored before and "
-                            "after (0: greedy answers only).")
 
 
 @dataclass
-class KTOStage(RLStage, TRLStage):
-    """Offline preference optimisation from answers labelled good or bad one at a time (data.feedback), with
-    TRL's KTOTrainer; rewards, max_completion_length, temperature and the eval_* fields only score held-out answers
-    (data.prompts.eval) before and after, as for DPO."""
+class KTOStage(OfflineStage):
+    """KTO with TRL's KTOTrainer, on answers labelled good or bad one at a time (data.feedback)."""
 
-    learning_rate: float = doc(5e-5, help="Peak learning rate (LoRA; TRL's full fine-tuning default is 1e-6).")
     per_device_train_batch_size: int = doc(
         8, help="Answers per device per forward pass; at least 2: KTO's KL estimate pairs each prompt with "
         "another row's answer in the batch.")
-    max_length: int = doc(
-        512, help="Longest prompt + answer in tokens; longer rows are errors (or skipped and counted with "
-        "data.skip_invalid).")
-    beta: float = doc(
-        0.1, help="Inverse temperature of the implicit reward beta x (log pi - log pi_ref): higher keeps the "
-        "policy closer to the reference (the SFT policy). TRL's default, set here.")
     loss_type: str = doc("kto", help="kto (KTO's loss, with its KL reference point), or apo_zero_unpaired.")
     desirable_weight: float = doc(
         1.0, help="Weight of the good answers' losses; with unequal numbers of good and bad answers, weigh them so "
         "that good x desirable_weight / (bad x undesirable_weight) is in [1, 4/3] (the KTO paper).")
     undesirable_weight: float = doc(1.0, help="Weight of the bad answers' losses.")
-    eval_samples: int = doc(0, help="Answers sampled per held-out prompt at `temperature`, scored before and "
-                            "after (0: greedy answers only).")
 
 
 # auto, or a stage that can end `align run` (align/registry.py)
