@@ -179,3 +179,24 @@ def estimated_peak(stderr: str) -> float:
     import re
 
     return float(re.search(r"estimated peak memory ([\d.]+) GB", stderr).group(1)) * (1 << 30)
+
+
+def assert_reference_is_the_sft_policy(policy, sft_adapter: Path) -> None:
+    """After training: the policy's frozen "ref" adapter (TRL's copy) still computes the saved SFT checkpoint's
+    logits, and the trained adapter moved away from them."""
+    import torch
+    from peft import PeftModel
+    from trl.trainer.utils import use_adapter
+
+    from align.modeling import load_model
+    from align.recipe import ModelConfig
+
+    policy.eval()
+    sft = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), str(sft_adapter)).eval()
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
+    with torch.no_grad():
+        with use_adapter(policy, "ref"):
+            reference = policy(input_ids=ids).logits
+        moved, expected = policy(input_ids=ids).logits, sft(input_ids=ids).logits
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
+    assert (moved - expected).abs().max() > 1e-3

@@ -5,15 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import QA_HELDOUT, ROOT, TINY_BASE, run_keeping_trainer
-from peft import PeftModel
-from trl.trainer.utils import use_adapter
+from conftest import assert_reference_is_the_sft_policy, QA_HELDOUT, ROOT, run_keeping_trainer
 
 from align import pipeline
 from align.cli import print_summary
-from align.modeling import load_model
-from align.recipe import ModelConfig, RecipeError, load_recipe
+from align.recipe import RecipeError, load_recipe
 from align.stages import kto
 
 FEEDBACK_TRAIN = ROOT / "data" / "arithmetic" / "feedback_train.jsonl"
@@ -58,15 +54,7 @@ def test_first_rewards_and_kl_are_zero_the_reference_is_the_sft_policy_and_good_
     assert after["reward_good"] > after["reward_bad"]  # held-out good answers rose above bad ones
     assert before["prompts"] == after["prompts"] == 8 and "rewards/exact_match" in after["greedy"]
 
-    policy = trainer.model.eval()
-    sft = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), str(sft_adapter)).eval()
-    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
-    with torch.no_grad():
-        with use_adapter(policy, "ref"):
-            reference = policy(input_ids=ids).logits
-        moved, expected = policy(input_ids=ids).logits, sft(input_ids=ids).logits
-    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
-    assert (moved - expected).abs().max() > 1e-3
+    assert_reference_is_the_sft_policy(trainer.model, sft_adapter)
     lineage = json.loads((Path(results["run_dir"]) / "lineage.json").read_text())
     assert lineage["parent_checkpoint"] == str(sft_adapter)
     assert lineage["data"][0]["labels"] == {"good": 256, "bad": 256}
