@@ -89,3 +89,22 @@ def test_sft_two_processes_of_8_follow_one_process_of_16(write_recipe, tmp_path)
         curves[processes] = [r["loss"] for r in map(json.loads, metrics) if "loss" in r]
     assert len(curves[1]) == len(curves[2]) == 6
     assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves  # equal as logged (TRL: loss over all ranks' tokens)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_offline_preference_stages_on_two_processes_keep_ranks_identical(write_recipe, sft_adapter, tmp_path, stage):
+    from test_dpo import data as dpo_data
+    from test_dpo import dpo_section
+    from test_kto import data as kto_data
+    from test_kto import kto_section
+
+    section, data = {"dpo": (dpo_section, dpo_data), "kto": (kto_section, kto_data)}[stage]
+    recipe = write_recipe(sft={}, data=data(tmp_path),
+                          **{stage: section(max_steps=2, eval_generations=4, per_device_train_batch_size=8)})
+    launch(stage, recipe)
+    run_dir = tmp_path / "runs" / "test" / stage
+    results = stage_results(run_dir)
+    assert results["processes"] == 2 and results["effective_batch"] == 16
+    assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
+    assert logged_steps(run_dir, "loss") == [1, 2]  # each step written once, by one process
+    assert (run_dir / "checkpoint" / "adapter_model.safetensors").is_file()

@@ -1,5 +1,5 @@
 """The DPO stage on the tiny base, 4-bit NF4 on CPU: TRL's DPOTrainer with the SFT adapter as policy and a frozen
-copy of it as reference, through the CLI; what `align run` trains before it; compare and export on its checkpoint."""
+copy of it as reference, and what `align run` trains before it (through the CLI with compare and export: test_offline_preference.py)."""
 
 import json
 from pathlib import Path
@@ -93,31 +93,3 @@ def test_settings_that_cannot_work_fail_before_loading(write_recipe, tmp_path):
         dpo.run(recipe)
     with pytest.raises(RecipeError, match="dpo.init_from=sft: .*no finished sft checkpoint"):
         dpo.run(load_recipe(write_recipe(sft={}, data=data(tmp_path), dpo=dpo_section(init_from="sft"))))
-
-
-def test_align_run_dpo_through_the_cli_then_compare_and_export_its_checkpoint(write_recipe, tmp_path, capsys):
-    from conftest import QA_TRAIN, sft_section
-
-    from align.cli import main
-
-    sections = dict(data={**data(tmp_path), "sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}},
-                    sft=sft_section(eval_generations=8), dpo=dpo_section())
-    path = write_recipe(**sections)
-    assert main(["run", str(path), "run.name=cli"]) == 0
-    printed = capsys.readouterr().out
-    assert "pair accuracy (implicit reward) 0.0% ->" in printed and "dpo" in printed
-    run = tmp_path / "runs" / "cli"
-    events = [json.loads(line) for line in (run / "pipeline.jsonl").read_text().splitlines()]
-    assert [e["stage"] for e in events if e.get("action") == "finished"] == ["sft", "dpo"]  # no reward model
-
-    # compare: the DPO policy's KL is measured against its reference, the SFT policy its lineage names
-    out = tmp_path / "cmp"
-    assert main(["compare", f"sft={run / 'sft'}", f"dpo={run / 'dpo'}", "--eval", str(QA_HELDOUT), "--max-new-tokens",
-                 "8", "--out", str(out), "--temperature", "0"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    checkpoints = results["checkpoints"]
-    assert Path(checkpoints["dpo"]["reference"]) == run / "sft" / "checkpoint" and checkpoints["sft"]["reference"] is None
-    assert checkpoints["dpo"]["metrics"]["kl"]["mean"] > 0  # it moved away from the SFT policy
-    # export: a run dir's policy is its final stage's, here DPO's
-    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
-    assert str(run / "dpo" / "checkpoint") in capsys.readouterr().out
