@@ -11,6 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
+from align.data.files import FORMATS
+from align.data.kinds import KINDS
 from align.errors import AlignError
 from align.recipe import describe
 from align.registry import BY_NAME, FINAL, STAGES
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     compare.add_argument("checkpoints", nargs="+", metavar="[NAME=]CHECKPOINT", help="what to compare")
-    compare.add_argument("--eval", required=True, help="prompts (jsonl, json, csv, parquet, saved dir, hub id), "
+    compare.add_argument("--eval", required=True, help=f"prompts ({FORMATS}), "
                          "with a reference answer column for accuracy")
     compare.add_argument("--reward", help="reward model: a run dir or reward checkpoint (default: the one the RL "
                          "checkpoints were trained with, from their lineage)")
@@ -154,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         "  align data check prefs.csv data.columns.chosen=better_answer data.columns.rejected=worse_answer",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("target", help="a recipe (.yaml) or a data file (.jsonl, .json, .csv, .parquet, saved dir)")
+    check.add_argument("target", help=f"a recipe (.yaml) or a data file ({FORMATS})")
     check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.columns.prompt=q")
     check.add_argument("--model", default=None, help=f"tokenizer for a bare data file (default: {TINY_BASE})")
     check.add_argument("--max-length", type=int, default=None,
                        help="token limit (default: the recipe's sft.max_length, reward.max_length, or for prompts "
                        "grpo.max_length - grpo.max_completion_length)")
-    check.add_argument("--kind", choices=("auto", "qa", "preference", "feedback", "prompts"), default="auto",
-                       help="what a bare data file holds (default auto: preference if it has chosen/rejected or "
-                       "responses/scores columns, else qa if it has answers, else prompts)")
+    check.add_argument("--kind", choices=("auto", *KINDS), default="auto",
+                       help="what a bare data file holds (default auto: preference if it has chosen/rejected, "
+                       "two answers and a choice, or responses/scores columns; else feedback if it has answers "
+                       "with a true/false label; else qa if it has answers; else prompts)")
 
     tiny = commands.add_parser("tiny", help="the built-in tiny base model and its data").add_subparsers(
         dest="action", required=True
@@ -449,18 +452,22 @@ def _data_check(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from align.data import KINDS, percentiles
+    from align.data.checks import available, percentiles
+    from align.data.files import read_records
+    from align.data.kinds import guess
     from align.modeling import load_tokenizer, model_context
     from align.recipe import load_recipe
 
     overrides = list(args.overrides) + ["data.skip_invalid=true"]  # count every problem instead of stopping
     if args.target.endswith((".yaml", ".yml")):
         recipe = load_recipe(args.target, overrides)
-        files = [(f, kind) for kind, (section, _) in KINDS.items()
-                 for f in (getattr(recipe.data, section).train, getattr(recipe.data, section).eval) if f]
+        files = [(f, kind) for kind, spec in KINDS.items()
+                 for f in (getattr(recipe.data, spec.section).train, getattr(recipe.data, spec.section).eval) if f]
     else:
         recipe = load_recipe(None, [f"model.name_or_path={args.model or TINY_BASE}"] + overrides)
-        files = [(args.target, args.kind if args.kind != "auto" else _kind(args.target, recipe))]
+        kind = args.kind if args.kind != "auto" else guess(args.target, available(read_records(args.target)),
+                                                           recipe.data.columns)
+        files = [(args.target, kind)]
     limits = _limits(recipe)
     tokenizer = load_tokenizer(recipe.model)
     # A bare file is checked with the stage defaults, capped at the model's context (a recipe's own max_length
@@ -472,9 +479,9 @@ def _data_check(args) -> int:
         table.add_column(column)
     notes, invalid = [], False
     for path, kind in files:
-        limit = limits[KINDS[kind][0]]
+        limit = limits[KINDS[kind].section]
         max_length = args.max_length or min(limit, context or limit)
-        _, report = KINDS[kind][1](path, recipe.data, tokenizer, max_length)
+        _, report = KINDS[kind].load(path, recipe.data, tokenizer, max_length)
         lengths = "\n".join(f"{k}: {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items())
         columns = ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())
         columns += f"\nunused: {', '.join(report.unused)}" if report.unused else ""
@@ -486,6 +493,7 @@ def _data_check(args) -> int:
         invalid = invalid or bool(report.skipped)
         if report.labels:
             notes.append(f"{path}: {report.labels['good']} answers labelled good, {report.labels['bad']} bad")
+        notes.extend(f"{path}: {note}" for note in report.notes)
         if report.pairing:
             notes.append(f"{path}: rated responses paired by {report.pairing['rule']}: "
                          + ", ".join(f"{k}={v}" for k, v in report.pairing.items() if k != "rule"))
@@ -499,30 +507,11 @@ def _data_check(args) -> int:
 def _limits(recipe) -> dict[str, int]:
     """Per data section, the token limit of the first stage that trains on it (its max_length; for prompts, what
     leaves room for max_completion_length), from the recipe's section or that stage's defaults."""
-    from align.data import KINDS
     from align.recipe import TrainingStage, section_defaults
 
     limits = {}
     for spec in STAGES:
         cfg = getattr(recipe, spec.name) or section_defaults(spec.name)
         limits.setdefault(spec.data, cfg.max_length - cfg.max_completion_length if spec.generates else cfg.max_length)
-    return {section: limits.get(section, TrainingStage().max_length) for section, _ in KINDS.values()}
+    return {kind.section: limits.get(kind.section, TrainingStage().max_length) for kind in KINDS.values()}
 
-
-def _kind(path: str, recipe) -> str:
-    """'preference' if the file's columns are preference columns (mapped or by their usual names), else
-    'feedback' if they are question-answer columns with a true/false label, else 'qa' if they are question-answer
-    columns, else 'prompts'."""
-    from align.data import DataError, feedback_columns, preference_columns, preference_pair_columns, qa_columns, read_records
-
-    records = read_records(path)
-    columns = list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
-    if preference_pair_columns(columns):  # chosen_x / rejected_x columns: the error will say how to map them
-        return "preference"
-    for kind, detect in (("preference", preference_columns), ("feedback", feedback_columns), ("qa", qa_columns)):
-        try:
-            detect(path, columns, recipe.data.columns)
-            return kind
-        except DataError:
-            pass
-    return "prompts"

@@ -71,7 +71,7 @@ def resolve(spec: str, quantization: Quantization = Quantization.nf4, trust_remo
     trained on, from its config.yaml, checked against lineage.json's digest of it), an exported model dir, or a
     hub model id (loaded with `quantization`). `with_reference`: an RL checkpoint's reference from its lineage,
     checked to be the policy it started from."""
-    from align.data import HUB_ID
+    from align.data.files import HUB_ID
 
     name, _, path = spec.rpartition("=")
     where = Path(path)
@@ -252,7 +252,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     before the first model loads."""
     from transformers import set_seed
 
-    from align.data import load_prompts
+    from align.data import prompts as prompt_data
     from align.generation import generate
     from align.modeling import load_tokenizer
     from align.recipe import Columns
@@ -276,7 +276,7 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
     system_prompt = common_system_prompt(system_prompt, checkpoints)
     data_cfg = DataConfig(columns=Columns(**(columns or {})), system_prompt=system_prompt)
     tokenizer = load_tokenizer(checkpoints[0].model)
-    held_out, report = load_prompts(eval_path, data_cfg, tokenizer, max_length=1 << 30)
+    held_out, report = prompt_data.load(eval_path, data_cfg, tokenizer, max_length=1 << 30)
     prompts = held_out["prompt"]
     data_columns = {c: held_out[c] for c in held_out.column_names if c != "prompt"}
     repeat = lambda values: [v for v in values for _ in range(k)]  # noqa: E731  (a prompt's answers are adjacent)

@@ -83,15 +83,12 @@ def final_stage(recipe: Recipe) -> str | None:
     return choice.value
 
 
-FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")  # a missing path with one of these is a file, not a hub id
-
-
 def validate(recipe: Recipe) -> list[str]:
     """The recipe's stages, after refusing what any of them would refuse once the earlier ones have trained for
     hours: missing data files (hub ids are taken on trust: no network needed), and whatever each stage's
     `check` refuses (settings, unknown reward functions, a starting point that no stage provides), with the
     stages before it counted as trained. Nothing is downloaded or loaded."""
-    from align.data import HUB_ID
+    from align.data.files import HUB_ID, SUFFIXES
 
     names = stage_names(recipe)
     for i, name in enumerate(names):
@@ -100,7 +97,7 @@ def validate(recipe: Recipe) -> list[str]:
         if files.train is None:
             raise RecipeError(f"data.{data}.train is not set, and the {name} stage needs it")
         for split, path in (("train", files.train), ("eval", files.eval)):
-            if path and not Path(path).exists() and (not HUB_ID.match(path) or path.endswith(FILE_SUFFIXES)):
+            if path and not Path(path).exists() and (not HUB_ID.match(path) or path.endswith(SUFFIXES)):
                 raise RecipeError(f"data.{data}.{split}={path}: no such file or directory (nor a hub dataset id "
                                   "such as owner/name:split)")
         registry.stage(name).module.check(recipe, upcoming=tuple(names[:i]))
@@ -267,7 +264,7 @@ def check_prompt_rendering(recipe: Recipe, stage: str) -> None:
 def rendered_prompt(recipe: Recipe, stage: str) -> tuple[list[int], str, list[str]]:
     """The probe prompt's token ids as `stage` of `recipe` sees them (see check_prompt_rendering), their text, and
     each token's text."""
-    from align.data import with_system_prompt
+    from align.data.fields import with_system_prompt
     from align.modeling import conversation_ids, load_tokenizer, prompt_ids
 
     tokenizer = load_tokenizer(recipe.model)

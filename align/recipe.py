@@ -20,6 +20,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from align.data.files import FORMATS
+from align.data.names import auto_detected
 from align.errors import AlignError
 from align.registry import FINAL
 
@@ -91,29 +93,50 @@ class LoraConfig:
     )
 
 
+class ChoiceKind(Enum):
+    index = "index"
+    first_better = "first_better"
+
+
 @dataclass
 class Columns:
-    prompt: Optional[str] = doc(None, help="Column with the question/prompt. None: auto-detect (prompt, question, instruction, query).")
-    completion: Optional[str] = doc(None, help="Column with the answer. None: auto-detect (completion, answer, response, output).")
-    messages: Optional[str] = doc(None, help="Column with a conversation (list of {role, content}). None: auto-detect (messages, conversations).")
-    chosen: Optional[str] = doc(None, help="Preference data: the better answer (text or messages). None: auto-detect (chosen, preferred, accepted).")
-    rejected: Optional[str] = doc(None, help="Preference data: the worse answer (text or messages). None: auto-detect (rejected, dispreferred).")
-    responses: Optional[str] = doc(
-        None, help="Rated preference data: the responses, a list per row or one per row (rows grouped by prompt). "
-        "None: auto-detect (responses, completions, response, completion).")
+    prompt: Optional[str] = doc(None, help=f"Column with the question/prompt (text or messages). {auto_detected('prompt')}")
+    completion: Optional[str] = doc(
+        None, help=f"Column with the answer (text or assistant messages). {auto_detected('completion')}")
+    messages: Optional[str] = doc(
+        None, help=f"Column with a conversation (list of {{role, content}}). {auto_detected('messages')}")
+    chosen: Optional[str] = doc(
+        None, help=f"Preference data: the better answer (text or messages). {auto_detected('chosen')}")
+    rejected: Optional[str] = doc(
+        None, help=f"Preference data: the worse answer (text or messages). {auto_detected('rejected')}")
+    responses: Any = doc(
+        None, help="Rated preference data: the column of responses, a list per row or one per row (rows grouped by "
+        f"prompt). {auto_detected('responses')} Or two answer columns, [first, second], that data.columns.choice "
+        "chooses between (PKU-SafeRLHF: [response_0, response_1]).")
     scores: Optional[str] = doc(
         None, help="Rated preference data: numeric score of each response (higher is better), a list per row or "
-        "one per row. None: auto-detect (scores, ratings, score, rating).")
+        f"one per row. {auto_detected('scores')}")
+    choice: Optional[str] = doc(
+        None, help="Two answers and a choice: the column saying which of the two data.columns.responses is better "
+        "(its meaning: data.columns.choice_kind). Never auto-detected: the same 0/1 means opposite things in "
+        "different files.")
+    choice_kind: ChoiceKind = doc(
+        ChoiceKind.index, help="What data.columns.choice holds: index (0 or A: the first answer is better, 1 or B: "
+        "the second; PKU-SafeRLHF's better_response_id) or first_better (1, true or A: the first answer is better; "
+        "Stanford SHP's labels).")
+    score_chosen: Optional[str] = doc(
+        None, help="Preference pairs: a score of the chosen answer; with data.columns.score_rejected, their "
+        "difference is a margin the reward model's loss keeps between chosen and rejected (TRL's margin). Opt-in.")
+    score_rejected: Optional[str] = doc(None, help="Preference pairs: a score of the rejected answer (see "
+                                        "data.columns.score_chosen).")
     label: Optional[str] = doc(
-        None, help="Unpaired feedback (KTO): true for a good answer, false for a bad one. None: auto-detect (label, "
-        "labels, kto_label, kto_tag).")
+        None, help=f"Unpaired feedback (KTO): true for a good answer, false for a bad one. {auto_detected('label')}")
     input: Optional[str] = doc(
         None, help="Alpaca: extra input joined to the prompt text after a newline (instruction + '\\n' + input) "
-        "when not empty. None: auto-detect (input, context).")
-    system: Optional[str] = doc(None, help="A per-row system message put before the prompt. None: auto-detect (system).")
+        f"when not empty. {auto_detected('input')}")
+    system: Optional[str] = doc(None, help=f"A per-row system message put before the prompt. {auto_detected('system')}")
     history: Optional[str] = doc(
-        None, help="Alpaca: earlier turns before the prompt, a list of [user, assistant] pairs. None: auto-detect "
-        "(history).")
+        None, help=f"Alpaca: earlier turns before the prompt, a list of [user, assistant] pairs. {auto_detected('history')}")
     role_key: Optional[str] = doc(
         None, help="Conversations: the key of each message's role (ShareGPT: from). None: auto-detect (role, from).")
     content_key: Optional[str] = doc(
@@ -131,7 +154,7 @@ class Columns:
 
 @dataclass
 class DataFiles:
-    train: Optional[str] = doc(None, help="Training data: .jsonl, .json, .csv, .parquet, a save_to_disk directory, or a hub dataset id 'owner/name' (split: 'owner/name:test', default train; config and split: 'owner/name:main:test').")
+    train: Optional[str] = doc(None, help=f"Training data: {FORMATS}; a hub split as 'owner/name:test' (default train), a config and split as 'owner/name:main:test'.")
     eval: Optional[str] = doc(None, help="Held-out data in the same forms (optional; enables the before/after evaluation).")
 
 

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from align import memory
 from align.callbacks import guarded_train
-from align.data import load_prompts, load_train_eval
+from align.data import prompts as prompt_data
+from align.data.checks import load_train_eval
 from align.generation import generate
 from align.modeling import check_context, checkpointing, load_model, load_tokenizer, lora_config
 from align.processes import check_identical, is_main_process
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 def load_prompt_data(recipe: Recipe, cfg: RLStage, tokenizer):
     """Validated train and held-out prompts, each short enough to leave max_completion_length for the answer."""
     check_context(recipe.model, cfg.max_length, f"{section_name(cfg)}.max_length")
-    return load_train_eval(recipe.data.prompts, load_prompts, recipe.data, tokenizer,
+    return load_train_eval(recipe.data.prompts, prompt_data.load, recipe.data, tokenizer,
                            cfg.max_length - cfg.max_completion_length, what="prompts")
 
 
@@ -76,7 +77,7 @@ def held_out_prompts(recipe: Recipe, section: str, tokenizer, reports: list):
     if why:
         log.info("%s: no held-out answers are scored (%s)", section, why)
         return None
-    prompts, report = load_prompts(recipe.data.prompts.eval, recipe.data, tokenizer,
+    prompts, report = prompt_data.load(recipe.data.prompts.eval, recipe.data, tokenizer,
                                    cfg.max_length - cfg.max_completion_length)
     reports.append(report)
     return prompts

@@ -15,7 +15,7 @@ from align import compare as compare_module
 from align.compare import (
     Checkpoint, CompareError, bootstrap, common_system_prompt, compare, paired_differences, resolve, summarise, win_rate,
 )
-from align.data import DataError
+from align.data.files import DataError
 from align.rundir import sha256_of
 
 

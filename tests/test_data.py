@@ -7,7 +7,8 @@ import pytest
 from conftest import write_rows
 from datasets import Dataset, DatasetDict
 
-from align.data import DataError, load_qa
+from align.data import qa
+from align.data.files import DataError
 from align.recipe import Columns, DataConfig
 
 ROWS = [
@@ -20,7 +21,7 @@ ROWS = [
 
 
 def load(path, tokenizer, max_length=128, **data):
-    return load_qa(str(path), DataConfig(**data), tokenizer, max_length)
+    return qa.load(str(path), DataConfig(**data), tokenizer, max_length)
 
 
 @pytest.mark.parametrize("name", ["qa.jsonl", "qa.json", "qa.csv", "qa.parquet", "qa_saved"])
@@ -66,7 +67,7 @@ def test_mapping_to_a_missing_column_suggests_the_closest(tmp_path, tokenizer):
 
 
 def test_undetectable_columns_say_which_keys_to_set(tmp_path, tokenizer):
-    path = write_rows(tmp_path / "qa.jsonl", [{"text": "a", "label": "b"}])
+    path = write_rows(tmp_path / "qa.jsonl", [{"body": "a", "note": "b"}])
     with pytest.raises(DataError, match=r"cannot tell which column holds the prompt and the completion.*set data.columns.prompt=<column>"):
         load(path, tokenizer)
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import TINY_BASE, write_rows
 
 from align.cli import main
-from align.data import DataError, load_feedback, load_preferences, load_prompts, load_qa
+from align.data import feedback, preference, prompts, qa
+from align.data.files import DataError
 from align.modeling import conversation_ids
 from align.recipe import load_recipe
 
@@ -22,12 +23,12 @@ def data_config(*overrides):
 
 
 def qa_ids(path, tokenizer, *overrides):
-    dataset, report = load_qa(str(path), data_config(*overrides), tokenizer, 256)
+    dataset, report = qa.load(str(path), data_config(*overrides), tokenizer, 256)
     return conversation_ids(tokenizer, [p + c for p, c in zip(dataset["prompt"], dataset["completion"])]), report
 
 
 def pair_ids(path, tokenizer, *overrides):
-    dataset, report = load_preferences(str(path), data_config(*overrides), tokenizer, 256)
+    dataset, report = preference.load(str(path), data_config(*overrides), tokenizer, 256)
     return (dataset["chosen_ids"], dataset["rejected_ids"]), report
 
 
@@ -100,7 +101,7 @@ def test_sharegpt_preferences_and_hh_transcripts_pair_like_plain_pairs(tmp_path,
     longer = write_rows(tmp_path / "hh2.jsonl", [{
         "chosen": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: What is 2 + 2?\n\nAssistant: 2 + 2 = 4.",
         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: What is 2 + 2?\n\nAssistant: 2 + 2 = 5."}])
-    dataset, _ = load_preferences(str(longer), data_config(), tokenizer, 256)
+    dataset, _ = preference.load(str(longer), data_config(), tokenizer, 256)
     assert [m["role"] for m in dataset[0]["prompt"]] == ["user", "assistant", "user"]
     assert dataset[0]["chosen"] == [{"role": "assistant", "content": "2 + 2 = 4."}]
     markers = write_rows(tmp_path / "hh3.jsonl", [{"chosen": "\n\nQ: What is 2 + 2?\n\nA: 2 + 2 = 4.",
@@ -114,9 +115,9 @@ def test_alpaca_preferences_and_prompts_use_the_input_too(tmp_path, tokenizer):
     alpaca = write_rows(tmp_path / "alpaca.jsonl", [{"instruction": "Add.", "input": "2 + 2", "chosen": "4",
                                                      "rejected": "5"}])
     assert pair_ids(alpaca, tokenizer)[0] == pair_ids(plain, tokenizer)[0]
-    prompts, report = load_prompts(str(write_rows(tmp_path / "p.jsonl", [{"instruction": "Add.", "input": "2 + 2",
-                                                                          "answer": "4"}])), data_config(), tokenizer, 64)
-    assert prompts[0]["prompt"] == [{"role": "user", "content": "Add.\n2 + 2"}] and prompts[0]["answer"] == "4"
+    rows, report = prompts.load(str(write_rows(tmp_path / "p.jsonl", [{"instruction": "Add.", "input": "2 + 2",
+                                                                       "answer": "4"}])), data_config(), tokenizer, 64)
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Add.\n2 + 2"}] and rows[0]["answer"] == "4"
     assert report.passed == ["input", "answer"]
 
 
@@ -126,11 +127,11 @@ def test_unpaired_labels_are_refused_for_sft_and_reward(tmp_path, tokenizer):
         {"prompt": "What is 1 + 1?", "completion": "3", "label": False}])
     with pytest.raises(DataError, match=r"column 'label' labels each answer good \(true\) or bad \(false\) on its own: "
                                         r"unpaired feedback \(the KTO shape\), which the SFT stage cannot train on"):
-        load_qa(str(kto), data_config(), tokenizer, 256)
+        qa.load(str(kto), data_config(), tokenizer, 256)
     with pytest.raises(DataError, match="cannot tell which columns hold the preferences"):
-        load_preferences(str(kto), data_config(), tokenizer, 256)
+        preference.load(str(kto), data_config(), tokenizer, 256)
     with pytest.raises(DataError, match="which the reward model stage cannot train on"):
-        load_preferences(str(kto), data_config("data.columns.chosen=completion", "data.columns.rejected=prompt"),
+        preference.load(str(kto), data_config("data.columns.chosen=completion", "data.columns.rejected=prompt"),
                          tokenizer, 256)
 
 
@@ -138,29 +139,29 @@ def test_unpaired_labels_load_as_feedback_from_any_qa_shape(tmp_path, tokenizer,
     rows = [{"prompt": "What is 1 + 1?", "completion": "2", "label": True},
             {"prompt": "What is 1 + 1?", "completion": "3", "label": False},
             {"prompt": "What is 2 + 2?", "completion": "4", "label": True}]
-    plain, report = load_feedback(str(write_rows(tmp_path / "kto.jsonl", rows)), data_config(), tokenizer, 256)
+    plain, report = feedback.load(str(write_rows(tmp_path / "kto.jsonl", rows)), data_config(), tokenizer, 256)
     assert plain.column_names == ["prompt", "completion", "label"] and plain["label"] == [True, False, True]
     assert plain[1]["completion"] == [{"role": "assistant", "content": "3"}]
     assert report.labels == {"good": 2, "bad": 1} and report.summary()["labels"] == {"good": 2, "bad": 1}
     # CSV cells are text; LLaMA-Factory's kto_tag with a ShareGPT conversation; the same examples
     csv = tmp_path / "kto.csv"
     csv.write_text("q,a,ok\nWhat is 1 + 1?,2,true\nWhat is 1 + 1?,3,False\nWhat is 2 + 2?,4,TRUE\n")
-    mapped = load_feedback(str(csv), data_config("data.columns.prompt=q", "data.columns.completion=a",
+    mapped = feedback.load(str(csv), data_config("data.columns.prompt=q", "data.columns.completion=a",
                                                  "data.columns.label=ok"), tokenizer, 256)[0]
     sharegpt = write_rows(tmp_path / "sharegpt.jsonl", [
         {"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["completion"]}],
          "kto_tag": r["label"]} for r in rows])
-    assert mapped.to_list() == plain.to_list() == load_feedback(str(sharegpt), data_config(), tokenizer, 256)[0].to_list()
+    assert mapped.to_list() == plain.to_list() == feedback.load(str(sharegpt), data_config(), tokenizer, 256)[0].to_list()
 
     bad = write_rows(tmp_path / "bad.jsonl", [rows[0], {**rows[1], "label": "maybe"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*field 'label' is 'maybe'; expected true \(a good answer\) or "
                                         r"false"):
-        load_feedback(str(bad), data_config(), tokenizer, 256)
+        feedback.load(str(bad), data_config(), tokenizer, 256)
     with pytest.raises(DataError, match="every answer is labelled good; KTO needs answers of both kinds"):
-        load_feedback(str(write_rows(tmp_path / "good.jsonl", [rows[0], rows[2]])), data_config(), tokenizer, 256)
+        feedback.load(str(write_rows(tmp_path / "good.jsonl", [rows[0], rows[2]])), data_config(), tokenizer, 256)
     with pytest.raises(DataError, match="cannot tell which column labels each answer good or bad .* "
                                         "set data.columns.label=<column>"):
-        load_feedback(str(write_rows(tmp_path / "qa.jsonl", PLAIN_QA)), data_config(), tokenizer, 256)
+        feedback.load(str(write_rows(tmp_path / "qa.jsonl", PLAIN_QA)), data_config(), tokenizer, 256)
 
     monkeypatch.setenv("COLUMNS", "300")
     assert main(["data", "check", str(tmp_path / "kto.jsonl")]) == 0  # auto: the feedback kind
@@ -172,7 +173,7 @@ def test_every_column_is_accounted_for(tmp_path, tokenizer, caplog, capsys, monk
     monkeypatch.setenv("COLUMNS", "300")  # the data check table on one line per row
     path = write_rows(tmp_path / "dolly.jsonl", [
         {"instruction": "Add.", "context": "2 + 2", "response": "4", "category": "math", "notes": "n"}])
-    dataset, report = load_qa(str(path), data_config("data.columns.input=notes"), tokenizer, 256)
+    dataset, report = qa.load(str(path), data_config("data.columns.input=notes"), tokenizer, 256)
     assert dataset[0]["prompt"][0]["content"] == "Add.\nn"
     assert report.unused == ["context", "category"] and report.summary()["unused_columns"] == ["context", "category"]
     assert "columns not used: context, category; it may hold content: 'context' (set data.columns.input=context" in caplog.text
@@ -196,7 +197,7 @@ def test_hints_fit_the_file(tmp_path, tokenizer, capsys):
     prefs = write_rows(tmp_path / "prefs.jsonl", [{"chosen_messages": "4", "rejected_messages": "5", "q": "2 + 2?"}])
     with pytest.raises(DataError, match=r"look like preference data \(chosen_messages, rejected_messages\), which the "
                                         r"reward stage reads"):
-        load_qa(str(prefs), data_config(), tokenizer, 256)
+        qa.load(str(prefs), data_config(), tokenizer, 256)
     assert main(["data", "check", str(prefs)]) == 2  # guessed as preference data: told what to map
     assert "map them: data.columns.chosen=chosen_messages data.columns.rejected=rejected_messages" in capsys.readouterr().err
     # options after the file and overrides after options
@@ -207,11 +208,11 @@ def test_hints_fit_the_file(tmp_path, tokenizer, capsys):
     with pytest.raises(DataError, match=r"If the file holds question-answer pairs, map data.columns.prompt and "
                                         r"data.columns.completion; preference pairs, data.columns.prompt, "
                                         r"data.columns.chosen and data.columns.rejected"):
-        load_prompts(str(unknown), data_config(), tokenizer, 64)
+        prompts.load(str(unknown), data_config(), tokenizer, 64)
 
     empty_answers = write_rows(tmp_path / "empty.jsonl", [{"prompt": "a", "completion": " "}] * 3)
     with pytest.raises(DataError) as error:
-        load_qa(str(empty_answers), data_config(), tokenizer, 256)
+        qa.load(str(empty_answers), data_config(), tokenizer, 256)
     assert "no row is usable (3 rows read: empty=3)" in str(error.value) and "skip_invalid" not in str(error.value)
 
 

@@ -7,7 +7,8 @@ from conftest import write_rows
 from datasets import Dataset
 from trl.data_utils import _tokenize
 
-from align.data import DataError, load_preferences
+from align.data import preference
+from align.data.files import DataError
 from align.recipe import Columns, DataConfig, PairRule
 
 USER = [{"role": "user", "content": "What is 12 + 30?"}]
@@ -22,7 +23,7 @@ TEXT_ROW = {"prompt": USER[0]["content"], "chosen": GOOD[0]["content"], "rejecte
 def load(path, tokenizer, max_length=128, **data):
     if "columns" in data:
         data["columns"] = Columns(**data["columns"])
-    return load_preferences(str(path), DataConfig(**data), tokenizer, max_length)
+    return preference.load(str(path), DataConfig(**data), tokenizer, max_length)
 
 
 def messages_only(example):

@@ -3,7 +3,8 @@
 import pytest
 from conftest import write_rows
 
-from align.data import DataError, load_prompts
+from align.data import prompts
+from align.data.files import DataError
 from align.recipe import Columns, DataConfig
 
 ROWS = [
@@ -13,7 +14,7 @@ ROWS = [
 
 
 def load(path, tokenizer, max_length=64, **data):
-    return load_prompts(str(path), DataConfig(**data), tokenizer, max_length)
+    return prompts.load(str(path), DataConfig(**data), tokenizer, max_length)
 
 
 @pytest.mark.parametrize("name", ["p.jsonl", "p.csv", "p.parquet", "p_saved"])

@@ -187,7 +187,7 @@ def test_kl_is_zero_before_the_first_update_and_logged_after(run):
 def test_the_reward_model_scores_the_same_after_reload(run):
     from align.rewards import RewardModelScorer
 
-    from align.data import with_system_prompt
+    from align.data.fields import with_system_prompt
 
     _, run_dir, results = run
     recipe = load_recipe(run[0])

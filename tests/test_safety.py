@@ -18,7 +18,8 @@ import yaml
 from conftest import QA_HELDOUT, QA_TRAIN, ROOT, TINY_BASE, finished, sft_section, write_rows
 
 from align.cli import main
-from align.data import DataError, load_qa
+from align.data import qa
+from align.data.files import DataError
 from align.errors import AlignError
 from align.recipe import RecipeError, load_recipe, to_yaml
 from align.rundir import checkpoint_problem, complete_checkpoint, last_trainer_checkpoint
@@ -327,7 +328,7 @@ def test_non_utf8_data_names_the_file_and_line(tmp_path, tokenizer):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"question": "What is 1 + 1?", "answer": "2"}\n{"question": "Caf\xe9?", "answer": "3"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
-        load_qa(str(path), DataConfig(), tokenizer, 128)
+        qa.load(str(path), DataConfig(), tokenizer, 128)
 
 
 def test_a_run_dir_that_cannot_be_written_is_one_line(write_recipe, monkeypatch, capsys):
@@ -433,10 +434,10 @@ def test_a_huge_row_is_rejected_before_it_is_tokenised(tmp_path, tokenizer, monk
     def never(*args, **kwargs):
         raise AssertionError("tokenised")
 
-    monkeypatch.setattr("align.data.token_lengths", never)
+    monkeypatch.setattr("align.data.qa.token_lengths", never)
     with pytest.raises(DataError, match=r"huge.jsonl:1: row is 4000014 characters, more than max_length=128 tokens "
                                         r"can hold \(at 100 characters a token\)"):
-        load_qa(str(path), DataConfig(), tokenizer, 128)
+        qa.load(str(path), DataConfig(), tokenizer, 128)
 
 
 # -- 13. Options and overrides in any order ------------------------------------------------------------------------

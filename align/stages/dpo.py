@@ -21,7 +21,8 @@ from typing import Any
 
 from align import rl
 from align.callbacks import MetricsCallback, ProgressBar
-from align.data import load_preferences, load_train_eval
+from align.data import preference
+from align.data.checks import load_train_eval
 from align.modeling import check_context, checkpointing, trainable_in_float32, trainable_weights
 from align.recipe import Recipe, RecipeError
 from align.rundir import RunDir
@@ -72,10 +73,13 @@ def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out preference pairs (held-out None when data.preference.eval is unset) and their
     reports, with TRL's column names (prompt, chosen, rejected: conversations it renders with the chat template)."""
     check_context(recipe.model, recipe.dpo.max_length, "dpo.max_length")
-    train, held_out, reports = load_train_eval(recipe.data.preference, load_preferences, recipe.data, tokenizer,
+    train, held_out, reports = load_train_eval(recipe.data.preference, preference.load, recipe.data, tokenizer,
                                                recipe.dpo.max_length, what="preference")
-    ids = ["chosen_ids", "rejected_ids"]  # align's own tokenisation, for the reward model; DPOTrainer tokenizes
-    return train.remove_columns(ids), held_out.remove_columns(ids) if held_out is not None else None, reports
+    # align's own tokenisation and the margin are the reward model's; DPOTrainer tokenizes, and has no margin
+    def for_dpo(pairs):
+        return pairs.remove_columns([c for c in ("chosen_ids", "rejected_ids", "margin") if c in pairs.column_names])
+
+    return for_dpo(train), for_dpo(held_out) if held_out is not None else None, reports
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):

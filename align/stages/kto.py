@@ -20,7 +20,8 @@ from typing import Any
 
 from align import rl
 from align.callbacks import MetricsCallback, ProgressBar
-from align.data import load_feedback, load_train_eval
+from align.data import feedback
+from align.data.checks import load_train_eval
 from align.modeling import check_context, checkpointing, trainable_in_float32, trainable_weights
 from align.recipe import Recipe, RecipeError
 from align.rundir import RunDir
@@ -68,7 +69,7 @@ def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out labelled answers (held-out None when data.feedback.eval is unset) and their
     reports, as TRL's unpaired preference examples {prompt, completion, label}."""
     check_context(recipe.model, recipe.kto.max_length, "kto.max_length")
-    return load_train_eval(recipe.data.feedback, load_feedback, recipe.data, tokenizer, recipe.kto.max_length,
+    return load_train_eval(recipe.data.feedback, feedback.load, recipe.data, tokenizer, recipe.kto.max_length,
                            what="feedback")
 
 

@@ -7,7 +7,7 @@ TRL's RewardTrainer with the Bradley-Terry loss -log sigmoid(r(prompt, chosen) -
 a one-output linear head (`AutoModelForSequenceClassification`, num_labels=1) read at the last non-pad token of
 the chat-formatted conversation. The LoRA adapter starts from the SFT stage's adapter when the recipe has one
 (`reward.init_from`), the score head from random; both are trained, and both are saved (the head through PEFT's
-`modules_to_save`). Pairs are tokenized by align (`data.load_preferences`) with the same function the
+`modules_to_save`). Pairs are tokenized by align (`data.preference.load`) with the same function the
 `RewardModelScorer` uses, so RL and compare score exactly what the trainer saw. TRL disables dropout in reward
 models by default (`reward.trainer_args.disable_dropout`). Before and after training the stage scores the
 held-out pairs: pairwise accuracy, mean margin, reward mean and std.
@@ -21,7 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from align.data import load_preferences, load_train_eval
+from align.data import preference
+from align.data.checks import load_train_eval
 from align.modeling import (
     ModelLoadError,
     check_context,
@@ -101,7 +102,7 @@ def summary(results: dict[str, Any]) -> Summary:
 def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out preference pairs (held-out None when data.preference.eval is unset)."""
     check_context(recipe.model, recipe.reward.max_length, "reward.max_length")
-    return load_train_eval(recipe.data.preference, load_preferences, recipe.data, tokenizer,
+    return load_train_eval(recipe.data.preference, preference.load, recipe.data, tokenizer,
                            recipe.reward.max_length, what="preference")
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from align.data import load_qa, load_train_eval
+from align.data import qa
+from align.data.checks import load_train_eval
 from align.generation import generate
 from align.modeling import (
     check_context, checkpointing, load_model, load_tokenizer, lora_config, sft_example,
@@ -96,7 +97,7 @@ def summary(results: dict[str, Any]) -> Summary:
 def load_data(recipe: Recipe, tokenizer):
     """Validated train and held-out QA pairs (held-out None when data.sft.eval is unset) and their reports."""
     check_context(recipe.model, recipe.sft.max_length, "sft.max_length")
-    return load_train_eval(recipe.data.sft, load_qa, recipe.data, tokenizer, recipe.sft.max_length, what="sft")
+    return load_train_eval(recipe.data.sft, qa.load, recipe.data, tokenizer, recipe.sft.max_length, what="sft")
 
 
 def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
