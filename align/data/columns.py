@@ -4,7 +4,7 @@ and, for a file whose columns did not map, a hint that names the keys to set for
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from align.data.files import DataError
 from align.data.names import ANSWER_PAIRS, AUTO_COLUMNS, CHOICE_COLUMNS
@@ -13,8 +13,11 @@ if TYPE_CHECKING:
     from align.recipe import Columns
 
 
-def resolve_columns(path: str, available: list[str], mapping: Columns, fields: tuple[str, ...]) -> dict[str, str]:
-    """Column for each of `fields`: the recipe's mapping where set (and present), else the first common name found."""
+def resolve_columns(path: str, available: list[str], mapping: Columns, fields: tuple[str, ...],
+                    taken: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Column for each of `fields`: the recipe's mapping where set (and present), else the first common name found
+    that no field of `taken` (field -> column, resolved before) already uses."""
+    used = {c for v in (taken or {}).values() for c in (v if isinstance(v, list) else [v])}
     resolved = {}
     for name in fields:
         wanted = getattr(mapping, name)
@@ -28,7 +31,7 @@ def resolve_columns(path: str, available: list[str], mapping: Columns, fields: t
                         f"(columns: {', '.join(available)})" + (f"; did you mean '{close[0]}'?" if close else ""))
             resolved[name] = wanted
         else:
-            found = next((c for c in AUTO_COLUMNS.get(name, ()) if c in available), None)
+            found = next((c for c in AUTO_COLUMNS.get(name, ()) if c in available and c not in used), None)
             if found is not None:
                 resolved[name] = found
     return resolved

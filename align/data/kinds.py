@@ -47,4 +47,4 @@ def guess(path: str, available: list[str], mapping) -> str:
             return name
         except DataError:
             pass
-    return "prompts"
+    return "qa" if "text" in available else "prompts"  # language-modeling text: qa says how to map it

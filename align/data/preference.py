@@ -64,7 +64,8 @@ def columns(path: str, names: list[str], mapping: Columns) -> tuple[dict[str, An
             "two answers and a choice need data.columns.responses=[first,second] and data.columns.choice, rated "
             "data needs data.columns.prompt, data.columns.responses and data.columns.scores"
             + looks_like(names, "preference"))
-    resolved |= resolve_columns(path, names, mapping, PROMPT_PARTS if "prompt" in resolved else ("system",))
+    resolved |= resolve_columns(path, names, mapping, PROMPT_PARTS if "prompt" in resolved else ("system",),
+                                resolved)
     return resolved, [name for name in resolved
                       if getattr(mapping, name) is None and not (name == "prompt" and mapping.messages is not None)]
 

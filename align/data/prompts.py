@@ -31,7 +31,8 @@ def columns(path: str, names: list[str], mapping: Columns) -> tuple[dict[str, st
     if clash:
         raise DataError(f"{path}: column '{clash[0]}' has a name TRL uses for its own reward-function arguments, so "
                         "the reward functions would never see it; rename the column (e.g. to 'reference')")
-    resolved = {"prompt": found[name]} | resolve_columns(path, names, mapping, PROMPT_PARTS)
+    resolved = {"prompt": found[name]}
+    resolved |= resolve_columns(path, names, mapping, PROMPT_PARTS, resolved)
     return resolved, [n for n in resolved if getattr(mapping, "messages" if n == "prompt" and name == "messages" else n) is None]
 
 

@@ -25,10 +25,11 @@ def columns(path: str, names: list[str], mapping: Columns) -> tuple[dict[str, st
     # A messages column wins when it was mapped, or when no prompt/completion pair was mapped or found.
     pair_wanted = bool({"prompt", "completion"} & explicit) or {"prompt", "completion"} <= found.keys()
     if "messages" in found and ("messages" in explicit or not pair_wanted):
-        resolved = {"messages": found["messages"]} | resolve_columns(path, names, mapping, ("system",))
+        resolved = {"messages": found["messages"]}
+        resolved |= resolve_columns(path, names, mapping, ("system",), resolved)
     elif {"prompt", "completion"} <= found.keys():
         resolved = {"prompt": found["prompt"], "completion": found["completion"]}
-        resolved |= resolve_columns(path, names, mapping, PROMPT_PARTS)
+        resolved |= resolve_columns(path, names, mapping, PROMPT_PARTS, resolved)
     elif "text" in names and not found:
         # TRL's language-modeling type. align's SFT trains answers to prompts (docs/data.md says why not raw text).
         raise DataError(
