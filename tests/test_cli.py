@@ -96,8 +96,14 @@ def test_bad_override_is_a_one_line_error(write_recipe):
 def test_data_check_on_the_quickstart_recipe():
     result = align("data", "check", ROOT / "recipes" / "quickstart.yaml")
     assert result.returncode == 0, result.stderr
-    assert "sft_train.jsonl" in result.stdout and "2000" in result.stdout and "p50/p90/p99/max" in result.stdout
-    assert "preference_train.jsonl" in result.stdout and "3000" in result.stdout and "rejected:" in result.stdout
+    cells = {row[0]: row[1:] for row in (  # file -> kind, rows, examples, ...: each table row, split on its bars
+        [c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.startswith("│"))
+        if row and row[0]}
+    for file, kind, rows in (("sft_train", "qa", 2000), ("preference_heldout", "preference", 200), ("preference_train", "preference", 3000),
+                             ("rl_prompts", "prompts", 2000), ("feedback_train", "feedback", 6000)):
+        kind_cell, rows_cell, examples_cell = cells[f"data/arithmetic/{file}.jsonl"][:3]
+        assert kind_cell.startswith(kind) and rows_cell == examples_cell == str(rows), (file, cells)
+    assert "rejected:" in result.stdout and "p50/p90/p99/max" in result.stdout
 
 
 def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):

@@ -102,12 +102,15 @@ def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter,
     assert b["win_rate"] == a["win_rate"] and b["reward"] == a["reward"]  # same seed, same answers
     assert a["kl"]["mean"] == pytest.approx(0.0, abs=1e-5) and b["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
     assert base["kl"]["mean"] > 0.01  # the base samples answers the SFT adapter (the reference) finds unlikely
-    assert 0.0 <= base["win_rate"]["wins"] + base["win_rate"]["ties"] <= 1.0
+    saved = json.loads((out / "results.json").read_text())
+    # the base's wins and ties are its answers' rewards against the baseline's, answer by answer
+    base_rewards, a_rewards = (np.array(saved["checkpoints"][n]["rewards"]) for n in ("base", "a"))
+    assert base["win_rate"]["wins"] == pytest.approx(np.mean(base_rewards > a_rewards))
+    assert base["win_rate"]["ties"] == pytest.approx(np.mean(base_rewards == a_rewards))
     for metrics in (a, base):
         assert metrics["reward"]["ci95"][0] <= metrics["reward"]["mean"] <= metrics["reward"]["ci95"][1]
         assert "accuracy" in metrics and 0 < metrics["length_tokens"] <= 12
 
-    saved = json.loads((out / "results.json").read_text())
     assert saved["eval"]["prompts"] == 12 and len(saved["eval"]["sha256"]) == 64
     assert saved["settings"]["baseline"] == "a" and saved["settings"]["accuracy"] == "exact_match"
     assert set(saved["checkpoints"]) == {"a", "b", "base"}

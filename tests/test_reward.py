@@ -9,7 +9,6 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from align.errors import AlignError
 from align.modeling import ModelLoadError, load_model, load_tokenizer
 from align.recipe import RecipeError, load_recipe
 from align.rewards import RewardModelScorer, score_conversations
@@ -141,7 +140,7 @@ def test_reward_model_on_a_full_precision_base_has_an_fp32_head(write_recipe):
     recipe = load_recipe(write_recipe(reward={}), ["model.quantization=none"])
     model = load_model(recipe.model, head="score")
     assert model.score.weight.shape == (1, model.config.hidden_size)
+    assert model.score.weight.dtype == torch.float32
     tokenizer = load_tokenizer(recipe.model)
     scores = score_conversations(model, tokenizer, [[{"role": "user", "content": "hi"}]] * 2)
-    assert len(scores) == 2 and scores[0] == pytest.approx(scores[1])
-    assert issubclass(RecipeError, AlignError)
+    assert len(scores) == 2 and scores[0] == pytest.approx(scores[1])  # one score per conversation, deterministic

@@ -73,7 +73,10 @@ def test_directory_hash_covers_names_and_contents(tmp_path):
     (tmp_path / "a" / "x").write_text("1")
     first = sha256_of(tmp_path / "a")
     (tmp_path / "a" / "x").write_text("2")
-    assert sha256_of(tmp_path / "a") != first
+    changed = sha256_of(tmp_path / "a")
+    assert changed != first
+    (tmp_path / "a" / "x").rename(tmp_path / "a" / "y")  # same contents under another name
+    assert sha256_of(tmp_path / "a") != changed
 
 
 def test_model_identity_hashes_local_weights_and_resolves_hub_ids_offline(tmp_path):

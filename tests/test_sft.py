@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from align.modeling import (
-    checkpointing, keep_4bit_on_the_autograd_path, load_model, load_tokenizer, prompt_ids, quantization_config,
+    checkpointing, keep_4bit_on_the_autograd_path, load_model, load_tokenizer, prompt_ids, quantization_config, sft_example,
 )
 from align.recipe import load_recipe
 from align.rundir import RunDir
@@ -129,8 +129,17 @@ def test_packing_keeps_the_answer_only_loss(write_recipe):
     trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, None, RunDir(recipe, "sft"))
     row = trainer.train_dataset[0]
     assert len(row["seq_lengths"]) >= 2 and sum(row["seq_lengths"]) == len(row["input_ids"]) <= 128  # shared row
-    masked = sum(label == -100 for label in row["labels"])
-    assert 0 < masked < len(row["labels"])  # each example's prompt still masked, its answer still counted
+    # Each packed example's prompt is masked and its answer (with its end of turn) counted, as unpacked.
+    masks = {tuple(e["input_ids"]): e["completion_mask"]
+             for e in (sft_example(tokenizer, p, c) for p, c in zip(train["prompt"], train["completion"]))}
+    start, whole = 0, 0
+    for length in row["seq_lengths"]:
+        ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]
+        start += length
+        if tuple(ids) in masks:  # a whole example (the row's last may be cut short)
+            assert labels == [t if m else -100 for t, m in zip(ids, masks[tuple(ids)])]
+            whole += 1
+    assert whole >= 2
     assert trainer.train().training_loss > 0
 
 
