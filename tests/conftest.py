@@ -17,6 +17,9 @@ QA_TRAIN = ROOT / "data" / "arithmetic" / "sft_train.jsonl"
 QA_HELDOUT = ROOT / "data" / "arithmetic" / "sft_heldout.jsonl"
 PREF_TRAIN = ROOT / "data" / "arithmetic" / "preference_train.jsonl"
 PREF_HELDOUT = ROOT / "data" / "arithmetic" / "preference_heldout.jsonl"
+# The seed of the tests whose pass depends on learning (a loss falls, a reward rises, accuracy passes a bar), set
+# in their recipes. Each names the seeds it was checked on; ALIGN_LEARNING_SEED=1 pytest ... checks another.
+LEARNING_SEED = int(os.environ.get("ALIGN_LEARNING_SEED", "42"))
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer
+from conftest import LEARNING_SEED, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer
 from peft import PeftModel
 from safetensors.torch import load_file
 from trl.trainer.utils import use_adapter
@@ -99,12 +99,13 @@ def says_answer(prompts, completions, completion_ids, answer, **kwargs):
 
 def test_reward_rises_on_an_easy_rule_and_the_plugin_sees_prompt_completion_and_columns(
         write_recipe, tmp_path, monkeypatch):
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
     (tmp_path / "easy_rewards.py").write_text(EASY_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "easy_rewards", raising=False)
     section = grpo_section(max_steps=8, learning_rate=5e-3, rewards=[{"name": "easy_rewards:says_answer"}], max_kl=None,
                            eval_generations=0, init_from="base", per_device_train_batch_size=32)  # 8 prompts a step
-    recipe = load_recipe(write_recipe(data=prompts_data(), grpo=section))
+    recipe = load_recipe(write_recipe(data=prompts_data(), run={"seed": LEARNING_SEED}, grpo=section))
     results = grpo.run(recipe)
     rewards = [m["reward"] for m in metrics(results) if "reward" in m]
     assert len(rewards) == 8

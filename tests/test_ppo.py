@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer
+from conftest import LEARNING_SEED, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -237,9 +237,10 @@ def test_a_reward_model_with_its_own_base_is_a_second_copy(write_recipe, sft_ada
 
 def test_score_rises_on_an_easy_task(write_recipe, sft_adapter):
     """Rewarded for reaching "The answer is" within 16 tokens (the format rule; working column by column, the base
-    gets there on about a fifth of its answers), the policy learns to get to the point within a few steps."""
+    gets there on about a fifth of its answers), the policy learns to get to the point within a few steps. Passes on
+    seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
     rewards = [{"name": "format", "args": {"pattern": "The answer is"}}]
-    recipe = load_recipe(write_recipe(data=prompts_data(), ppo=ppo_section(
+    recipe = load_recipe(write_recipe(data=prompts_data(), run={"seed": LEARNING_SEED}, ppo=ppo_section(
         rewards=rewards, max_steps=8, learning_rate=3e-3, eval_generations=0, beta=0.01, init_from="base",
         per_device_train_batch_size=8)))  # rollouts of 16 prompts
     logs = metrics(ppo.run(recipe))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import PREF_HELDOUT, PREF_TRAIN, TINY_BASE, run_keeping_trainer
+from conftest import LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, TINY_BASE, run_keeping_trainer
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -37,7 +37,8 @@ def trained(tmp_path_factory, held_out_path):
     recipe_path = tmp / "r.yaml"
     recipe_path.write_text(json.dumps({
         # float32 as every test's (conftest.float32_on_every_cpu, which a module fixture does not see)
-        "model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "run": {"root": str(tmp / "runs")},
+        "model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"},
+        "run": {"root": str(tmp / "runs"), "seed": LEARNING_SEED},
         "data": {"preference": {"train": str(PREF_TRAIN), "eval": str(held_out_path)}},
         "reward": reward_section(),
     }))
@@ -46,6 +47,7 @@ def trained(tmp_path_factory, held_out_path):
 
 
 def test_reward_model_learns_to_rank_held_out_pairs(trained):
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
     _, results, _ = trained
     before, after = results["before"], results["after"]
     assert abs(before["margin_mean"]) < 0.05  # a fresh head barely tells the answers apart
