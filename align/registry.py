@@ -9,6 +9,8 @@ A stage is a module `align.stages.<name>` with this public protocol:
 - `run(recipe, *, resume=False) -> results`: train, evaluate before and after, save; the results are what
   lineage.json records (`checkpoint`, `run_dir`, `before`, `after`, ...);
 - `summary(results) -> align.summary.Summary`: what the CLI prints about those results.
+Its `build_trainer(recipe, model, tokenizer, ...)` is public too: the trainer `run` trains with (TRL's, or
+align's PPO loop), built and configured but not started, for tests and for users who drive it themselves.
 Adding a stage: the module, its recipe section (align/recipe.py) and one `Stage` entry below.
 
 Light on purpose (no torch): `align --help` reads it.

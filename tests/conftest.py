@@ -98,14 +98,14 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 def run_keeping_trainer(stage, recipe):
     """`stage.run(recipe)` as a user runs it, also returning the in-memory trainer it built."""
     captured = {}
-    build = stage._trainer
+    build = stage.build_trainer
 
     def keep(*args, **kwargs):
         captured["trainer"] = build(*args, **kwargs)
         return captured["trainer"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stage, "_trainer", keep)
+        mp.setattr(stage, "build_trainer", keep)
         results = stage.run(recipe)
     return results, captured["trainer"]
 

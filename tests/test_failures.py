@@ -27,14 +27,14 @@ class PoisonAt(TrainerCallback):
 
 
 def test_a_nan_in_sft_stops_at_its_step_and_keeps_the_last_good_checkpoint(write_recipe, monkeypatch):
-    build = sft._trainer
+    build = sft.build_trainer
 
     def poisoned(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.add_callback(PoisonAt(3))
         return trainer
 
-    monkeypatch.setattr(sft, "_trainer", poisoned)
+    monkeypatch.setattr(sft, "build_trainer", poisoned)
     recipe = load_recipe(write_recipe(data={"sft": {"train": str(QA_TRAIN)}},
                                       sft=sft_section(max_steps=8, save_steps=2, logging_steps=1)))
     with pytest.raises(NonFinite, match=r"sft: the trainable weight .* is not finite at step 4; training stopped "

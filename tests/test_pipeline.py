@@ -112,11 +112,15 @@ def write_stage_config(recipe, stage, **data):
 
 
 def test_a_prompt_rendered_differently_from_the_sft_stage_stops_the_run_with_a_diff(write_recipe):
-    recipe = load_recipe(write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]}))
+    path = write_recipe(sft={}, grpo={"rewards": [{"name": "length"}]})
+    recipe = load_recipe(path)
     write_stage_config(recipe, "sft", system_prompt="Be brief.")
+    sft_tokens = len(pipeline.rendered_prompt(load_recipe(path, ["data.system_prompt=Be brief."]), "sft")[0])
+    grpo_tokens = len(pipeline.rendered_prompt(recipe, "grpo")[0])
     with pytest.raises(pipeline.GateError, match=r"grpo would see prompts rendered differently from the sft stage"
-                                                 r"(?s:.*)sft: 31 tokens 'Be brief.\\n\\nUser: What is 2 \+ 3\?\\nAssistant:'"
-                                                 r"\n  grpo: 22 tokens 'User: (?s:.*)first difference at token 0: \['B"):
+                                                 rf"(?s:.*)sft: {sft_tokens} tokens 'Be brief.\\n\\nUser: What is 2 \+ 3\?"
+                                                 rf"\\nAssistant:'\n  grpo: {grpo_tokens} tokens 'User: (?s:.*)first "
+                                                 r"difference at token 0: \['B"):
         pipeline.check_prompt_rendering(recipe, "grpo")
     recipe.data.system_prompt = "Be brief."
     pipeline.check_prompt_rendering(recipe, "grpo")

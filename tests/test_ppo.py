@@ -103,14 +103,16 @@ def test_completion_mask_stops_after_the_first_eos():
 def test_a_negative_kl_estimate_is_explained_once(caplog):
     """The KL logged is the k1 estimate over sampled answers: unbiased, and below 0 on a small batch near the
     reference (it was -0.0295 on 8 answers of SmolLM2); the log says so where it first happens."""
-    loop = SimpleNamespace(kl_first=0.0, kl_last=None, kl_max=None, step=3, negative_kl_explained=False,
-                           cfg=SimpleNamespace(max_kl=None))
+    watch = ppo.KLWatch(max_kl=1.0)
     with caplog.at_level("INFO", logger="align.stages.ppo"):
-        ppo.PPOLoop._check_kl(loop, -0.0295)
-        ppo.PPOLoop._check_kl(loop, -0.01)
+        watch.record(0.0, 1)
+        watch.record(-0.0295, 4)
+        watch.record(-0.01, 5)
     explained = [r.getMessage() for r in caplog.records if "can fall below 0" in r.getMessage()]
     assert len(explained) == 1 and "-0.0295 nats per completion at step 4" in explained[0]
-    assert (loop.kl_last, loop.kl_max) == (-0.01, -0.01)
+    assert watch.values() == (0.0, -0.01, 0.0)  # first, last, max
+    with pytest.raises(rl.KLExceeded, match=r"reached 1.5 nats per completion at step 6, above ppo.max_kl=1"):
+        watch.record(1.5, 6)
 
 
 def test_adaptive_kl_controller():
@@ -211,14 +213,14 @@ def test_value_model_starts_from_the_reward_model_only_when_it_is_the_whole_scor
     specs = lambda *rewards: SimpleNamespace(checkpoints={0: Path("rm")}, cfg=SimpleNamespace(rewards=list(rewards)))  # noqa: E731
     shares = SimpleNamespace(peft_config={"default": None, "ref": None, "reward": None})
     own_base = SimpleNamespace(peft_config={"default": None, "ref": None})
-    assert ppo._value_init("auto", specs(rm), shares) == (Path("rm"), 0.5)  # its head scaled by the weight
-    assert ppo._value_init("auto", specs(rm, rule), shares) == (None, 0.0)  # a zero head on the policy's adapter
-    assert ppo._value_init("auto", specs(rm), own_base) == (None, 0.0)
-    assert ppo._value_init("reward", specs(rm, rule), shares) == (Path("rm"), 0.5)
+    assert ppo.value_init("auto", specs(rm), shares) == (Path("rm"), 0.5)  # its head scaled by the weight
+    assert ppo.value_init("auto", specs(rm, rule), shares) == (None, 0.0)  # a zero head on the policy's adapter
+    assert ppo.value_init("auto", specs(rm), own_base) == (None, 0.0)
+    assert ppo.value_init("reward", specs(rm, rule), shares) == (Path("rm"), 0.5)
     with pytest.raises(RecipeError, match=r"value_init=reward, but no reward_model reward runs on the policy's base"):
-        ppo._value_init("reward", specs(rm), own_base)
+        ppo.value_init("reward", specs(rm), own_base)
     with pytest.raises(RecipeError, match=r"value_init=nowhere: not auto, reward, policy, or a reward stage"):
-        ppo._value_init("nowhere", specs(rm), shares)
+        ppo.value_init("nowhere", specs(rm), shares)
 
 
 def test_a_reward_model_with_its_own_base_is_a_second_copy(write_recipe, sft_adapter, reward_checkpoint):

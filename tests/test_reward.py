@@ -107,7 +107,7 @@ def test_scores_do_not_depend_on_padding_side_batching_or_pad_token(trained):
 def test_reward_adapter_starts_from_the_sft_adapter(write_recipe, sft_adapter):
     recipe = load_recipe(write_recipe(sft={}, reward={}))  # init_from: auto, and the recipe has an sft section
     assert init_adapter(recipe, "reward") == sft_adapter
-    model = reward._model(recipe, sft_adapter)
+    model = reward.build_model(recipe, sft_adapter)
     saved = load_file(sft_adapter / "adapter_model.safetensors")
     loaded = dict(model.named_parameters())
     for key, value in saved.items():
@@ -130,12 +130,12 @@ def test_missing_sft_checkpoint_or_unfit_adapter_is_a_clear_error(write_recipe, 
     other.save_pretrained(str(tmp_path / "other"))
     recipe = load_recipe(write_recipe(reward={"init_from": str(tmp_path / "other"), "max_steps": 1}))
     adapter = init_adapter(recipe, "reward")
-    model = reward._model(recipe, adapter)  # takes the adapter's own targets: fits
+    model = reward.build_model(recipe, adapter)  # takes the adapter's own targets: fits
     assert model.peft_config["default"].target_modules == {"q_proj"}
     broken = tmp_path / "other" / "adapter_config.json"
     broken.write_text(broken.read_text().replace('"q_proj"', '"v_proj"'))
     with pytest.raises(ModelLoadError, match=r"the adapter does not fit this model .* no place"):
-        reward._model(recipe, adapter)
+        reward.build_model(recipe, adapter)
 
 
 def test_reward_model_on_a_full_precision_base_has_an_fp32_head(write_recipe):

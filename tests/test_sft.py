@@ -22,7 +22,7 @@ def test_labels_cover_the_answer_only(write_recipe):
     recipe = load_recipe(write_recipe(data=DATA, sft=sft_section()))
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, _ = sft.load_data(recipe, tokenizer)
-    trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
+    trainer = sft.build_trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
     for i in range(4):
         row, example = trainer.train_dataset[i], None
         # The trainer shuffles; find the source row by its tokens.
@@ -126,7 +126,7 @@ def test_packing_keeps_the_answer_only_loss(write_recipe):
     recipe = load_recipe(write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(packing=True, max_steps=3)))
     tokenizer = load_tokenizer(recipe.model)
     train, _, _ = sft.load_data(recipe, tokenizer)
-    trainer = sft._trainer(recipe, load_model(recipe.model), tokenizer, train, None, RunDir(recipe, "sft"))
+    trainer = sft.build_trainer(recipe, load_model(recipe.model), tokenizer, train, None, RunDir(recipe, "sft"))
     row = trainer.train_dataset[0]
     assert len(row["seq_lengths"]) >= 2 and sum(row["seq_lengths"]) == len(row["input_ids"]) <= 128  # shared row
     # Each packed example's prompt is masked and its answer (with its end of turn) counted, as unpacked.
@@ -178,7 +178,7 @@ def test_checkpointing_every_second_layer_recomputes_half_the_layers_and_trains_
         tokenizer = load_tokenizer(recipe.model)
         train, held_out, _ = sft.load_data(recipe, tokenizer)
         model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
-        trainer = sft._trainer(recipe, model, tokenizer, train, held_out, RunDir(recipe, "sft"))
+        trainer = sft.build_trainer(recipe, model, tokenizer, train, held_out, RunDir(recipe, "sft"))
         trainer.train()
         flags[every] = [layer.gradient_checkpointing for layer in model.model.layers]
         losses[every] = [log["loss"] for log in trainer.state.log_history if "loss" in log]

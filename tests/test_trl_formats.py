@@ -8,7 +8,7 @@ import pytest
 from conftest import PREF_TRAIN, QA_TRAIN, TINY_BASE, sft_section, write_rows
 
 from align.cli import main
-from align.data import feedback, preference, prompts, qa
+from align.data import preference, qa
 from align.data.files import DataError
 from align.modeling import load_tokenizer, sft_example
 from align.recipe import ModelConfig, load_recipe

@@ -38,7 +38,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     """Train, evaluate before and after, save; returns the results written to lineage.json. With `resume`,
     carry on from the stage's last complete trainer checkpoint, if there is one."""
     check(recipe)
-    return rl.train_offline(recipe, "dpo", resume=resume, load_data=load_data, trainer=_trainer,
+    return rl.train_offline(recipe, "dpo", resume=resume, load_data=load_data, trainer=build_trainer,
                             held_out_metrics=_held_out_metrics, logged_results=_logged_results)
 
 
@@ -82,7 +82,8 @@ def load_data(recipe: Recipe, tokenizer):
     return for_dpo(train), for_dpo(held_out) if held_out is not None else None, reports
 
 
-def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+    """TRL's DPOTrainer on the policy `model`, its reference a frozen copy of the adapter it starts from."""
     from trl import DPOConfig, DPOTrainer
 
     cfg = recipe.dpo

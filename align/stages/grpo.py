@@ -51,7 +51,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     model = rl.load_policy(recipe, cfg, init, "grpo")
     rewards = specs.functions(model)
     resume_from = run_dir.resume_from() if resume else None
-    trainer, guard = _trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
+    trainer, guard = build_trainer(recipe, model, tokenizer, train, held_out, rewards, run_dir)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), resumed_from=resume_from)
@@ -103,8 +103,10 @@ def check(recipe: Recipe, upcoming: tuple[str, ...] = ()) -> None:
             raise RecipeError("grpo.use_vllm=true, but vllm is not installed (pip install vllm)") from None
 
 
-def _trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[RewardFunc],
-             run_dir: RunDir):
+def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, rewards: list[RewardFunc],
+                  run_dir: RunDir):
+    """TRL's GRPOTrainer (align's subclass) on the policy `model`, with its reference a frozen copy of the adapter
+    it starts from, and the KL guard; (trainer, guard)."""
     from trl import GRPOConfig
 
     cfg = recipe.grpo

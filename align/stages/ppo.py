@@ -80,10 +80,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     policy = rl.load_policy(recipe, cfg, init, "ppo")
     _add_reference(policy)
     rewards = specs.functions(policy)
-    value_from, scale = (resume_from / "value", 1.0) if resume_from else _value_init(cfg.value_init, specs, policy)
+    value_from, scale = (resume_from / "value", 1.0) if resume_from else value_init(cfg.value_init, specs, policy)
     value = SharedBaseRewardModel(policy, value_from, adapter="value", trainable=True)
     value.score.weight.data *= scale
-    ppo = _trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
+    ppo = build_trainer(recipe, policy, value, rewards, tokenizer, train, held_out, run_dir, accelerator)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, reference=rl.reference_description(init),
                   rewards=specs.lineage(), value_init=str(value_from) if value_from else "the policy's adapter",
@@ -103,7 +103,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     with run_dir.checkpoint() as staging:
         ppo.save_models(staging)
     results = rl.finish(run_dir, init=init, resume_from=resume_from, steps=ppo.step, seconds=seconds,
-                        kl=(ppo.kl_first, ppo.kl_last, ppo.kl_max), before=before, after=after,
+                        kl=ppo.kl.values(), before=before, after=after,
                         beta_last=ppo.kl_ctl.value, eos_fraction_last=ppo.eos_fraction, kl_unit="nats per completion",
                         processes=accelerator.num_processes,
                         effective_batch=ppo.prompts_per_rollout * accelerator.num_processes, rank_checksums=checksums)
@@ -150,7 +150,7 @@ def _add_reference(policy) -> None:
             param.requires_grad_(False)
 
 
-def _value_init(choice: str, specs: rl.RewardSpecs, policy) -> tuple[Path | None, float]:
+def value_init(choice: str, specs: rl.RewardSpecs, policy) -> tuple[Path | None, float]:
     """Where the value model starts: (a reward stage checkpoint, the factor its score head is scaled by), or
     (None, 0) for a copy of the policy's adapter with a zero head. The value model predicts the score, so the
     reward model (scaled by its weight) is a good start when it is the whole score (auto); next to other rewards
@@ -287,6 +287,38 @@ class Rollout:
         return len(self.responses)
 
 
+class KLWatch:
+    """The KL to the reference over PPO's rollouts (nats per completion): first (before any update), last and max;
+    a negative estimate explained once in the log; above `max_kl` the run stops (rl.KLExceeded)."""
+
+    def __init__(self, max_kl: float | None):
+        self.max_kl = max_kl
+        self.first = self.last = self.max = None
+        self.negative_explained = False
+
+    def values(self) -> tuple[float | None, float | None, float | None]:
+        return self.first, self.last, self.max
+
+    def record(self, kl: float, step: int) -> None:
+        """This rollout's KL (step counts from 1)."""
+        if self.first is None:  # the first rollout, before any update (a resumed run has it already)
+            self.first = kl
+            rl.warn_if_first_kl_not_zero(kl)
+        if kl < 0 and not self.negative_explained:
+            self.negative_explained = True
+            log.info("ppo: the KL to the reference is %.4g nats per completion at step %d. It is estimated from this "
+                     "step's sampled answers as the sum of log pi - log pi_ref over their tokens (the estimate the "
+                     "penalty uses): unbiased, but on a few samples of a policy close to the reference it can fall "
+                     "below 0, though the KL itself cannot", kl, step)
+        self.last, self.max = kl, max(kl, self.max if self.max is not None else kl)
+        if self.max_kl is not None and kl > self.max_kl:
+            raise rl.KLExceeded(
+                f"the KL to the reference reached {kl:.4g} nats per completion at step {step}, above "
+                f"ppo.max_kl={self.max_kl:g}: the policy is drifting away from the SFT policy. Lower "
+                "ppo.learning_rate, raise ppo.beta (or set ppo.kl_target), or raise ppo.max_kl if this is intended "
+                "(no checkpoint written; metrics.jsonl has the run's curve)")
+
+
 class PPOLoop:
     def __init__(self, recipe: Recipe, policy, value: SharedBaseRewardModel, rewards: list[RewardFunc], tokenizer,
                  train, held_out, run_dir: RunDir, accelerator):
@@ -311,8 +343,7 @@ class PPOLoop:
         self.kl_ctl = KLController(cfg.beta, cfg.kl_target, cfg.kl_horizon)
         self.step = 0
         self.state = TrainerState(max_steps=self.total_steps)  # what reward functions get as trainer_state
-        self.kl_first = self.kl_last = self.kl_max = None
-        self.negative_kl_explained = False
+        self.kl = KLWatch(cfg.max_kl)
         self.eos_fraction: float | None = None  # of the last rollout
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p}
 
@@ -406,7 +437,7 @@ class PPOLoop:
         advantages = masked_whiten(advantages, mask)
 
         kl_per_sequence = self._mean(kl.sum(1))
-        self._check_kl(kl_per_sequence)
+        self.kl.record(kl_per_sequence, self.step + 1)
         stats = {"score": self._mean(scores), "kl": kl_per_sequence, "non_score_reward": self._mean(-beta * kl.sum(1)),
                  "beta": beta, "completion_length": self._mean(mask.sum(1).float()),
                  "eos_fraction": self._mean(has_eos.float()),
@@ -511,24 +542,6 @@ class PPOLoop:
             self.run_dir.log_metrics({"step": self.step + 1, **stats})
             raise NonFinite(non_finite_message("ppo", f"the {bad}", stats[bad], self.step + 1))
 
-    def _check_kl(self, kl: float) -> None:
-        if self.kl_first is None:  # the first rollout, before any update (a resumed run has it already)
-            self.kl_first = kl
-            rl.warn_if_first_kl_not_zero(kl)
-        if kl < 0 and not self.negative_kl_explained:
-            self.negative_kl_explained = True
-            log.info("ppo: the KL to the reference is %.4g nats per completion at step %d. It is estimated from this "
-                     "step's sampled answers as the sum of log pi - log pi_ref over their tokens (the estimate the "
-                     "penalty uses): unbiased, but on a few samples of a policy close to the reference it can fall "
-                     "below 0, though the KL itself cannot", kl, self.step + 1)
-        self.kl_last, self.kl_max = kl, max(kl, self.kl_max if self.kl_max is not None else kl)
-        if self.cfg.max_kl is not None and kl > self.cfg.max_kl:
-            raise rl.KLExceeded(
-                f"the KL to the reference reached {kl:.4g} nats per completion at step {self.step + 1}, above "
-                f"ppo.max_kl={self.cfg.max_kl:g}: the policy is drifting away from the SFT policy. Lower "
-                "ppo.learning_rate, raise ppo.beta (or set ppo.kl_target), or raise ppo.max_kl if this is intended "
-                "(no checkpoint written; metrics.jsonl has the run's curve)")
-
     def save_models(self, directory: Path) -> None:
         """The policy adapter (loads with stock PEFT) and tokenizer at the top; the value model (adapter + head,
         in the reward stage's checkpoint layout) in value/. Main process only; the caller synchronises."""
@@ -546,7 +559,7 @@ class PPOLoop:
             self.save_models(staging)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "kl_controller": asdict(self.kl_ctl),
-                        "kl": (self.kl_first, self.kl_last, self.kl_max), "rng": _rng_state()}, staging / "state.pt")
+                        "kl": self.kl.values(), "rng": _rng_state()}, staging / "state.pt")
             write_manifest(staging)
             replace_dir(staging, trainer_dir / f"checkpoint-{self.step}")
             for old in sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of)[:-self.cfg.save_total_limit]:
@@ -561,13 +574,14 @@ class PPOLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl = KLController(**state["kl_controller"])
-        self.kl_first, self.kl_last, self.kl_max = state["kl"]
+        self.kl.first, self.kl.last, self.kl.max = state["kl"]
         self.step = self.state.global_step = state["step"]
         _set_rng_state(state["rng"])
         log.info("ppo: resumed from %s at step %d (beta %.4g)", checkpoint, self.step, self.kl_ctl.value)
 
 
-def _trainer(*args) -> PPOLoop:
+def build_trainer(*args) -> PPOLoop:
+    """align's PPO loop (`PPOLoop`'s arguments)."""
     return PPOLoop(*args)
 
 

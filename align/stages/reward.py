@@ -56,9 +56,9 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, reports = load_data(recipe, tokenizer)
     memory.check(recipe, "reward", reports[0])  # before a model loads: a batch that cannot fit stops now
-    model = _model(recipe, init)
+    model = build_model(recipe, init)
     resume_from = run_dir.resume_from() if resume else None
-    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
+    trainer = build_trainer(recipe, model, tokenizer, train, held_out, run_dir)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   parent=str(init) if init else None, resumed_from=resume_from)
 
@@ -106,7 +106,7 @@ def load_data(recipe: Recipe, tokenizer):
                            recipe.reward.max_length, what="preference")
 
 
-def _model(recipe: Recipe, init: Path | None):
+def build_model(recipe: Recipe, init: Path | None):
     """Base + score head + LoRA (SEQ_CLS: the head is trained and saved), the adapter's weights from `init`."""
     from peft import PeftConfig, get_peft_model
     from transformers import set_seed
@@ -131,7 +131,8 @@ def _model(recipe: Recipe, init: Path | None):
     return model
 
 
-def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+    """TRL's RewardTrainer on `model` (`build_model`), on align's token ids of the pairs, metrics to `run_dir`."""
     from trl import RewardConfig, RewardTrainer
 
     cfg = recipe.reward

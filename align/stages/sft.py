@@ -50,7 +50,7 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
     memory.check(recipe, "sft", reports[0])  # before a model loads: a batch that cannot fit stops now
     model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
     resume_from = run_dir.resume_from() if resume else None
-    trainer = _trainer(recipe, model, tokenizer, train, held_out, run_dir)
+    trainer = build_trainer(recipe, model, tokenizer, train, held_out, run_dir)
     run_dir.start(base_model=model_identity(recipe.model), data=[r.summary() for r in reports],
                   resumed_from=resume_from)
 
@@ -100,7 +100,8 @@ def load_data(recipe: Recipe, tokenizer):
     return load_train_eval(recipe.data.sft, qa.load, recipe.data, tokenizer, recipe.sft.max_length, what="sft")
 
 
-def _trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: RunDir):
+    """TRL's SFTTrainer on `model` (the 4-bit base) with the recipe's LoRA, answer-only loss, metrics to `run_dir`."""
     from trl import SFTConfig, SFTTrainer
 
     cfg = recipe.sft
