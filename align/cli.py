@@ -17,6 +17,8 @@ from align.errors import AlignError
 from align.recipe import describe
 from align.registry import BY_NAME, FINAL, STAGES
 
+log = logging.getLogger("align.cli")
+
 TINY_BASE = "data/tiny-base"
 
 
@@ -76,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         stage.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
         stage.add_argument("overrides", nargs="*", metavar="key=value",
                            help=f"recipe overrides, e.g. {name if stage is not run else 'sft'}.learning_rate=1e-4")
+
+    report = commands.add_parser(
+        "report",
+        help="draw a run: RUN_DIR/report.html with every stage's curves, results, gates and sample answers",
+        description="Write RUN_DIR/report.html, one self-contained page (plots embedded, no network): per stage, in "
+        "the order the run took them, its curves against the step (loss, learning rate, gradient norm, seconds per "
+        "step; pair accuracy and margin for the reward model; reward per function, KL, completion length, clipped "
+        "and EOS fractions for RL; held-out evaluations as points), the before -> after tables, the gates and "
+        "their measurements, held-out answers before and after, and what ran. `align run` writes it at its end.",
+        epilog="example:\n  align report runs/quickstart && xdg-open runs/quickstart/report.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run_dir", help="a run dir, runs/<run name>")
 
     export = commands.add_parser(
         "export",
@@ -198,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             return _data_check(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "report":
+            from align import run_report
+
+            print(f"wrote {run_report.write(args.run_dir)}")
+            return 0
         if args.command == "compare":
             return _compare(args)
         if args.action == "pretrain":
@@ -226,6 +246,21 @@ def main(argv: list[str] | None = None) -> int:
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 
+def _write_report(recipe, failure: str | None) -> None:
+    """`align run`'s report.html, on the main process, whatever happened; a report that cannot be written is a
+    warning, never the run's error."""
+    from align import run_report
+    from align.processes import is_main_process
+
+    run_dir = Path(recipe.run.root) / recipe.run.name
+    if not is_main_process() or not run_dir.is_dir():
+        return
+    try:
+        log.info("report: %s", run_report.write(run_dir, failure))
+    except Exception as e:  # noqa: BLE001  (the run's own outcome matters more than its report)
+        log.warning("the run report could not be written: %s: %s", type(e).__name__, e)
+
+
 def _stage(args) -> int:
     import importlib
 
@@ -241,7 +276,7 @@ def _stage(args) -> int:
 
     state()  # the process group, before any model or trainer: every rank decision below reads it
 
-    running = {"stage": args.command}
+    running = {"stage": args.command, "failure": None}
     stop = _StopOnSignal(lambda how: _interrupted(running["stage"], args, recipe, how))
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -254,19 +289,27 @@ def _stage(args) -> int:
         else:
             results = importlib.import_module(f"align.stages.{args.command}").run(recipe, resume=args.resume)
     except torch.OutOfMemoryError as e:
-        print(_out_of_memory(running["stage"], recipe, e), file=sys.stderr)
+        running["failure"] = _out_of_memory(running["stage"], recipe, e)
+        print(running["failure"], file=sys.stderr)
         return 3
     except KeyboardInterrupt as e:
-        print(_interrupted(running["stage"], args, recipe, "terminated" if isinstance(e, Terminated) else
-                           "interrupted"), file=sys.stderr)
+        running["failure"] = _interrupted(running["stage"], args, recipe, "terminated" if isinstance(e, Terminated)
+                                          else "interrupted")
+        print(running["failure"], file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except RewardFailed as e:
-        print(_reward_failed(e, running["stage"], args, recipe), file=sys.stderr)
+        running["failure"] = _reward_failed(e, running["stage"], args, recipe)
+        print(running["failure"], file=sys.stderr)
         return 2
+    except BaseException as e:
+        running["failure"] = f"{running['stage']}: {type(e).__name__}: {e}"
+        raise
     finally:
         stop.cancel()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if args.command == "run":
+            _write_report(recipe, running["failure"])
     from align.processes import is_main_process
 
     if not is_main_process():

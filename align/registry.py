@@ -24,6 +24,10 @@ from types import ModuleType
 
 BATCH = "per_device_train_batch_size (raise gradient_accumulation_steps to keep the batch)"
 
+Curve = tuple[str, tuple[str, ...]]  # a plot in the run report: (title with its unit, metrics.jsonl keys or globs)
+TRAINING: tuple[Curve, ...] = (("training loss", ("loss",)), ("learning rate", ("learning_rate",)),
+                               ("gradient norm", ("grad_norm",)), ("seconds per step", ("step_seconds",)))
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -43,6 +47,8 @@ class Stage:
     trained_adapters: int = 1
     memory_settings: tuple[str, ...] = (BATCH, "max_length", "activation_checkpointing=true",
                                         "per_device_eval_batch_size")  # what to lower, biggest saving first
+    curves: tuple[Curve, ...] = TRAINING  # what the run report draws against the step (align.run_report)
+    held_out: tuple[str, ...] = ()  # held-out metrics logged during training, drawn as points (eval_ keys)
 
     @property
     def module(self) -> ModuleType:
@@ -52,6 +58,8 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(
         "sft", data="sft", keys=("sft", "data.sft"), policy=True,
+        curves=(*TRAINING, ("token accuracy on training answers", ("mean_token_accuracy",))),
+        held_out=("eval_loss", "eval_answer_accuracy"),
         help="supervised fine-tuning with LoRA (loss on answers only)",
         description="Fine-tune the recipe's base model on question-answer pairs with LoRA; the loss is on the "
         "answer tokens only. Writes runs/<run>/sft/ (config.yaml, lineage.json, metrics.jsonl, checkpoint/).",
@@ -59,6 +67,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "reward", data="preference", keys=("reward", "data.preference", "data.pair_rule"), upstream=("sft",),
         head="score",
+        curves=(*TRAINING, ("pair accuracy on training batches", ("accuracy",)),
+                ("mean margin chosen - rejected", ("margin",))),
+        held_out=("eval_pair_accuracy", "eval_margin_mean"),
         help="train a pairwise reward model (LoRA + score head) on preference data",
         description="Train a reward model on chosen/rejected pairs (or rated responses) with TRL's RewardTrainer: "
         "the recipe's base model with a LoRA adapter (from the SFT stage's by default) and a one-output score "
@@ -68,6 +79,12 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "grpo", data="prompts", keys=("grpo", "data.prompts"), upstream=("sft", "reward"), policy=True, final=True,
         reference=True, generates=True, adapters=2,
+        curves=(*TRAINING, ("mean reward per function", ("rewards/*/mean", "reward")),
+                ("KL to the reference (nats per token)", ("kl",)),
+                ("completion length (tokens)", ("completions/mean_length",)),
+                ("fractions of completions: clipped at the length limit, ended at EOS",
+                 ("completions/clipped_ratio", "eos_fraction"))),
+        held_out=("eval_greedy_reward_mean", "eval_sampled_reward_mean"),
         memory_settings=("per_device_train_batch_size (raise gradient_accumulation_steps to keep the prompts per "
                          "step)", "num_generations", "max_completion_length", "activation_checkpointing=true",
                          "per_device_eval_batch_size"),
@@ -81,6 +98,11 @@ STAGES: tuple[Stage, ...] = (
         "ppo", data="prompts", keys=("ppo", "data.prompts"), upstream=("sft", "reward"), policy=True, final=True,
         reference=True, generates=True, generation_batch="per_device_eval_batch_size", adapters=4,
         trained_adapters=2,
+        curves=(("policy and value loss", ("policy_loss", "value_loss")), ("learning rate", ("learning_rate",)),
+                ("seconds per step", ("step_seconds",)), ("mean reward per function", ("rewards/*", "score")),
+                ("KL to the reference (nats per answer)", ("kl",)), ("completion length (tokens)", ("completion_length",)),
+                ("fractions: answers ended at EOS, clipped policy updates", ("eos_fraction", "clipfrac"))),
+        held_out=("eval_greedy_reward_mean", "eval_sampled_reward_mean"),
         memory_settings=("per_device_train_batch_size (raise gradient_accumulation_steps to keep the rollout)",
                          "per_device_eval_batch_size (the generation batch)", "max_completion_length",
                          "activation_checkpointing=true"),
@@ -97,6 +119,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "dpo", data="preference", keys=("dpo", "data.preference", "data.pair_rule", "data.prompts.eval"),
         upstream=("sft",), policy=True, final=True, reference=True, adapters=2,
+        curves=(*TRAINING, ("implicit reward margin chosen - rejected", ("rewards/margins",)),
+                ("implicit rewards beta x log-ratio to the reference", ("rewards/chosen", "rewards/rejected")),
+                ("pair accuracy on training batches", ("rewards/accuracies",))),
         help="optimise the SFT policy on preference pairs with DPO (no reward model; the SFT policy as reference)",
         description="Direct preference optimisation with TRL's DPOTrainer on the data.preference pairs: the "
         "policy (the SFT adapter on the 4-bit base) raises the implicit reward dpo.beta x (log pi - log pi_ref) of "
@@ -107,6 +132,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "kto", data="feedback", keys=("kto", "data.feedback", "data.prompts.eval"), upstream=("sft",), policy=True,
         final=True, reference=True, adapters=2,
+        curves=(*TRAINING, ("implicit rewards beta x log-ratio to the reference", ("rewards/chosen", "rewards/rejected")),
+                ("KL estimate to the reference (nats per answer)", ("kl",))),
         help="optimise the SFT policy on answers labelled good or bad with KTO (no pairs, no reward model)",
         description="Kahneman-Tversky optimisation with TRL's KTOTrainer on data.feedback (a prompt, one answer "
         "and a true/false label per row): the policy (the SFT adapter on the 4-bit base) raises the implicit "

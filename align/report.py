@@ -1,16 +1,16 @@
 """The report of `align compare`: results.json, report.md and a self-contained report.html (plots embedded as PNG
-data, no external file or URL), with the metrics table, reward vs KL (the alignment frontier), reward
+data, no external file or URL; drawn with `align.plots`, as a run's report is), with the metrics table, reward vs KL (the alignment frontier), reward
 distributions, win rates with their intervals, answer lengths and sample answers."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import re
 from pathlib import Path
 from typing import Any
+
+from align.plots import figure, page, png, pyplot, table
 
 METRICS = (  # (label, metric, field, format)
     ("reward", "reward", "mean", "{:.3f}"),
@@ -30,8 +30,8 @@ def write_reports(results: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_file(out / "results.json", json.dumps(results, indent=2) + "\n")
     plots = _plots(results)
-    for name, png in plots.items():
-        write_file(out / f"{name}.png", png)
+    for name, data in plots.items():
+        write_file(out / f"{name}.png", data)
     write_file(out / "report.md", _markdown(results, plots))
     write_file(out / "report.html", _html(results, plots))
 
@@ -82,21 +82,13 @@ def _value(metrics: dict[str, Any], metric) -> float | None:
 
 def _plots(results: dict[str, Any]) -> dict[str, bytes]:
     """name -> PNG bytes, for the plots the results have data for."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; files only
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     checkpoints = results["checkpoints"]
     names = list(checkpoints)
     plots = {}
 
     def save(fig, name):
-        buffer = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        plots[name] = buffer.getvalue()
+        plots[name] = png(fig)
 
     with_reward = [n for n in names if "reward" in checkpoints[n]["metrics"]]
     with_kl = [n for n in with_reward if "kl" in checkpoints[n]["metrics"]]
@@ -194,26 +186,17 @@ def _fenced(text: str) -> str:
 
 def _html(results: dict[str, Any], plots: dict[str, bytes]) -> str:
     esc = html.escape
-    header, rows = metrics_table(results)
-    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    metrics = table(*metrics_table(results))
     paired_header, paired_rows = paired_table(results)
     paired = ("<p>Accuracy differences on the same prompts, with 95% bootstrap intervals of the paired difference:"
-              "</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in paired_header) + "</tr>" + "".join(
-                  "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in paired_rows)
-              + "</table>") if paired_rows else ""
-    images = "".join(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                     f"<figcaption>{esc(name.replace('_', ' '))}</figcaption></figure>" for name, png in plots.items())
+              "</p>" + table(paired_header, paired_rows)) if paired_rows else ""
+    images = "".join(figure(name, data) for name, data in plots.items())
     names = list(results["checkpoints"])
     samples = "<table><tr><th>prompt</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>" + "".join(
         f"<tr><td>{esc(s['prompt'])}" + (f"<br><small>reference: {esc(s['reference'])}</small>" if "reference" in s
                                           else "") + "</td>"
         + "".join(f"<td><pre>{esc(s['answers'][n].strip())}</pre></td>" for n in names) + "</tr>"
         for s in results["samples"]) + "</table>"
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-             "figure{display:inline-block;margin:0.5em}pre{white-space:pre-wrap;margin:0}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>align compare</title><style>{style}</style>"
-            f"</head><body><h1>align compare</h1><p>{esc(_settings_line(results))}.</p>"
-            f"<p>Means with 95% bootstrap intervals over prompts. KL: {esc(results['settings']['kl_estimator'])}.</p>"
-            f"{table}{paired}<h2>Plots</h2>{images}<h2>Sample answers</h2>{samples}</body></html>\n")
+    return page("align compare", f"<p>{esc(_settings_line(results))}.</p><p>Means with 95% bootstrap intervals over "
+                f"prompts. KL: {esc(results['settings']['kl_estimator'])}.</p>{metrics}{paired}<h2>Plots</h2>"
+                f"{images}<h2>Sample answers</h2>{samples}")

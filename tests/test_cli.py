@@ -17,7 +17,7 @@ def align(*args, launcher=(sys.executable, "-m", "align")):
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["sft"], ["reward"], ["grpo"], ["data"], ["data", "check"], ["tiny"], ["tiny", "pretrain"],
-                                     ["tiny", "data"], ["ppo"], ["export"], ["compare"]])
+                                     ["tiny", "data"], ["ppo"], ["export"], ["compare"], ["report"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
