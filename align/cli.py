@@ -493,7 +493,6 @@ def _export(args) -> int:
 
 def _data_check(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from align.data.checks import available, percentiles
     from align.data.files import read_records
@@ -517,34 +516,45 @@ def _data_check(args) -> int:
     # above it is refused in training, and shown here as it is).
     context = None if args.target.endswith((".yaml", ".yml")) else model_context(recipe.model)
 
-    table = Table(title=f"data check (tokens by {recipe.model.name_or_path})")
-    for column in ("file", "kind", "rows", "examples", "columns", "skipped", "tokens p50/p90/p99/max"):
-        table.add_column(column)
-    notes, invalid = [], False
+    console = Console()
+    console.print(f"data check (tokens by {_shown_path(recipe.model.name_or_path)})", style="bold")
+    invalid = False
     for path, kind in files:
         limit = limits[KINDS[kind].section]
         max_length = args.max_length or min(limit, context or limit)
         _, report = KINDS[kind].load(path, recipe.data, tokenizer, max_length)
-        lengths = "\n".join(f"{k}: {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items())
-        columns = ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())
-        columns += f"\nunused: {', '.join(report.unused)}" if report.unused else ""
-        columns += f"\nto the rewards: {', '.join(report.passed)}" if report.passed else ""
-        skipped = ", ".join(f"{k}={n}" for k, n in report.skipped.most_common()) or "none"
-        table.add_row(path, f"{kind}\nmax_length {max_length}", str(report.rows), str(report.examples), columns,
-                      skipped, lengths)
-        notes.extend(f"first {reason}: {problem}" for reason, problem in report.first_skipped.items())
         invalid = invalid or bool(report.skipped)
+        # One block per file, a fact per line, so that it reads in an 80-column terminal (long lines wrap whole).
+        lines = [f"{kind} (max_length {max_length}): {report.rows} rows, {report.examples} "
+                 f"{'pairs' if kind == 'preference' else 'examples'}, skipped: "
+                 + (", ".join(f"{k}={n}" for k, n in report.skipped.most_common()) or "none"),
+                 "columns: " + ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "")
+                                         for k, v in report.columns.items())]
+        lines += [f"{what}: {', '.join(names)}" for what, names in (
+            ("unused", report.unused), ("ignored", report.ignored), ("to the rewards", report.passed)) if names]
+        lengths = [f"{k} {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items()]
+        lines.append("tokens p50/p90/p99/max:")
+        lines += ["  " + "  ".join(lengths)] if 6 + len("  ".join(lengths)) <= console.width else [
+            f"  {field}" for field in lengths]
         if report.labels:
-            notes.append(f"{path}: {report.labels['good']} answers labelled good, {report.labels['bad']} bad")
-        notes.extend(f"{path}: {note}" for note in report.notes)
+            lines.append(f"{report.labels['good']} answers labelled good, {report.labels['bad']} bad")
         if report.pairing:
-            notes.append(f"{path}: rated responses paired by {report.pairing['rule']}: "
+            lines.append(f"rated responses paired by {report.pairing['rule']}: "
                          + ", ".join(f"{k}={v}" for k, v in report.pairing.items() if k != "rule"))
-    console = Console()
-    console.print(table)
-    for note in notes:
-        console.print(f"  {note}", soft_wrap=True)
+        lines += report.notes + [f"first {reason}: {problem}" for reason, problem in report.first_skipped.items()]
+        console.print()
+        console.print(_shown_path(path), style="bold", soft_wrap=True, highlight=False)
+        for line in lines:
+            console.print(f"  {line}", highlight=False)
     return 1 if invalid else 0
+
+
+def _shown_path(path: str) -> str:
+    """A path as short as it reads: relative to the working directory when it is under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError):
+        return str(path)
 
 
 def _limits(recipe) -> dict[str, int]:

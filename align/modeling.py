@@ -112,6 +112,9 @@ def load_tokenizer(cfg: ModelConfig):
     if tokenizer.pad_token is None:
         # Padding is masked out of attention and loss, so reusing EOS is safe; answers still end in a real EOS.
         tokenizer.pad_token = tokenizer.eos_token
+    # align measures every row against the stage's max_length itself and says what is too long (data.checks), and
+    # the trainers truncate to theirs: transformers' "longer than the specified maximum" warning only confuses.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 

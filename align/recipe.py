@@ -131,6 +131,9 @@ class Columns:
                                         "data.columns.score_chosen).")
     label: Optional[str] = doc(
         None, help=f"Unpaired feedback (KTO): true for a good answer, false for a bad one. {auto_detected('label')}")
+    ignore: List[str] = doc(
+        list, help="Columns that are informational (ids, sources, categories): not used and not warned about; "
+        "listed as ignored in align data check and lineage.json.")
     input: Optional[str] = doc(
         None, help="Alpaca: extra input joined to the prompt text after a newline (instruction + '\\n' + input) "
         f"when not empty. {auto_detected('input')}")

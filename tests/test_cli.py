@@ -96,14 +96,18 @@ def test_bad_override_is_a_one_line_error(write_recipe):
 def test_data_check_on_the_quickstart_recipe():
     result = align("data", "check", ROOT / "recipes" / "quickstart.yaml")
     assert result.returncode == 0, result.stderr
-    cells = {row[0]: row[1:] for row in (  # file -> kind, rows, examples, ...: each table row, split on its bars
-        [c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if line.startswith("│"))
-        if row and row[0]}
-    for file, kind, rows in (("sft_train", "qa", 2000), ("preference_heldout", "preference", 200), ("preference_train", "preference", 3000),
-                             ("rl_prompts", "prompts", 2000), ("feedback_train", "feedback", 6000)):
-        kind_cell, rows_cell, examples_cell = cells[f"data/arithmetic/{file}.jsonl"][:3]
-        assert kind_cell.startswith(kind) and rows_cell == examples_cell == str(rows), (file, cells)
-    assert "rejected:" in result.stdout and "p50/p90/p99/max" in result.stdout
+    blocks = {lines[0]: lines[1:] for lines in (block.splitlines() for block in result.stdout.split("\n\n")[1:])}
+    for file, kind, rows, what in (("sft_train", "qa", 2000, "examples"), ("preference_train", "preference", 3000, "pairs"),
+                                   ("preference_heldout", "preference", 200, "pairs"), ("rl_prompts", "prompts", 2000, "examples"),
+                                   ("feedback_train", "feedback", 6000, "examples")):
+        block = blocks[f"data/arithmetic/{file}.jsonl"]  # paths relative to the working directory, each on its own line
+        assert block[0].startswith(f"  {kind} (max_length ") and f": {rows} rows, {rows} {what}, skipped: none" in block[0]
+    assert "  ignored: kind" in blocks["data/arithmetic/preference_train.jsonl"]  # informational, not warned about
+    assert "WARNING" not in result.stderr and "Token indices" not in result.stderr
+    # readable in an 80-column terminal: nothing cut short
+    narrow = subprocess.run([sys.executable, "-m", "align", "data", "check", "recipes/quickstart.yaml"], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=600)
+    assert "…" not in narrow.stdout and max(map(len, narrow.stdout.splitlines())) <= 80
 
 
 def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):

@@ -29,6 +29,7 @@ class DataReport:
     examples: int = 0  # QA pairs or preference pairs kept
     columns: dict[str, str] = field(default_factory=dict)  # field -> column
     unused: list[str] = field(default_factory=list)  # columns of the file that no field took
+    ignored: list[str] = field(default_factory=list)  # unused columns data.columns.ignore calls informational
     passed: list[str] = field(default_factory=list)  # prompts: the other columns, passed to the reward functions
     detected: list[str] = field(default_factory=list)  # fields whose column was auto-detected
     skipped: Counter = field(default_factory=Counter)  # reason -> rows (or pairs: identical, too_long) skipped
@@ -40,7 +41,7 @@ class DataReport:
 
     def summary(self) -> dict[str, Any]:
         summary = {"path": self.path, "rows": self.rows, "examples": self.examples, "columns": self.columns,
-                   "unused_columns": self.unused, "skipped": dict(self.skipped)} | (
+                   "unused_columns": self.unused, "ignored_columns": self.ignored, "skipped": dict(self.skipped)} | (
                        {"passed_to_rewards": self.passed} if self.passed else {})
         return summary | ({"pairing": self.pairing} if self.pairing else {}) | (
             {"labels": self.labels} if self.labels else {}) | ({"notes": self.notes} if self.notes else {})
@@ -66,15 +67,17 @@ def available(records: list[Record]) -> list[str]:
     return list(dict.fromkeys(k for r in records if isinstance(r.values, dict) for k in r.values))
 
 
-def account(records: list[Record], report: DataReport, stage: str) -> None:
+def account(records: list[Record], report: DataReport, stage: str, ignore: list[str] = ()) -> None:
     """Every column of the file is accounted for: used by a field (logged when auto-detected), or listed as
     unused, with a warning that names the key that would use a column whose name suggests content. Unpaired
     labelled answers (a boolean label column: the KTO shape) are refused: training on them as pairs or as
-    targets would teach the bad answers too."""
+    targets would teach the bad answers too. Columns in `ignore` (data.columns.ignore) are listed as ignored, not
+    warned about."""
     columns = available(records)
     log_detected(report)
     used = {c for v in report.columns.values() for c in (v if isinstance(v, list) else [v])}
-    report.unused = [c for c in columns if c not in used]
+    report.ignored = [c for c in columns if c not in used and c in ignore]
+    report.unused = [c for c in columns if c not in used and c not in ignore]
     labels = [c for c in report.unused if c.lower() in AUTO_COLUMNS["label"] and
               all(isinstance(r.values.get(c), bool) for r in records if isinstance(r.values, dict) and c in r.values)]
     if labels:

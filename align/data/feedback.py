@@ -45,7 +45,7 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = open_records(path)
     report.columns, report.detected = columns(str(path), available(records), cfg.columns)
-    account(records, report, "KTO")
+    account(records, report, "KTO", cfg.columns.ignore)
     items = [(row, record.where, attempt(example, record, report.columns, cfg))
              for row, record in enumerate(records)]
     examples = validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)

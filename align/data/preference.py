@@ -211,7 +211,7 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = open_records(path)
     report.columns, report.detected = columns(str(path), available(records), cfg.columns)
-    account(records, report, "reward model")
+    account(records, report, "reward model", cfg.columns.ignore)
     if "scores" in report.columns:
         groups, items = rated_prompts(records, report.columns, cfg)
         pairing = Counter()

@@ -39,7 +39,8 @@ def columns(path: str, names: list[str], mapping: Columns) -> tuple[dict[str, st
 def example(values: dict, columns: dict[str, str], cfg: DataConfig) -> dict[str, Any]:
     """One row as {prompt: messages, <every other column>: its value}."""
     prompt = with_system(prompt_messages(values, columns, cfg.columns), values, columns, cfg)
-    return {"prompt": prompt, **{k: v for k, v in values.items() if k != columns["prompt"]}}
+    return {"prompt": prompt, **{k: v for k, v in values.items()
+                                 if k != columns["prompt"] and k not in cfg.columns.ignore}}
 
 
 def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
@@ -50,7 +51,8 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = open_records(path)
     report.columns, report.detected = columns(str(path), available(records), cfg.columns)
-    report.passed = [c for c in available(records) if c != report.columns["prompt"]]
+    report.ignored = [c for c in available(records) if c != report.columns["prompt"] and c in cfg.columns.ignore]
+    report.passed = [c for c in available(records) if c != report.columns["prompt"] and c not in report.ignored]
     log_detected(report)
     items = [(row, record.where, attempt(example, record, report.columns, cfg))
              for row, record in enumerate(records)]

@@ -68,7 +68,7 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
 
     records, report = open_records(path)
     report.columns, report.detected = columns(str(path), available(records), cfg.columns)
-    account(records, report, "SFT")
+    account(records, report, "SFT", cfg.columns.ignore)
     items = [(row, record.where, attempt(example, record, report.columns, cfg)) for row, record in enumerate(records)]
     examples = validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)
     return Dataset.from_list(examples), report
