@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from align.recipe import load_recipe
+
 # Tests never reach the Hugging Face Hub: every model and tokenizer is local.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -203,3 +205,25 @@ def assert_reference_is_the_sft_policy(policy, sft_adapter: Path) -> None:
         moved, expected = policy(input_ids=ids).logits, sft(input_ids=ids).logits
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
     assert (moved - expected).abs().max() > 1e-3
+
+
+QA = {"columns": {"prompt": "question", "completion": "answer"}}
+
+
+def sft_recipe(write_recipe, **sft):
+    return write_recipe(data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
+                        sft=sft_section(**{"max_steps": 20, "save_steps": 10, "eval_generations": 4, **sft}))
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_sft(write_recipe):
+    """A finished SFT stage of the tiny base (20 steps, trainer checkpoints at 10 and 20): (recipe path, stage dir)."""
+    from align.stages import sft
+
+    path = sft_recipe(write_recipe)
+    results = sft.run(load_recipe(path))
+    return path, Path(results["run_dir"])

@@ -2,11 +2,17 @@
 
 import json
 import logging
+import os
+import re
+import time
+from pathlib import Path
 
-import pytest
-from conftest import write_rows
 from datasets import Dataset, DatasetDict
+import pytest
 
+from conftest import QA, QA_TRAIN, TINY_BASE, sft_section, write_rows
+
+from align.cli import main
 from align.data import qa
 from align.data.files import DataError
 from align.recipe import Columns, DataConfig
@@ -149,3 +155,71 @@ def test_unsupported_and_missing_files(tmp_path, tokenizer):
         load(tmp_path / "qa.txt", tokenizer)
     with pytest.raises(DataError, match="file not found"):
         load(tmp_path / "nope.jsonl", tokenizer)
+
+
+def test_non_utf8_data_names_the_file_and_line(tmp_path, tokenizer):
+    from align.recipe import DataConfig
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "What is 1 + 1?", "answer": "2"}\n{"question": "Caf\xe9?", "answer": "3"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        qa.load(str(path), DataConfig(), tokenizer, 128)
+
+
+def test_a_huge_row_is_rejected_before_it_is_tokenised(tmp_path, tokenizer, monkeypatch):
+    from align.recipe import DataConfig
+
+    path = write_rows(tmp_path / "huge.jsonl", [{"question": "What is 1 + 1?", "answer": "2 " * 2_000_000}])
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenised")
+
+    monkeypatch.setattr("align.data.qa.token_lengths", never)
+    with pytest.raises(DataError, match=r"huge.jsonl:1: row is 4000014 characters, more than max_length=128 tokens "
+                                        r"can hold \(at 100 characters a token\)"):
+        qa.load(str(path), DataConfig(), tokenizer, 128)
+
+
+def _endless_or_huge(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / "data.jsonl"
+    if kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "2 GB sparse file":
+        with path.open("wb") as f:
+            f.truncate(2 << 30)
+    elif kind == "JSON nested 100,000 deep":
+        path.write_text('{"question": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}\n')
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("link to /dev/zero", "not a regular file"),
+    ("fifo", "not a regular file"),
+    ("2 GB sparse file", r"data.jsonl:1: not a text file \(a NUL byte at byte 0\)"),
+    ("JSON nested 100,000 deep", r"data.jsonl:1: JSON nested too deep to read"),
+])
+def test_data_check_on_an_endless_or_huge_input_answers_at_once_in_little_memory(tmp_path, capsys, kind, message):
+    import resource
+
+    path = _endless_or_huge(kind, tmp_path)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    started = time.monotonic()
+    assert main(["data", "check", str(path), "--kind", "qa", "--model", str(TINY_BASE)]) in (1, 2)
+    assert time.monotonic() - started < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < (1 << 20)  # under 1 GiB more
+    out = capsys.readouterr()
+    assert re.search(message, out.err + out.out), out
+    assert "Traceback" not in out.err
+
+
+def test_align_run_checks_every_stages_data_before_training(write_recipe, tmp_path, capsys):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    path = write_recipe(data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(empty)}, **QA},
+                        sft=sft_section(), grpo={"max_length": 128, "max_completion_length": 32,
+                                                 "rewards": [{"name": "exact_match", "args": {"column": "answer"}}]})
+    assert main(["run", str(path)]) == 2
+    assert f"{empty}: the file has no rows" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "test" / "sft").exists()

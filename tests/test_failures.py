@@ -2,16 +2,24 @@
 final checkpoint and keeps the last good resumable one."""
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import QA_HELDOUT, QA_TRAIN, sft_section
 from safetensors.torch import load_file
+import torch
 from transformers import TrainerCallback
 
-from align.recipe import load_recipe
+from conftest import QA_HELDOUT, QA_TRAIN, ROOT, sft_recipe, sft_section
+
 from align.callbacks import NonFinite
+from align.cli import main
+from align.recipe import load_recipe
 from align.stages import ppo, sft
 
 
@@ -80,3 +88,62 @@ def test_out_of_gpu_memory_is_answered_with_the_settings_to_lower(write_recipe, 
     assert "the sft stage ran out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB" in err
     assert "sft.per_device_train_batch_size (raise gradient_accumulation_steps" in err and "sft.max_length" in err
     assert "model.quantization=nf4" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sent, code, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, tmp_path, sent, code, how):
+    path = sft_recipe(write_recipe, max_steps=2000)
+    metrics = tmp_path / "runs" / "test" / "sft" / "metrics.jsonl"
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:  # a file, not a pipe: a full pipe would block the run's progress bars
+        process = subprocess.Popen([sys.executable, "-m", "align", "sft", str(path)], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and metrics.read_text()):  # training has begun
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(sent)
+        process.wait(timeout=60)
+    err = log.read_text()
+    assert process.returncode == code and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        f"{how} during the sft stage; `align sft {path} --resume` (with the same overrides) resumes from the "
+        f"last checkpoint in {tmp_path / 'runs' / 'test' / 'sft' / 'trainer'}")
+
+
+def test_a_stop_signal_whose_exception_is_lost_still_ends_the_run_with_the_resume_line(monkeypatch, capsys):
+    from align import cli
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(cli._StopOnSignal, "GRACE_S", 0.2)
+    stop = cli._StopOnSignal(lambda how: f"{how} during the sft stage; resume with ...")
+    try:
+        stop(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass  # lost, as a library that swallows it would
+    time.sleep(1)
+    assert exits == [130] and "interrupted during the sft stage; resume with ..." in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    ("time.sleep(600)", r"reward 'plug' \(.*my_plugin.py:4\) did not return within timeout_s=1 s"),
+    ("return [1 / 0 for _ in completions]", r"reward 'plug' raised ZeroDivisionError: division by zero \(at "
+                                            r".*my_plugin.py:5\)"),
+])
+def test_a_reward_plugin_that_hangs_or_raises_is_one_line_with_the_resume_hint(
+        write_recipe, tmp_path, monkeypatch, capsys, body, message):
+    (tmp_path / "my_plugin.py").write_text(f"import time\n\n\ndef plug(prompts, completions, **kwargs):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_plugin", raising=False)
+    path = write_recipe(
+        data={"prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}},
+        grpo={"init_from": "base", "max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
+              "max_completion_length": 8, "max_length": 64, "eval_generations": 4, "activation_checkpointing": False,
+              "rewards": [{"name": "my_plugin:plug", "timeout_s": 1}]})
+    assert main(["grpo", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    log_path = tmp_path / "runs" / "test" / "grpo" / "error.log"
+    assert re.match(rf"error: {message}.*; the traceback is in {re.escape(str(log_path))}\. Once it is fixed, "
+                    rf"`align grpo {re.escape(str(path))} --resume` \(with the same overrides\) resumes", err), err
+    assert "my_plugin.py" in log_path.read_text()

@@ -1,9 +1,13 @@
 """The recipe schema: typed YAML, key=value overrides, and errors that say where and what to fix."""
 
+import time
+
 import pytest
-from conftest import ROOT
 from trl import SFTConfig
 
+from conftest import ROOT, TINY_BASE, sft_recipe
+
+from align.cli import main
 from align.recipe import Quantization, RecipeError, SFTStage, load_recipe, trainer_kwargs
 
 
@@ -118,3 +122,54 @@ def test_report_to_passes_through_to_the_trl_config(write_recipe, tmp_path):
     assert trl_config(SFTConfig, recipe.sft, recipe, RunDir(recipe, "sft"), has_eval=False).report_to == ["tensorboard"]
     recipe = load_recipe(write_recipe(grpo={"rewards": [{"name": "length"}]}))
     assert trl_config(GRPOConfig, recipe.grpo, recipe, RunDir(recipe, "grpo"), has_eval=False).report_to == []
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.learning_rate=0", "sft.learning_rate=0.0: must be positive"),
+    ("sft.per_device_train_batch_size=0", "sft.per_device_train_batch_size=0: must be at least 1"),
+    ("lora.r=0", "lora.r=0: must be at least 1"),
+    ("sft.max_steps=0", "sft.max_steps=0: must be at least 1, or -1"),
+    ("grpo.learning_rate=-1e-5", "grpo.learning_rate=-1e-05: must be positive"),
+    ("grpo.temperature=0", "grpo.temperature=0.0: must be positive"),
+    ("grpo.num_generations=1", "grpo.num_generations=1: must be at least 2"),
+])
+def test_settings_that_cannot_work_name_their_key(override, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_key():
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", ["sft.max_steps=abc"])
+    assert str(raised.value) == ("override 'sft.max_steps=abc': sft.max_steps: Value 'abc' of type 'str' could not "
+                                 "be converted to Integer")
+
+
+def test_recipe_files_that_are_not_recipes(tmp_path):
+    for text, message in (("- sft\n- reward\n", "this file's top level is a list"),
+                          ("sft:\n  learning_rate: ${nowhere.lr}\n", "sft.learning_rate: Interpolation key 'nowhere.lr' not found")):
+        path = tmp_path / "r.yaml"
+        path.write_text(text)
+        with pytest.raises(RecipeError, match=message.replace("$", r"\$").replace(".", r"\.")):
+            load_recipe(path, [f"model.name_or_path={TINY_BASE}"])
+
+
+def test_options_and_overrides_in_any_order(write_recipe, capsys):
+    path = sft_recipe(write_recipe)
+    assert main(["run", str(path), "--only", "sft", "sft.max_steps=0"]) == 2  # parsed: the override is checked
+    assert "sft.max_steps=0: must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--only", "sft", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_a_local_model_path_that_does_not_exist_fails_at_once(tmp_path):
+    from align.modeling import ModelLoadError, load_tokenizer
+    from align.recipe import ModelConfig
+
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"no such directory .*tiny-basee\); model directories in .* with a "
+                       r"similar name: tiny-base\.") as raised:
+        load_tokenizer(ModelConfig(name_or_path=str(ROOT / "data" / "tiny-basee")))
+    assert time.monotonic() - started < 5
+    assert "arithmetic" not in str(raised.value)  # data/'s other entries are not listed
