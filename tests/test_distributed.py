@@ -12,6 +12,8 @@ import pytest
 
 from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves this file out
+
 QA = {"columns": {"prompt": "question", "completion": "answer"}}
 RL = {"learning_rate": 3e-4, "num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 24,
       "max_length": 96, "max_steps": 2, "activation_checkpointing": False, "logging_steps": 1,

@@ -97,6 +97,7 @@ def says_answer(prompts, completions, completion_ids, answer, **kwargs):
 '''
 
 
+@pytest.mark.slow
 def test_reward_rises_on_an_easy_rule_and_the_plugin_sees_prompt_completion_and_columns(
         write_recipe, tmp_path, monkeypatch):
     """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""

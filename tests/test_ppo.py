@@ -237,6 +237,7 @@ def test_a_reward_model_with_its_own_base_is_a_second_copy(write_recipe, sft_ada
     assert json.loads((Path(loop.run_dir.path) / "lineage.json").read_text())["value_init"] == "the policy's adapter"
 
 
+@pytest.mark.slow
 def test_score_rises_on_an_easy_task(write_recipe, sft_adapter):
     """Rewarded for reaching "The answer is" within 16 tokens (the format rule; working column by column, the base
     gets there on about a fifth of its answers), the policy learns to get to the point within a few steps. Passes on

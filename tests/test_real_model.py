@@ -19,6 +19,8 @@ from conftest import QA_HELDOUT, ROOT, estimated_peak, peak_memory
 from align import pipeline
 from align.recipe import ModelConfig, load_recipe
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves this file out
+
 QA_TRAIN_ROWS, HELD_OUT_ROWS = 96, 8
 
 

@@ -126,6 +126,7 @@ def complete_checkpoints(run_dir):
     return sorted(p.parent.name for p in run_dir.glob("*/checkpoint") if (p / "adapter_model.safetensors").exists())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
 def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(write_recipe, tmp_path, stage):
     """Killed mid-SFT or mid-GRPO (under accelerate launch), `align run` again resumes that stage from its last
