@@ -5,10 +5,11 @@
     python bench/quickstart.py --keep runs/bench      # keep the run dirs (runs/bench/seed42/quickstart/...)
 
 Per seed, from nothing in a temporary run root: `align run recipes/quickstart.yaml` (sft -> reward -> grpo), the
-same with `rl.algorithm=ppo` and `rl.algorithm=dpo` (finished stages are then skipped), and the README's `align
-compare` of the base, the SFT policy and the GRPO, PPO and DPO policies. Prints one table (each stage's held-out figures and wall time per seed, and their
-range), checks the quickstart's bars (BARS) on every seed, and appends one JSON line to
-bench/results/quickstart.jsonl. Not part of the test suite: about 9 minutes a seed on 2 CPU cores.
+same with `rl.algorithm=ppo`, `dpo` and `kto` (finished stages are then skipped), and the README's `align compare`
+of the base, the SFT policy and the GRPO, PPO, DPO and KTO policies. Prints one table (each stage's held-out
+figures and wall time per seed, and their range), checks the quickstart's bars (BARS) on every seed, and appends
+one JSON line to bench/results/quickstart.jsonl. Not part of the test suite: about 12 minutes a seed on 2 CPU
+cores.
 """
 
 from __future__ import annotations
@@ -36,16 +37,18 @@ def run_seed(seed: int, overrides: list[str], root: Path) -> dict:
     """Every command for one seed; the figures read back from lineage.json and results.json."""
     run = root / "quickstart"
     seconds = {}
-    for label, extra in (("run", []), ("ppo", ["rl.algorithm=ppo"]), ("dpo", ["rl.algorithm=dpo"])):
+    for label, extra in (("run", []), ("ppo", ["rl.algorithm=ppo"]), ("dpo", ["rl.algorithm=dpo"]),
+                         ("kto", ["rl.algorithm=kto"])):
         command = [sys.executable, "-m", "align", "run", RECIPE, f"run.root={root}", f"run.seed={seed}", *overrides,
                    *extra]
         seconds[label] = _timed(command)
     seconds["compare"] = _timed([sys.executable, "-m", "align", "compare", "base=data/tiny-base", f"sft={run}/sft",
-                                 f"grpo={run}/grpo", f"ppo={run}/ppo", f"dpo={run}/dpo", "--reward", f"{run}/reward",
+                                 f"grpo={run}/grpo", f"ppo={run}/ppo", f"dpo={run}/dpo", f"kto={run}/kto",
+                                 "--reward", f"{run}/reward",
                                  "--reference",
                                  f"{run}/sft", "--out", str(run / "compare"), *COMPARE])
     lineage = {stage: json.loads((run / stage / "lineage.json").read_text())
-               for stage in ("sft", "reward", "grpo", "ppo", "dpo")}
+               for stage in ("sft", "reward", "grpo", "ppo", "dpo", "kto")}
     results = {stage: data["results"] for stage, data in lineage.items()}
     compare = json.loads((run / "compare" / "results.json").read_text())["checkpoints"]
     return {"seed": seed, "seconds": seconds, "results": results,
@@ -88,7 +91,11 @@ def figures(record: dict) -> dict[str, float]:
     for when in ("before", "after"):
         out[f"dpo greedy accuracy {when}"] = dpo[when]["greedy"]["rewards/exact_match"]
     out["dpo first margin"], out["dpo pair accuracy (implicit reward)"] = dpo["margin_first"], dpo["after"]["reward_accuracy"]
-    for name in ("base", "sft", "grpo", "ppo", "dpo"):
+    kto = r["kto"]
+    for when in ("before", "after"):
+        out[f"kto greedy accuracy {when}"] = kto[when]["greedy"]["rewards/exact_match"]
+    out["kto KL first"], out["kto held-out good - bad implicit reward"] = kto["kl_first"], kto["after"]["margin_mean"]
+    for name in ("base", "sft", "grpo", "ppo", "dpo", "kto"):
         for metric in ("reward", "accuracy"):
             out[f"compare {name} {metric}"] = c[name][metric]["mean"]
             out[f"compare {name} {metric} low"], out[f"compare {name} {metric} high"] = c[name][metric]["ci95"]
@@ -96,6 +103,7 @@ def figures(record: dict) -> dict[str, float]:
     out["wall: align run (s)"] = record["seconds"]["run"]
     out["wall: align run rl.algorithm=ppo (s)"] = record["seconds"]["ppo"]
     out["wall: align run rl.algorithm=dpo (s)"] = record["seconds"]["dpo"]
+    out["wall: align run rl.algorithm=kto (s)"] = record["seconds"]["kto"]
     out["wall: align compare (s)"] = record["seconds"]["compare"]
     return out
 

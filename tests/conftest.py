@@ -115,6 +115,11 @@ def run_keeping_trainer(stage, recipe):
 @pytest.fixture
 def sft_adapter(tmp_path):
     """A saved causal-LM LoRA adapter with non-zero weights, standing in for the SFT stage's checkpoint."""
+    return make_sft_adapter(tmp_path / "runs" / "test" / "sft" / "checkpoint")
+
+
+def make_sft_adapter(path: Path) -> Path:
+    """`sft_adapter` at `path` (a module-scoped fixture's own)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -125,7 +130,6 @@ def sft_adapter(tmp_path):
     for name, param in model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.1)
-    path = tmp_path / "runs" / "test" / "sft" / "checkpoint"
     model.save_pretrained(str(path))
     return finished(path)
 

@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import LEARNING_SEED, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer
+from conftest import (
+    LEARNING_SEED, QA_HELDOUT, QA_TRAIN, TINY_BASE, assert_reference_is_the_sft_policy, make_sft_adapter, run_keeping_trainer,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -158,19 +160,33 @@ def base_weight_storages(loop: ppo.PPOLoop) -> set[int]:
     return {p.untyped_storage().data_ptr() for m in models for p in m.parameters() if isinstance(p, bnb.nn.Params4bit)}
 
 
-def test_one_base_copy_kl_zero_at_first_and_what_the_run_writes(write_recipe, sft_adapter, reward_checkpoint):
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory, reward_checkpoint):
+    """One PPO run (3 rollouts) from an SFT adapter, scored by rules and the reward model, the value model from the
+    reward model: (recipe, results, the PPO loop, the SFT adapter)."""
+    tmp = tmp_path_factory.mktemp("ppo")
+    adapter = make_sft_adapter(tmp / "runs" / "test" / "sft" / "checkpoint")
     rewards = [*REWARDS, {"name": "reward_model", "weight": 0.1, "args": {"checkpoint": str(reward_checkpoint)}}]
-    recipe = load_recipe(write_recipe(sft={}, data=prompts_data(), ppo=ppo_section(rewards=rewards,
-                                                                                 value_init="reward")))
+    path = tmp / "r.yaml"
+    path.write_text(json.dumps({  # float32 as every test's (a module fixture does not see conftest's autouse one)
+        "model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "run": {"root": str(tmp / "runs")},
+        "sft": {}, "data": prompts_data(), "ppo": ppo_section(rewards=rewards, value_init="reward")}))
+    recipe = load_recipe(path)
     results, loop = run_keeping_trainer(ppo, recipe)
+    return recipe, results, loop, adapter
 
-    # Policy, reference, reward and value models: adapters on one copy of the 4-bit base.
+
+def test_policy_reference_reward_and_value_are_adapters_on_one_copy_of_the_base(ppo_run):
     import bitsandbytes as bnb
 
+    recipe, _, loop, _ = ppo_run
     one_base = sum(isinstance(p, bnb.nn.Params4bit) for p in load_model(recipe.model).parameters())
     assert len(base_weight_storages(loop)) == one_base > 0
     assert set(loop.policy.peft_config) == {"default", "ref", "reward", "value"}
 
+
+def test_the_first_kl_is_zero_then_it_moves_within_max_kl_and_every_step_is_logged(ppo_run):
+    recipe, results, _, _ = ppo_run
     logs = metrics(results)
     assert [m["step"] for m in logs] == [1, 2, 3]
     assert logs[0]["kl"] == 0.0 and logs[0]["non_score_reward"] == 0.0  # the rollout before any update
@@ -181,28 +197,21 @@ def test_one_base_copy_kl_zero_at_first_and_what_the_run_writes(write_recipe, sf
             "rewards/length", "rewards/reward_model", "beta", "learning_rate"} <= logs[0].keys()
     assert logs[0]["approxkl"] >= 0 and 0 <= logs[0]["clipfrac"] <= 1
 
-    # The reference is still the SFT checkpoint; the policy moved.
-    sft = PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), str(sft_adapter)).eval()
-    from trl.trainer.utils import use_adapter
 
-    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61]])
-    policy = loop.policy.eval()
-    with torch.no_grad():
-        with use_adapter(policy, "ref"):
-            reference = policy(input_ids=ids).logits
-        moved = policy(input_ids=ids).logits
-        expected = sft(input_ids=ids).logits
-    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
-    assert (moved - expected).abs().max() > 1e-3
+def test_the_reference_is_still_the_sft_policy_and_the_policy_moved(ppo_run):
+    _, _, loop, adapter = ppo_run
+    assert_reference_is_the_sft_policy(loop.policy, adapter)
 
-    # checkpoint/: the policy adapter (stock PEFT loads it), value/: the value model in a reward checkpoint's layout.
+
+def test_the_checkpoint_holds_the_policy_adapter_and_value_the_value_model(ppo_run, reward_checkpoint):
+    _, results, loop, adapter = ppo_run
     saved = load_file(results["checkpoint"] + "/adapter_model.safetensors")
     assert saved and not any(f".{name}." in k for k in saved for name in ("ref", "reward", "value"))
-    PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), results["checkpoint"])
+    PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=str(TINY_BASE))), results["checkpoint"])  # stock PEFT
     value = load_file(results["checkpoint"] + "/value/adapter_model.safetensors")
     assert value["score.weight"].shape == (1, loop.policy.config.hidden_size) and len(value) > 1
     lineage = json.loads((Path(results["run_dir"]) / "lineage.json").read_text())
-    assert lineage["parent_checkpoint"] == str(sft_adapter) and lineage["value_init"] == str(reward_checkpoint)
+    assert lineage["parent_checkpoint"] == str(adapter) and lineage["value_init"] == str(reward_checkpoint)
     assert lineage["results"]["after"]["greedy"]["reward_mean"] == results["after"]["greedy"]["reward_mean"]
     assert len((Path(results["run_dir"]) / "samples.jsonl").read_text().splitlines()) == 8
 
