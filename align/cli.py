@@ -528,8 +528,8 @@ def _data_check(args) -> int:
         lines = [f"{kind} (max_length {max_length}): {report.rows} rows, {report.examples} "
                  f"{'pairs' if kind == 'preference' else 'examples'}, skipped: "
                  + (", ".join(f"{k}={n}" for k, n in report.skipped.most_common()) or "none"),
-                 "columns: " + ", ".join(f"{k}={v}" + (" (auto)" if k in report.detected else "")
-                                         for k, v in report.columns.items())]
+                 "columns: " + ", ".join(f"{k}={'[' + ','.join(v) + ']' if isinstance(v, list) else v}"
+                                         + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())]
         lines += [f"{what}: {', '.join(names)}" for what, names in (
             ("unused", report.unused), ("ignored", report.ignored), ("to the rewards", report.passed)) if names]
         lengths = [f"{k} {'/'.join(map(str, percentiles(v)))}" for k, v in report.lengths.items()]
