@@ -528,7 +528,7 @@ def _data_check(args) -> int:
         lines = [f"{kind} (max_length {max_length}): {report.rows} rows, {report.examples} "
                  f"{'pairs' if kind == 'preference' else 'examples'}, skipped: "
                  + (", ".join(f"{k}={n}" for k, n in report.skipped.most_common()) or "none"),
-                 "columns: " + ", ".join(f"{k}={'[' + ','.join(v) + ']' if isinstance(v, list) else v}"
+                 "columns: " + ", ".join(f"{k}={'[' + ','.join(v) + ']' if isinstance(v, (list, tuple)) else v}"
                                          + (" (auto)" if k in report.detected else "") for k, v in report.columns.items())]
         lines += [f"{what}: {', '.join(names)}" for what, names in (
             ("unused", report.unused), ("ignored", report.ignored), ("to the rewards", report.passed)) if names]
@@ -543,9 +543,10 @@ def _data_check(args) -> int:
                          + ", ".join(f"{k}={v}" for k, v in report.pairing.items() if k != "rule"))
         lines += report.notes + [f"first {reason}: {problem}" for reason, problem in report.first_skipped.items()]
         console.print()
-        console.print(_shown_path(path), style="bold", soft_wrap=True, highlight=False)
+        # markup=False: column names and values are data, and "[a,b]" is not a style
+        console.print(_shown_path(path), style="bold", soft_wrap=True, highlight=False, markup=False)
         for line in lines:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)
     return 1 if invalid else 0
 
 
