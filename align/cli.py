@@ -321,33 +321,36 @@ def _stage(args) -> int:
     print_summary(console, BY_NAME[args.command].module.summary(results))
     if "train_loss" in results:
         console.print(f"train loss {results['train_loss']:.4f}", soft_wrap=True)
-    console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True)
-    console.print(f"run dir: {results['run_dir']}", soft_wrap=True)
+    console.print(f"checkpoint: {results['checkpoint']}", soft_wrap=True, markup=False)
+    console.print(f"run dir: {results['run_dir']}", soft_wrap=True, markup=False)
     return 0
 
 
 def print_summary(console, summary) -> None:
-    """A stage's Summary in full: notes, before/after tables, samples."""
+    """A stage's Summary in full: notes, before/after tables, samples. Printed as plain text, never as rich markup:
+    answers, prompts and paths are data ("[1, 2]" is not a style)."""
     from rich.table import Table
+    from rich.text import Text
 
     for note in summary.notes:
-        console.print(note, soft_wrap=True)
+        console.print(note, soft_wrap=True, markup=False)
     for title, rows in summary.tables:
-        table = Table(title=title)
+        table = Table(title=Text(title))
         for column in ("", "before", "after"):
             table.add_column(column)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*map(Text, row))
         console.print(table)
     for sample in summary.samples:
-        console.print(f"  {sample}", soft_wrap=True)
+        console.print(f"  {sample}", soft_wrap=True, markup=False)
 
 
 def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
     """One row per stage: what happened to it and what it achieved on held-out data (before -> after)."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"align run {recipe.run.name}: held-out results (before -> after)")
+    table = Table(title=Text(f"align run {recipe.run.name}: held-out results (before -> after)"))
     for column in ("stage", "", "result"):
         table.add_column(column)
     by_name = {o.stage: o for o in outcomes}
@@ -357,9 +360,10 @@ def _print_pipeline(console, names: list[str], outcomes, recipe) -> None:
             table.add_row(name, "not selected", "")
             continue
         lines = BY_NAME[name].module.summary(outcome.results).headline
-        table.add_row(name, outcome.action, "\n".join(lines) or "(no held-out data)")
+        table.add_row(name, outcome.action, Text("\n".join(lines) or "(no held-out data)"))
     console.print(table)
-    console.print(f"run dir: {Path(recipe.run.root) / recipe.run.name} (checkpoints: <stage>/checkpoint)", soft_wrap=True)
+    console.print(f"run dir: {Path(recipe.run.root) / recipe.run.name} (checkpoints: <stage>/checkpoint)", soft_wrap=True,
+                  markup=False)
 
 
 def _resume_command(stage: str, args) -> str:
@@ -439,6 +443,7 @@ def _compare(args) -> int:
 
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from align.compare import compare
     from align.recipe import Quantization
@@ -455,11 +460,11 @@ def _compare(args) -> int:
                       batch_size=args.batch_size, samples=args.samples, seed=args.seed,
                       quantization=Quantization(args.quantization), trust_remote_code=args.trust_remote_code)
     header, rows = metrics_table(results)
-    table = Table(title=f"{results['eval']['prompts']} prompts from {args.eval} (95% bootstrap intervals)")
+    table = Table(title=Text(f"{results['eval']['prompts']} prompts from {args.eval} (95% bootstrap intervals)"))
     for column in header:
         table.add_column(column)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))  # checkpoint names and paths are data, not rich markup
     console = Console()
     console.print(table)
     paired_header, paired_rows = paired_table(results)
@@ -469,10 +474,10 @@ def _compare(args) -> int:
         for column in paired_header:
             paired.add_column(column)
         for row in paired_rows:
-            paired.add_row(*row)
+            paired.add_row(*map(Text, row))
         console.print(paired)
     console.print(f"{time.monotonic() - started:.0f} s; report: {args.out / 'report.html'} (and report.md, "
-                  f"results.json)", soft_wrap=True)
+                  f"results.json)", soft_wrap=True, markup=False)
     return 0
 
 
@@ -517,7 +522,7 @@ def _data_check(args) -> int:
     context = None if args.target.endswith((".yaml", ".yml")) else model_context(recipe.model)
 
     console = Console()
-    console.print(f"data check (tokens by {_shown_path(recipe.model.name_or_path)})", style="bold")
+    console.print(f"data check (tokens by {_shown_path(recipe.model.name_or_path)})", style="bold", markup=False)
     invalid = False
     for path, kind in files:
         limit = limits[KINDS[kind].section]

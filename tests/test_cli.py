@@ -138,3 +138,17 @@ def test_grpo_help_explains_the_kl_and_the_rewards(capsys):
     out = capsys.readouterr().out
     assert "grpo.beta = 0.04" in out and "TRL's default is 0" in out
     assert "grpo.max_kl = 1.0" in out and "grpo.rewards = []" in out and "package.module:function" in out
+
+
+def test_model_text_and_paths_print_as_they_are_never_as_rich_markup():
+    from rich.console import Console
+
+    from align.cli import print_summary
+    from align.summary import Summary
+
+    answer = "[bold]7[/bold] is in [1, 2, 7]"
+    console = Console(width=200, record=True)
+    print_summary(console, Summary(notes=[f"note {answer}"], tables=[("t", [(answer, "[red]a", "b")])],
+                                   samples=[f"sample {answer}"]))
+    printed = console.export_text()
+    assert printed.count(answer) == 3 and "[red]a" in printed
