@@ -53,18 +53,10 @@ def _stages(run_dir: Path, journal: list[dict]) -> list[str]:
 
 
 def _json_lines(path: Path) -> list[dict]:
-    """The JSON objects of a .jsonl file; a line that is not one (a torn last line) is left out."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The records of a run dir's .jsonl file (rundir.read_jsonl: a torn last line dropped), none if it is absent."""
+    from align.rundir import read_jsonl
+
+    return [r for r in read_jsonl(path) if isinstance(r, dict)] if path.is_file() else []
 
 
 def _journal(journal: list[dict]) -> str:
