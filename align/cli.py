@@ -275,6 +275,9 @@ def _stage(args) -> int:
     from align.rewards import RewardFailed
 
     state()  # the process group, before any model or trainer: every rank decision below reads it
+    from align.memory import keep_freed_memory
+
+    log.info("memory: %s", keep_freed_memory())
 
     running = {"stage": args.command, "failure": None}
     stop = _StopOnSignal(lambda how: _interrupted(running["stage"], args, recipe, how))
@@ -446,9 +449,11 @@ def _compare(args) -> int:
     from rich.text import Text
 
     from align.compare import compare
+    from align.memory import keep_freed_memory
     from align.recipe import Quantization
     from align.report import metrics_table, paired_table
 
+    log.info("memory: %s", keep_freed_memory())
     started = time.monotonic()
     results = compare(args.checkpoints, args.eval, out=args.out, reward=args.reward, baseline=args.baseline,
                       reference=args.reference, accuracy=args.accuracy, answer_column=args.answer_column,

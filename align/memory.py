@@ -168,3 +168,34 @@ def check(recipe, stage: str, train) -> dict[str, Any]:
             f"of {batch} x {longest} tokens), and {free / GB:.1f} GB is {measured}.\nLower, the biggest saving "
             f"first:\n{settings}")
     return {"estimated_peak_bytes": needed + have, "parts": parts, "free_bytes": free}
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> str:
+    """On a CPU, glibc's malloc keeps the memory tensors free for the next ones instead of handing it back to the
+    kernel: no mmap for large blocks, no trimming of the heap. By default every block over 32 MB (a micro-batch's
+    logits over a 49k vocabulary, its activations) is mmapped and unmapped when freed, and the heap's top is
+    trimmed, so each step faults in and zeroes the same memory again: on SmolLM2's GRPO step about 200,000 page
+    faults a second, a sixth of the CPU time in the kernel, and steps up to twice as slow once SFT and the reward
+    stage had run in the same process (bench/README.md). The cost: the peak stays resident until the process ends.
+    Left as it is on GPUs (their tensors are not malloc's), where the user chose (MALLOC_* variables, another
+    allocator in LD_PRELOAD), and without glibc. Returns what was done, for the log."""
+    import ctypes
+    import platform
+
+    from align.modeling import device
+
+    if device().type != "cpu":
+        return "left as it is: tensors live on the GPU"
+    chosen = sorted(k for k in os.environ if k.startswith("MALLOC_") or k == "LD_PRELOAD")
+    if chosen:
+        return f"left as set by {', '.join(chosen)}"
+    if platform.libc_ver()[0] != "glibc":
+        return "left as it is: not glibc"
+    libc = ctypes.CDLL(None)
+    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "left as it is: mallopt refused the settings"
+    return "glibc malloc keeps freed memory for reuse (no mmap for large blocks, no trimming)"

@@ -265,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from align.memory import keep_freed_memory
     from align.recipe import load_recipe
 
+    print(f"memory: {keep_freed_memory()} (as the align command does)")
     stages = args.stages.split(",")
     if unknown := [s for s in stages if s not in STAGES]:
         parser.error(f"--stages: {', '.join(unknown)} not among {', '.join(STAGES)}")

@@ -210,8 +210,10 @@ def measure(args, work: Path) -> dict:
 
     import torch
 
+    from align.memory import keep_freed_memory
     from align.recipe import load_recipe
 
+    logging.info("memory: %s (as the align command does)", keep_freed_memory())
     stage = importlib.import_module(f"align.stages.{args.stage}")
     matmul_params = build_base(args.arch, work / "base")
     if args.stage in ("grpo", "ppo") and args.reward_model != "none" and not (work / "reward").is_dir():

