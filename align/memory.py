@@ -21,6 +21,7 @@ estimate, tested within 2x of the measured peak on the tiny base and on SmolLM2-
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -108,9 +109,26 @@ def available() -> tuple[int, str]:
 
 
 def resident() -> int:
-    """This process's resident memory now, in bytes (what it has already: Python, torch, the tokenizer)."""
+    """This process's resident memory now, in bytes (what it has already: Python, torch, the tokenizer), less what
+    malloc holds free for reuse (`keep_freed_memory`: after SFT an `align run` process keeps ~4 GB of freed tensor
+    memory, which the next stage's tensors reuse rather than add to)."""
     with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return max(0, rss - malloc_free())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_free() -> int:
+    """Bytes glibc's malloc holds free in its heaps (mallinfo2's fordblks); 0 without glibc 2.33+."""
+    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if mallinfo2 is None:
+        return 0
+    mallinfo2.restype = _MallInfo2
+    return mallinfo2().fordblks
 
 
 def check(recipe, stage: str, train) -> dict[str, Any]:
@@ -183,7 +201,6 @@ def keep_freed_memory() -> str:
     stage had run in the same process (bench/README.md). The cost: the peak stays resident until the process ends.
     Left as it is on GPUs (their tensors are not malloc's), where the user chose (MALLOC_* variables, another
     allocator in LD_PRELOAD), and without glibc. Returns what was done, for the log."""
-    import ctypes
     import platform
 
     from align.modeling import device

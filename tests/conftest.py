@@ -26,10 +26,14 @@ LEARNING_SEED = int(os.environ.get("ALIGN_LEARNING_SEED", "42"))
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (`-n N`, as .ci/run runs the suite) each worker gets its share of the cores, for its
-    own torch ops and the align processes its tests start: N workers each spinning up every core would fight over
-    them. Most tests train a 1M-parameter model, where a second thread gains little and a second worker doubles
-    the work done."""
+    """The test process runs stages in-process as the align command runs them: with glibc keeping freed memory
+    (`align.memory.keep_freed_memory`, which the command calls first). Under pytest-xdist (`-n N`, as .ci/run
+    runs the suite) each worker gets its share of the cores, for its own torch ops and the align processes its
+    tests start: N workers each spinning up every core would fight over them. Most tests train a 1M-parameter
+    model, where a second thread gains little and a second worker doubles the work done."""
+    from align.memory import keep_freed_memory
+
+    keep_freed_memory()
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers:
         import torch

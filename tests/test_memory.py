@@ -62,7 +62,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_a_cpu_process_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
     """What `keep_freed_memory` is for: with glibc's defaults each 64 MB tensor is mmapped, touched page by page
-    and unmapped (16,384 page faults each); once it is called, the heap keeps the block for the next tensor."""
+    and unmapped (16,384 page faults each); once it is called, the heap keeps the block for the next tensor (the heap
+    may grow once)."""
     import subprocess
 
     faults = {}
@@ -72,7 +73,8 @@ def test_a_cpu_process_reuses_freed_tensor_memory_instead_of_faulting_it_in_agai
         assert done.returncode == 0, done.stderr
         faults[how] = int(done.stdout.split()[-1])
     assert "keeps freed memory" in done.stderr
-    assert faults["default"] >= 10 * 16_384 * 0.9 and faults["keep"] < 1_000, faults
+    # keeping: no fresh pages, or one block's when a small allocation took the front of the freed block once
+    assert faults["default"] >= 10 * 16_384 * 0.9 and faults["keep"] <= 16_384 + 1_000, faults
 
 
 def test_an_allocator_the_user_chose_is_left_alone(monkeypatch):
@@ -80,3 +82,18 @@ def test_an_allocator_the_user_chose_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert keep_freed_memory() == "left as set by MALLOC_ARENA_MAX"
+
+
+def test_memory_malloc_keeps_for_reuse_does_not_count_as_used():
+    """The pre-flight counts what the process has already; the tensors an earlier stage freed, which malloc keeps
+    for the next ones, are not part of that (else the stage after SFT would see ~4 GB more used than it is)."""
+    import torch
+
+    from align.memory import keep_freed_memory, malloc_free, resident
+
+    keep_freed_memory()
+    before = resident()
+    block = torch.ones(1 << 27)  # 512 MB
+    assert resident() - before >= 400 << 20
+    del block
+    assert malloc_free() >= 512 << 20 and resident() - before < 100 << 20
