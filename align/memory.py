@@ -109,26 +109,10 @@ def available() -> tuple[int, str]:
 
 
 def resident() -> int:
-    """This process's resident memory now, in bytes (what it has already: Python, torch, the tokenizer), less what
-    malloc holds free for reuse (`keep_freed_memory`: after SFT an `align run` process keeps ~4 GB of freed tensor
-    memory, which the next stage's tensors reuse rather than add to)."""
+    """This process's resident memory now, in bytes (what it has already: Python, torch, the tokenizer; in an
+    `align run`, what malloc kept of the stages before is released first: `release_freed_memory`)."""
     with open(f"/proc/{os.getpid()}/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return max(0, rss - malloc_free())
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def malloc_free() -> int:
-    """Bytes glibc's malloc holds free in its heaps (mallinfo2's fordblks); 0 without glibc 2.33+."""
-    mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
-    if mallinfo2 is None:
-        return 0
-    mallinfo2.restype = _MallInfo2
-    return mallinfo2().fordblks
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def check(recipe, stage: str, train) -> dict[str, Any]:
@@ -216,3 +200,18 @@ def keep_freed_memory() -> str:
     if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         return "left as it is: mallopt refused the settings"
     return "glibc malloc keeps freed memory for reuse (no mmap for large blocks, no trimming)"
+
+
+def release_freed_memory() -> int:
+    """Hands what malloc holds free back to the kernel (glibc's malloc_trim, after a garbage collection frees the
+    finished stage's models): between the stages of one `align run`, so that a process that kept SFT's freed
+    memory (`keep_freed_memory`) does not carry it into the reward stage's peak. Returns the resident bytes
+    released."""
+    import gc
+
+    gc.collect()
+    before = resident()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+    return max(0, before - resident())

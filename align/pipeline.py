@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from align import registry
 from align.errors import AlignError
+from align.memory import release_freed_memory
 from align.registry import BY_NAME, FINAL, STAGES
 from align.recipe import Recipe, RecipeError, RLAlgorithm, load_recipe
 from align.processes import is_main_process, wait_for_everyone
@@ -156,6 +157,7 @@ def _run_stage(recipe: Recipe, name: str, forced: str | None) -> Outcome:
     if hasattr(getattr(recipe, name), "rewards"):
         check_reward_accuracy(recipe, name)
     results = registry.stage(name).module.run(recipe, resume=action == "resume")
+    release_freed_memory()  # the next stage's peak, not this one's kept heap on top of it
     _record(recipe, {"stage": name, "action": "finished", "checkpoint": results["checkpoint"]})
     return Outcome(name, "resumed" if action == "resume" else "ran", reason, results)
 

@@ -43,6 +43,17 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files marked slow as a whole (the real model, two-process runs) run first: under pytest-xdist each file goes
+    to one worker (`--dist loadfile`: its module fixtures are trained once), and the longest first keeps one worker
+    from finishing minutes after the other."""
+    def whole_file_slow(item) -> bool:
+        marks = getattr(item.module, "pytestmark", [])
+        return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
+
+    items.sort(key=lambda item: not whole_file_slow(item))
+
+
 @pytest.fixture(autouse=True)
 def float32_on_every_cpu(monkeypatch):
     """model.compute_dtype auto is bfloat16 on CPUs with AMX and float32 on others: the tests' figures must not
