@@ -281,7 +281,8 @@ def short_recipe(model_dir: Path, tmp: Path) -> Path:
     """recipes/smollm2-135m.yaml on a few rows, a few steps per stage."""
     lines = (ROOT / "data" / "arithmetic" / "sft_train.jsonl").read_text().splitlines(keepends=True)
     (tmp / "qa_train.jsonl").write_text("".join(lines[:SMOLLM2_TRAIN_ROWS]))
-    (tmp / "qa_heldout.jsonl").write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:SMOLLM2_HELD_OUT_ROWS]))
+    held_out = QA_HELDOUT.read_text().splitlines(keepends=True)[:SMOLLM2_HELD_OUT_ROWS]
+    (tmp / "qa_heldout.jsonl").write_text("".join(held_out))
     pairs = (ROOT / "data" / "arithmetic" / "preference_train.jsonl").read_text().splitlines(keepends=True)
     (tmp / "pref_train.jsonl").write_text("".join(pairs[:32]))
     (tmp / "pref_heldout.jsonl").write_text("".join(pairs[-SMOLLM2_HELD_OUT_ROWS:]))

@@ -170,7 +170,8 @@ def ppo_run(tmp_path_factory, reward_checkpoint):
     path = tmp / "r.yaml"
     path.write_text(json.dumps({  # float32 as every test's (a module fixture does not see conftest's autouse one)
         "model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"},
-        "run": {"root": str(tmp / "runs"), "name": "test"}, "sft": {}, "data": prompts_data(), "ppo": ppo_section(rewards=rewards, value_init="reward")}))
+        "run": {"root": str(tmp / "runs"), "name": "test"}, "sft": {}, "data": prompts_data(),
+        "ppo": ppo_section(rewards=rewards, value_init="reward")}))
     recipe = load_recipe(path)
     results, loop = run_keeping_trainer(ppo, recipe)
     return recipe, results, loop, adapter
