@@ -132,3 +132,13 @@ def test_a_template_whose_generation_prompt_is_not_what_sft_trains_on_is_caught(
     path.write_text(to_yaml(recipe))
     with pytest.raises(pipeline.GateError, match="grpo would see prompts rendered differently from the sft stage"):
         pipeline.check_prompt_rendering(recipe, "grpo")
+
+
+def test_what_a_finished_stage_left_in_malloc_is_released_before_the_next(recipe_path, tmp_path, monkeypatch):
+    """align run hands a finished stage's kept heap back (align.memory.release_freed_memory) before the next stage's
+    memory pre-flight reads the process's resident memory."""
+    checkpoint = tmp_path / "runs" / "test" / "sft" / "checkpoint"
+    released = []
+    monkeypatch.setattr(pipeline, "release_freed_memory", lambda: released.append(checkpoint.is_dir()))
+    outcomes = pipeline.run(load_recipe(recipe_path, ["sft.max_steps=2"]), only="sft")
+    assert actions(outcomes) == [("sft", "ran")] and released == [True]
