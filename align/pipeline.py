@@ -145,7 +145,7 @@ def run(recipe: Recipe, *, start: str | None = None, only: str | None = None, fr
 
 def _run_stage(recipe: Recipe, name: str, forced: str | None) -> Outcome:
     stage_dir = Path(recipe.run.root) / recipe.run.name / name
-    action, reason = _decide(recipe, name, stage_dir, forced)
+    action, reason = decide(recipe, name, stage_dir, forced)
     wait_for_everyone()  # every rank has read the run dir before the main process writes to it
     _record(recipe, {"stage": name, "action": action, "reason": reason})
     log.info("%s: %s (%s)", name, action, reason)
@@ -162,8 +162,9 @@ def _run_stage(recipe: Recipe, name: str, forced: str | None) -> Outcome:
     return Outcome(name, "resumed" if action == "resume" else "ran", reason, results)
 
 
-def _decide(recipe: Recipe, name: str, stage_dir: Path, forced: str | None) -> tuple[str, str]:
-    """("skip" | "resume" | "run", why); `forced`: why it must run from step 0, if it must."""
+def decide(recipe: Recipe, name: str, stage_dir: Path, forced: str | None) -> tuple[str, str]:
+    """What `align run` does with stage `name` of this run dir: ("skip" | "resume" | "run", why). `forced`: why it
+    must run from step 0, if it must."""
     if forced:
         return "run", forced
     lineage_path = stage_dir / "lineage.json"

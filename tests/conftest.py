@@ -2,6 +2,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,13 +68,18 @@ def float32_on_every_cpu(monkeypatch):
 @pytest.fixture
 def write_recipe(tmp_path):
     """Writes a recipe YAML under tmp_path (runs go to tmp_path/runs) and returns its path."""
+    return recipe_writer(tmp_path)
+
+
+def recipe_writer(directory: Path):
+    """`write_recipe` for `directory` (a wider-scoped fixture's own)."""
 
     def write(name: str = "test", **sections) -> Path:
         recipe = {"model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"},
-                  "run": {"root": str(tmp_path / "runs")}}
+                  "run": {"root": str(directory / "runs")}}
         for key, value in sections.items():
             recipe[key] = {**recipe.get(key, {}), **value}
-        path = tmp_path / f"{name}.yaml"
+        path = directory / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
         return path
 
@@ -253,14 +259,27 @@ def files_of(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def finished_sft(write_recipe):
-    """A finished SFT stage of the tiny base (20 steps, trainer checkpoints at 10 and 20): (recipe path, stage dir)."""
+@pytest.fixture(scope="session")
+def sft_trained_once(tmp_path_factory) -> Path:
+    """The directory of one finished SFT stage (its recipe test.yaml and runs/), trained once per test process for
+    `finished_sft` to copy: most tests that need a finished stage damage or change it."""
     from align.stages import sft
 
-    path = sft_recipe(write_recipe)
-    results = sft.run(load_recipe(path))
-    return path, Path(results["run_dir"])
+    tmp = tmp_path_factory.mktemp("finished_sft")
+    sft.run(load_recipe(sft_recipe(recipe_writer(tmp))))
+    return tmp
+
+
+@pytest.fixture
+def finished_sft(sft_trained_once, tmp_path):
+    """A finished SFT stage of the tiny base (20 steps, trainer checkpoints at 10 and 20) in tmp_path: (recipe path,
+    stage dir). A copy of `sft_trained_once` with its recorded paths (recipe, config.yaml, lineage.json) moved to
+    tmp_path, so the run dir is the one an SFT run in tmp_path leaves."""
+    shutil.copytree(sft_trained_once, tmp_path, dirs_exist_ok=True)
+    path, stage = tmp_path / "test.yaml", tmp_path / "runs" / "test" / "sft"
+    for recorded in (path, stage / "config.yaml", stage / "lineage.json"):
+        recorded.write_text(recorded.read_text().replace(str(sft_trained_once), str(tmp_path)))
+    return path, stage
 
 
 # SmolLM2-135M-Instruct, the real pretrained model of tests/test_real_model.py and the memory test on it

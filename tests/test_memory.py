@@ -37,10 +37,13 @@ def test_the_estimate_is_within_2x_of_the_measured_peak_on_the_tiny_base(tmp_pat
 
 @pytest.mark.slow
 def test_the_estimate_is_within_2x_of_the_measured_peak_on_smollm2(tmp_path):
-    """One GRPO step of the recipe's batch (16 completions a forward pass), its peak measured."""
+    """One GRPO step of the recipe's batch (16 completions a forward pass) with answers of at most 24 tokens instead
+    of its 48, its peak measured: activations are still two thirds of the estimate (1.75 of 2.7 GB), and the ratio
+    is the recipe's (1.54 against 1.48 at 48 tokens, in 23 s instead of 32 at one thread)."""
     path = short_recipe(smollm2_dir(), tmp_path)
     peak, err = peak_memory([sys.executable, "-m", "align", "grpo", str(path), "grpo.init_from=base",
                              "grpo.max_steps=1", "grpo.per_device_train_batch_size=16", "grpo.num_generations=8",
+                             "grpo.max_completion_length=24",
                              "grpo.eval_generations=0"],  # the peak is the training step's (ratio 1.48 either way)
                             cwd=ROOT)
     estimate = estimated_peak(err)

@@ -115,7 +115,7 @@ def test_a_failed_start_leaves_the_finished_stage_as_it_was(finished_sft, capsys
 def test_a_stale_checkpoint_is_named_and_not_used(finished_sft, capsys):
     """A re-run with other settings that was killed after it started leaves the old checkpoint beside the new
     lineage: the reward stage, export and `align run` do not take it for the stage's result."""
-    from align.pipeline import _decide
+    from align.pipeline import decide
     from align.rundir import RunDir
 
     path, stage = finished_sft
@@ -130,16 +130,16 @@ def test_a_stale_checkpoint_is_named_and_not_used(finished_sft, capsys):
     path.write_text(yaml.safe_dump(with_reward))
     assert main(["reward", str(path)]) == 2
     assert "reward.init_from=auto: " in capsys.readouterr().err
-    assert _decide(recipe, "sft", stage, None)[0] == "resume"  # the interrupted re-run, not the stale result
+    assert decide(recipe, "sft", stage, None)[0] == "resume"  # the interrupted re-run, not the stale result
 
 
 def test_a_damaged_checkpoint_is_named_and_align_run_trains_the_stage_again(finished_sft, capsys):
-    from align.pipeline import _decide
+    from align.pipeline import decide
 
     path, stage = finished_sft
     adapter = stage / "checkpoint" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
-    action, reason = _decide(load_recipe(path), "sft", stage, None)
+    action, reason = decide(load_recipe(path), "sft", stage, None)
     assert action == "run" and "is damaged: adapter_model.safetensors is not the file the run wrote" in reason
     assert main(["export", str(stage), "--out", str(stage.parent / "out")]) == 2
     assert "adapter_model.safetensors is not the file the run wrote" in capsys.readouterr().err
@@ -208,7 +208,7 @@ def test_the_base_model_path_is_recorded_absolute(monkeypatch, tmp_path):
 
 
 def test_align_run_trains_again_a_stage_whose_parent_changed_since(finished_sft):
-    from align.pipeline import _decide
+    from align.pipeline import decide
     from align.rundir import inputs_digest, sha256_of, stage_inputs
 
     path, sft_stage = finished_sft
@@ -222,20 +222,20 @@ def test_align_run_trains_again_a_stage_whose_parent_changed_since(finished_sft)
     parent = sft_stage / "checkpoint"
     finished(stage / "checkpoint", run="test", stage="grpo", parent_checkpoint=str(parent),
              parent_sha256=sha256_of(parent), inputs_sha256=inputs_digest(stage_inputs(recipe, "grpo")))
-    assert _decide(recipe, "grpo", stage, None)[0] == "skip"
+    assert decide(recipe, "grpo", stage, None)[0] == "skip"
     weights = parent / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
-    action, reason = _decide(recipe, "grpo", stage, None)
+    action, reason = decide(recipe, "grpo", stage, None)
     assert action == "run" and f"its parent checkpoint {parent} changed since the stage started from it" in reason
 
 
 def test_align_run_trains_again_a_stage_whose_base_weights_changed_since(finished_sft):
-    from align.pipeline import _decide
+    from align.pipeline import decide
 
     path, stage = finished_sft
-    assert _decide(load_recipe(path), "sft", stage, None)[0] == "skip"
+    assert decide(load_recipe(path), "sft", stage, None)[0] == "skip"
     lineage = json.loads((stage / "lineage.json").read_text())
     lineage["base_model"]["weights_sha256"] = "0" * 64  # what another model at the same path would show
     (stage / "lineage.json").write_text(json.dumps(lineage))
-    action, reason = _decide(load_recipe(path), "sft", stage, None)
+    action, reason = decide(load_recipe(path), "sft", stage, None)
     assert action == "run" and "trained on a base whose weights had sha256 " + "0" * 64 in reason
