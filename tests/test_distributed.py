@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, recipe_writer, sft_section
+
+from align.recipe import load_recipe
 
 pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves this file out
 
@@ -42,8 +44,12 @@ def logged_steps(stage_dir: Path, key: str) -> list[int]:
     return [r["step"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
 
 
-def test_align_run_on_two_processes_trains_every_stage_data_parallel(write_recipe, tmp_path):
-    recipe = write_recipe(
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """`align run` (sft -> reward -> grpo) on 2 processes: (recipe path, run dir)."""
+    tmp = tmp_path_factory.mktemp("two_processes")
+    recipe = recipe_writer(tmp)(
+        lora={"dropout": 0.0},  # nothing random in a step: 1 x 16 can be compared with 2 x 8 loss for loss
         data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},
               "preference": {"train": str(PREF_TRAIN), "eval": str(PREF_HELDOUT)},
               "prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
@@ -52,7 +58,11 @@ def test_align_run_on_two_processes_trains_every_stage_data_parallel(write_recip
                 "activation_checkpointing": False, "learning_rate": 1e-3},
         grpo=RL, rl={"min_reward_accuracy": 0})
     launch("run", recipe)
-    run_dir = tmp_path / "runs" / "test"
+    return recipe, tmp / "runs" / "test"
+
+
+def test_align_run_on_two_processes_trains_every_stage_data_parallel(two_process_run):
+    _, run_dir = two_process_run
     for stage in ("sft", "reward", "grpo"):
         results = stage_results(run_dir / stage)
         checksums = results["rank_checksums"]
@@ -66,6 +76,20 @@ def test_align_run_on_two_processes_trains_every_stage_data_parallel(write_recip
     assert [d["stage"] for d in decisions if d.get("action") == "run"] == ["sft", "reward", "grpo"]  # once each
 
 
+def test_sft_two_processes_of_8_follow_one_process_of_16(two_process_run):
+    """Data parallelism changes who computes, not what: the per-step losses of 2 x 8 are those of 1 x 16 (here in
+    the test's own process)."""
+    from align.stages import sft
+
+    recipe, run_dir = two_process_run
+    one = sft.run(load_recipe(recipe, ["run.name=one", "sft.per_device_train_batch_size=16"]))
+    curves = {processes: [r["loss"] for r in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines())
+                          if "loss" in r and "train_loss" not in r]
+              for processes, stage in ((1, Path(one["run_dir"])), (2, run_dir / "sft"))}
+    assert len(curves[1]) == len(curves[2]) == 4
+    assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves  # equal as logged (TRL: loss over all ranks' tokens)
+
+
 def test_ppo_on_two_processes_saves_once_with_identical_ranks(write_recipe, sft_adapter, tmp_path):
     ppo = {**{k: v for k, v in RL.items() if k not in ("num_generations",)}, "per_device_train_batch_size": 4,
            "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], "num_ppo_epochs": 1}
@@ -76,21 +100,6 @@ def test_ppo_on_two_processes_saves_once_with_identical_ranks(write_recipe, sft_
     assert results["processes"] == 2 and results["effective_batch"] == 8
     assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
     assert logged_steps(tmp_path / "runs" / "test" / "ppo", "kl") == [1, 2]
-
-
-def test_sft_two_processes_of_8_follow_one_process_of_16(write_recipe, tmp_path):
-    """Data parallelism changes who computes, not what: the per-step losses of 2 x 8 are those of 1 x 16."""
-    curves = {}
-    for processes, batch in ((1, 16), (2, 8)):
-        name = f"p{processes}"
-        recipe = write_recipe(name=name, lora={"dropout": 0.0}, data={"sft": {"train": str(QA_TRAIN)}, **QA},
-                              sft=sft_section(max_steps=6, per_device_train_batch_size=batch, logging_steps=1,
-                                              eval_generations=0))
-        launch("sft", recipe, processes=processes)
-        metrics = (tmp_path / "runs" / name / "sft" / "metrics.jsonl").read_text().splitlines()
-        curves[processes] = [r["loss"] for r in map(json.loads, metrics) if "loss" in r]
-    assert len(curves[1]) == len(curves[2]) == 6
-    assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves  # equal as logged (TRL: loss over all ranks' tokens)
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
