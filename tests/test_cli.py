@@ -1,6 +1,7 @@
 """The `align` command as a user runs it: help, the SFT stage, data check, errors, and accelerate launch."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +10,10 @@ import pytest
 from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
 
 from align.cli import main
+
+
+ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
+                     "-m", "align")
 
 
 def align(*args, launcher=(sys.executable, "-m", "align")):
@@ -32,15 +37,18 @@ def test_sft_help_explains_the_recipe_keys(capsys):
     assert "sft.learning_rate = 0.0002" in out and "model.quantization = 'nf4'" in out and "data.skip_invalid" in out
 
 
-def test_sft_command_full_precision_prints_before_and_after(write_recipe, tmp_path):
+def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_after(write_recipe, tmp_path):
+    """`accelerate launch --config_file accelerate_config.yaml -m align sft` as the README shows it, on a
+    full-precision base (the NF4 one under accelerate launch: the PPO test below)."""
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:16]))
     recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN), "eval": str(held_out)}},
                           sft=sft_section(max_steps=5, eval_generations=4))
-    result = align("sft", recipe, "model.quantization=none", "run.name=cli")
+    result = align("sft", recipe, "model.quantization=none", "run.name=cli", launcher=ACCELERATE_LAUNCH)
     assert result.returncode == 0, result.stderr
     assert "answer loss" in result.stdout and "answer accuracy" in result.stdout
     assert f"run dir: {tmp_path / 'runs' / 'cli' / 'sft'}" in result.stdout
+    assert (tmp_path / "runs" / "cli" / "sft" / "checkpoint" / "adapter_model.safetensors").exists()
     lineage = json.loads((tmp_path / "runs" / "cli" / "sft" / "lineage.json").read_text())
     assert "model.quantization=none" in lineage["command"]
 
@@ -57,24 +65,13 @@ def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path):
     assert (tmp_path / "runs" / "cli" / "reward" / "checkpoint" / "adapter_model.safetensors").exists()
 
 
-def test_sft_under_accelerate_launch(write_recipe, tmp_path):
-    recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(max_steps=2))
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
-                "-m", "align")
-    result = align("sft", recipe, "run.name=launched", launcher=launcher)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "runs" / "launched" / "sft" / "checkpoint" / "adapter_model.safetensors").exists()
-
-
 def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path):
     """`accelerate launch ... -m align ppo` writes a resumable checkpoint; `align ppo --resume` continues from it."""
     section = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4, "max_completion_length": 8,
                "max_length": 64, "activation_checkpointing": False, "eval_generations": 0, "init_from": "base",
                "rewards": [{"name": "length", "args": {"max_tokens": 4}}]}
     recipe = write_recipe(data={"prompts": {"train": str(QA_TRAIN)}, "columns": {"prompt": "question"}}, ppo=section)
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
-                "-m", "align")
-    result = align("ppo", recipe, "run.name=launched", launcher=launcher)
+    result = align("ppo", recipe, "run.name=launched", launcher=ACCELERATE_LAUNCH)
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "launched" / "ppo"
     assert "KL to the reference (nats per completion): first step 0.0000" in result.stdout
@@ -93,21 +90,24 @@ def test_bad_override_is_a_one_line_error(write_recipe):
     assert result.stderr.strip().endswith("did you mean 'sft.learning_rate'?") and "Traceback" not in result.stderr
 
 
-def test_data_check_on_the_quickstart_recipe():
-    result = align("data", "check", ROOT / "recipes" / "quickstart.yaml")
-    assert result.returncode == 0, result.stderr
-    blocks = {lines[0]: lines[1:] for lines in (block.splitlines() for block in result.stdout.split("\n\n")[1:])}
+def test_data_check_on_the_quickstart_recipe(capfd, caplog, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns when not on a terminal
+    assert main(["data", "check", "recipes/quickstart.yaml"]) == 0
+    out, err = capfd.readouterr()  # the file descriptors: what any library's logger writes is seen too
+    blocks = {lines[0]: lines[1:] for lines in (block.splitlines() for block in out.split("\n\n")[1:])}
     for file, kind, rows, what in (("sft_train", "qa", 2000, "examples"), ("preference_train", "preference", 3000, "pairs"),
                                    ("preference_heldout", "preference", 200, "pairs"), ("rl_prompts", "prompts", 2000, "examples"),
                                    ("feedback_train", "feedback", 6000, "examples")):
         block = blocks[f"data/arithmetic/{file}.jsonl"]  # paths relative to the working directory, each on its own line
         assert block[0].startswith(f"  {kind} (max_length ") and f": {rows} rows, {rows} {what}, skipped: none" in block[0]
     assert "  ignored: kind" in blocks["data/arithmetic/preference_train.jsonl"]  # informational, not warned about
-    assert "WARNING" not in result.stderr and "Token indices" not in result.stderr
-    # readable in an 80-column terminal: nothing cut short
-    narrow = subprocess.run([sys.executable, "-m", "align", "data", "check", "recipes/quickstart.yaml"], cwd=ROOT,
-                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=600)
-    assert "…" not in narrow.stdout and max(map(len, narrow.stdout.splitlines())) <= 80
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # align's log, in-process
+    assert "WARNING" not in err and "Token indices" not in err  # and what any library writes itself
+    monkeypatch.setenv("COLUMNS", "80")  # readable in an 80-column terminal: nothing cut short
+    assert main(["data", "check", "recipes/quickstart.yaml"]) == 0
+    narrow = capfd.readouterr().out
+    assert "…" not in narrow and max(map(len, narrow.splitlines())) <= 80
 
 
 def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):
