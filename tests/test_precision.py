@@ -98,10 +98,14 @@ def metrics(results) -> list[dict]:
     return [json.loads(line) for line in (Path(results["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_every_stage_trains_in_bfloat16_on_a_cpu_with_float32_weights_and_a_first_kl_of_zero(write_recipe):
+def test_every_stage_trains_in_bfloat16_on_a_cpu_with_float32_weights_and_a_first_kl_of_zero(write_recipe, tmp_path):
     data = prompts_data()
+    held_out_pairs = tmp_path / "pairs.jsonl"  # evaluated before and after: 32 of the 200 are enough here
+    held_out_pairs.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:32]))
+    data["preference"]["eval"] = str(held_out_pairs)
     recipe = load_recipe(write_recipe(
-        model=BF16, data=data, sft=sft_section(max_steps=20, eval_generations=8),
+        model=BF16, data=data,
+        sft=sft_section(max_steps=20, eval_generations=4, eval_loss_rows=32),
         reward={"max_steps": 5, "per_device_train_batch_size": 8, "max_length": 128,
                 "activation_checkpointing": False},
         grpo={**RL, "per_device_train_batch_size": 8, "num_generations": 4},
