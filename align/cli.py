@@ -293,15 +293,18 @@ def _stage(args) -> int:
             results = importlib.import_module(f"align.stages.{args.command}").run(recipe, resume=args.resume)
     except torch.OutOfMemoryError as e:
         running["failure"] = _out_of_memory(running["stage"], recipe, e)
+        _close_progress_bars()
         print(running["failure"], file=sys.stderr)
         return 3
     except KeyboardInterrupt as e:
         running["failure"] = _interrupted(running["stage"], args, recipe, "terminated" if isinstance(e, Terminated)
                                           else "interrupted")
+        _close_progress_bars()
         print(running["failure"], file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except RewardFailed as e:
         running["failure"] = _reward_failed(e, running["stage"], args, recipe)
+        _close_progress_bars()
         print(running["failure"], file=sys.stderr)
         return 2
     except BaseException as e:
@@ -412,12 +415,23 @@ class _StopOnSignal:
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def _exit(self, how: str, code: int):
+        _close_progress_bars()
         print(self.message(how), file=sys.stderr, flush=True)
         os._exit(code)
 
     def cancel(self):
         if self.timer is not None:
             self.timer.cancel()
+
+
+def _close_progress_bars() -> None:
+    """A stage stopped by an exception leaves its progress bars open (the trainer closes its own only at the end of
+    training), the cursor after the last one: closed here, each ends its line, so that the one-line message that
+    follows starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm's own registry of open bars (what tqdm.write clears the screen of)
+        bar.close()
 
 
 def _interrupted(stage: str, args, recipe, how: str) -> str:

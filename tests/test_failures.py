@@ -111,6 +111,26 @@ def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, t
         f"last checkpoint in {tmp_path / 'runs' / 'test' / 'sft' / 'trainer'}")
 
 
+@pytest.mark.parametrize("stopped_by, code, first_words", [
+    (KeyboardInterrupt, 130, "interrupted during the sft stage; `align sft "),
+    (torch.OutOfMemoryError, 3, "error: the sft stage ran out of GPU memory"),
+])
+def test_the_failure_line_starts_a_line_of_its_own_after_an_open_progress_bar(
+        write_recipe, monkeypatch, capsys, stopped_by, code, first_words):
+    """The trainer's progress bar is left open when training stops by an exception, the cursor at its end."""
+    from tqdm.auto import tqdm
+
+    def stopped_mid_training(recipe, resume):
+        bar = tqdm(total=10)
+        bar.update(3)
+        raise stopped_by()
+
+    monkeypatch.setattr(sft, "run", stopped_mid_training)
+    assert main(["sft", str(write_recipe(sft={}))]) == code
+    line = next(line for line in capsys.readouterr().err.splitlines() if first_words in line)
+    assert line.startswith(first_words), line
+
+
 def test_a_stop_signal_whose_exception_is_lost_still_ends_the_run_with_the_resume_line(monkeypatch, capsys):
     from align import cli
 
