@@ -17,7 +17,7 @@ ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch", "--conf
 
 
 def align(*args, launcher=(sys.executable, "-m", "align")):
-    env = {**os.environ, "COLUMNS": "250"}  # rich wraps at 80 columns when not on a terminal
+    env = {**os.environ, "COLUMNS": "250"}  # as `wide_terminal` below
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -84,15 +84,19 @@ def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path):
     assert json.loads((run_dir / "lineage.json").read_text())["results"]["resumed_from_step"] == 1
 
 
-def test_bad_override_is_a_one_line_error(write_recipe):
-    result = align("sft", write_recipe(sft={}), "sft.lerning_rate=1")
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("did you mean 'sft.learning_rate'?") and "Traceback" not in result.stderr
+def test_bad_override_is_a_one_line_error(write_recipe, capsys):
+    assert main(["sft", str(write_recipe(sft={})), "sft.lerning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("did you mean 'sft.learning_rate'?") and "Traceback" not in err
 
 
-def test_data_check_on_the_quickstart_recipe(capfd, caplog, monkeypatch):
-    monkeypatch.chdir(ROOT)
+@pytest.fixture
+def wide_terminal(monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns when not on a terminal
+
+
+def test_data_check_on_the_quickstart_recipe(capfd, caplog, monkeypatch, wide_terminal):
+    monkeypatch.chdir(ROOT)
     assert main(["data", "check", "recipes/quickstart.yaml"]) == 0
     out, err = capfd.readouterr()  # the file descriptors: what any library's logger writes is seen too
     blocks = {lines[0]: lines[1:] for lines in (block.splitlines() for block in out.split("\n\n")[1:])}
@@ -110,26 +114,26 @@ def test_data_check_on_the_quickstart_recipe(capfd, caplog, monkeypatch):
     assert "…" not in narrow and max(map(len, narrow.splitlines())) <= 80
 
 
-def test_data_check_on_a_bad_file_reports_and_fails(tmp_path):
+def test_data_check_on_a_bad_file_reports_and_fails(tmp_path, capsys, wide_terminal):
     path = tmp_path / "qa.csv"
     path.write_text('q,a\n"What is 1 + 1?","2"\n"What is 2 + 2?",""\n')
-    result = align("data", "check", path, "data.columns.prompt=q", "data.columns.completion=a")
-    assert result.returncode == 1
-    assert "empty=1" in result.stdout and f"{path}:3: field 'a' is empty" in result.stdout
+    assert main(["data", "check", str(path), "data.columns.prompt=q", "data.columns.completion=a"]) == 1
+    out = capsys.readouterr().out
+    assert "empty=1" in out and f"{path}:3: field 'a' is empty" in out
 
 
-def test_data_check_on_renamed_preference_columns_with_bad_rows(tmp_path):
+def test_data_check_on_renamed_preference_columns_with_bad_rows(tmp_path, capsys, wide_terminal):
     path = tmp_path / "prefs.csv"
     path.write_text("q,better_answer,worse_answer\n"
                     "What is 1 + 1?,1 + 1 = 2.,1 + 1 = 3.\n"
                     "What is 2 + 2?,,2 + 2 = 5.\n"
                     "What is 3 + 3?,3 + 3 = 6.,3 + 3 = 6.\n")
     mapping = ["data.columns.prompt=q", "data.columns.chosen=better_answer", "data.columns.rejected=worse_answer"]
-    result = align("data", "check", path, *mapping)
-    assert result.returncode == 1
-    assert "preference" in result.stdout and "empty=1, identical=1" in result.stdout
-    assert f"{path}:3: field 'better_answer' is empty" in result.stdout
-    assert f"{path}:4: fields 'better_answer' and 'worse_answer' hold the same answer" in result.stdout
+    assert main(["data", "check", str(path), *mapping]) == 1
+    out = capsys.readouterr().out
+    assert "preference" in out and "empty=1, identical=1" in out
+    assert f"{path}:3: field 'better_answer' is empty" in out
+    assert f"{path}:4: fields 'better_answer' and 'worse_answer' hold the same answer" in out
 
 
 def test_grpo_help_explains_the_kl_and_the_rewards(capsys):
