@@ -310,7 +310,7 @@ def short_recipe(model_dir: Path, tmp: Path) -> Path:
     # float32 on every CPU, as conftest.float32_on_every_cpu does for the other tests (a module fixture does not see
     # it): the figures asserted here must not depend on whether the CPU has AMX
     recipe["model"]["compute_dtype"] = "float32"
-    recipe["run"] = {"root": str(tmp / "runs"), "name": "smollm2", "seed": int(os.environ.get("XSEED", "0"))}
+    recipe["run"] = {"root": str(tmp / "runs"), "name": "smollm2", "seed": 0}
     recipe["data"].update({"sft": {"train": str(tmp / "qa_train.jsonl"), "eval": str(tmp / "qa_heldout.jsonl")},
                            "preference": {"train": str(tmp / "pref_train.jsonl"), "eval": str(tmp / "pref_heldout.jsonl")},
                            "prompts": {"train": str(tmp / "qa_train.jsonl"), "eval": str(tmp / "qa_heldout.jsonl")}})
@@ -318,8 +318,8 @@ def short_recipe(model_dir: Path, tmp: Path) -> Path:
     short = {"max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10,
              "per_device_eval_batch_size": SMOLLM2_HELD_OUT_ROWS}
     # enough SFT for short answers that end at <|im_end|> (the instruct model's own run past 48 tokens)
-    recipe["sft"].update(short, max_steps=12, learning_rate=float(os.environ.get("XLR", "1e-3")), eval_generations=4, eval_loss_rows=None,
-                         max_new_tokens=32, per_device_train_batch_size=int(os.environ.get("XBS", "8")))
+    recipe["sft"].update(short, max_steps=12, learning_rate=1e-3, eval_generations=4, eval_loss_rows=None,
+                         max_new_tokens=32)
     recipe["reward"].update(short, per_device_train_batch_size=4)
     # temperature 1: two steps of 2 prompts x 4 answers, varied enough that a group's rewards differ and the one
     # update moves the policy (at the recipe's 0.7 both groups were once all right or all wrong: no update)
