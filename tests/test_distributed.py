@@ -48,10 +48,12 @@ def logged_steps(stage_dir: Path, key: str) -> list[int]:
 def two_process_run(tmp_path_factory):
     """`align run` (sft -> reward -> grpo) on 2 processes: (recipe path, run dir)."""
     tmp = tmp_path_factory.mktemp("two_processes")
+    pairs = tmp / "pairs.jsonl"  # scored before and after the reward stage: 16 of the 200 are enough here
+    pairs.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
     recipe = recipe_writer(tmp)(
         lora={"dropout": 0.0},  # nothing random in a step: 1 x 16 can be compared with 2 x 8 loss for loss
         data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},
-              "preference": {"train": str(PREF_TRAIN), "eval": str(PREF_HELDOUT)},
+              "preference": {"train": str(PREF_TRAIN), "eval": str(pairs)},
               "prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
         sft=sft_section(max_steps=4, per_device_train_batch_size=8, logging_steps=1, eval_generations=4),
         reward={"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 128, "logging_steps": 1,
@@ -110,7 +112,7 @@ def test_offline_preference_stages_on_two_processes_keep_ranks_identical(write_r
     from test_kto import kto_section
 
     section, data = {"dpo": (dpo_section, dpo_data), "kto": (kto_section, kto_data)}[stage]
-    recipe = write_recipe(sft={}, data=data(tmp_path),
+    recipe = write_recipe(sft={}, data=data(tmp_path, held_out=16),
                           **{stage: section(max_steps=2, eval_generations=4, per_device_train_batch_size=8)})
     launch(stage, recipe)
     run_dir = tmp_path / "runs" / "test" / stage

@@ -29,8 +29,9 @@ def pairs(tmp_path, n: int = 64) -> Path:
     return path
 
 
-def data(tmp_path):
-    return {"preference": {"train": str(PREF_TRAIN), "eval": str(pairs(tmp_path))},
+def data(tmp_path, held_out: int = 64):
+    """The stage's data; `held_out` pairs, each scored before and after training."""
+    return {"preference": {"train": str(PREF_TRAIN), "eval": str(pairs(tmp_path, held_out))},
             "prompts": {"eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}}
 
 

@@ -31,8 +31,9 @@ def first(path: Path, n: int, tmp_path) -> str:
     return str(out)
 
 
-def data(tmp_path):
-    return {"feedback": {"train": first(FEEDBACK_TRAIN, 512, tmp_path), "eval": first(FEEDBACK_HELDOUT, 128, tmp_path)},
+def data(tmp_path, held_out: int = 128):
+    """The stage's data; `held_out` labelled answers, each scored before and after training."""
+    return {"feedback": {"train": first(FEEDBACK_TRAIN, 512, tmp_path), "eval": first(FEEDBACK_HELDOUT, held_out, tmp_path)},
             "prompts": {"eval": str(QA_HELDOUT)},
             "columns": {"prompt": "question", "completion": "answer"}}
 

@@ -24,7 +24,7 @@ def test_align_run_then_compare_and_export_its_checkpoint(write_recipe, tmp_path
     section, data, printed_result = STAGES[stage]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:16]))
-    path = write_recipe(data={**data(tmp_path), "sft": {"train": str(QA_TRAIN), "eval": str(prompts)}},
+    path = write_recipe(data={**data(tmp_path, held_out=16), "sft": {"train": str(QA_TRAIN), "eval": str(prompts)}},
                         sft=sft_section(max_steps=10, eval_generations=8), rl={"algorithm": stage},
                         **{stage: section(max_steps=2)})
     assert main(["run", str(path), "run.name=cli"]) == 0

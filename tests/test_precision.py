@@ -105,7 +105,7 @@ def test_every_stage_trains_in_bfloat16_on_a_cpu_with_float32_weights_and_a_firs
     data["preference"]["eval"] = str(held_out_pairs)
     recipe = load_recipe(write_recipe(
         model=BF16, data=data,
-        sft=sft_section(max_steps=20, eval_generations=4, eval_loss_rows=32),
+        sft=sft_section(max_steps=20, eval_generations=4),
         reward={"max_steps": 5, "per_device_train_batch_size": 8, "max_length": 128,
                 "activation_checkpointing": False},
         grpo={**RL, "per_device_train_batch_size": 8, "num_generations": 4},

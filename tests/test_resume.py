@@ -36,7 +36,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 def test_an_offline_preference_stage_resumed_at_step_2_takes_the_steps_an_uninterrupted_run_takes(
         write_recipe, sft_adapter, tmp_path, stage):
     module, section, data = OFFLINE[stage]
-    recipe = load_recipe(write_recipe(sft={}, data=data(tmp_path), **{stage: section(
+    recipe = load_recipe(write_recipe(sft={}, data=data(tmp_path, held_out=16), **{stage: section(
         max_steps=4, save_steps=2, eval_generations=0, per_device_train_batch_size=8)}))
     uninterrupted = module.run(recipe)
     run_dir = Path(uninterrupted["run_dir"])

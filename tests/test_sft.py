@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
     data = {**DATA, "answer_style": "align.arithmetic:answer_style"}
     # float32 as every test's (conftest.float32_on_every_cpu, which a module fixture does not see)
     recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "data": data,
-                                       "run": {"root": str(tmp / "runs")}, "sft": sft_section(max_steps=60)}))
+                                       "run": {"root": str(tmp / "runs")}, "sft": sft_section(max_steps=60, eval_loss_rows=None)}))
     recipe = load_recipe(recipe_path)
     return (recipe, *run_keeping_trainer(sft, recipe))
 
