@@ -136,8 +136,8 @@ def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(
         data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(QA_TRAIN)},
               "columns": {"prompt": "question", "completion": "answer"}},
         # the killed stage runs well past the checkpoint it is killed at, so the kill lands mid-stage
-        sft=sft_section(max_steps=30 if stage == "sft" else 4, save_steps=5, eval_generations=0),
-        grpo={**RL_SECTION, "max_steps": 12 if stage == "grpo" else 2, "save_steps": 2, "eval_generations": 0,
+        sft=sft_section(max_steps=20 if stage == "sft" else 4, save_steps=5, eval_generations=0),
+        grpo={**RL_SECTION, "max_steps": 8 if stage == "grpo" else 2, "save_steps": 2, "eval_generations": 0,
               "rewards": rewards})
     run_dir = tmp_path / "runs" / "test"
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
