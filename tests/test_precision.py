@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_section
+from conftest import LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_section
 from safetensors.torch import load_file
 
 import align.modeling
@@ -85,7 +85,10 @@ RL = {"learning_rate": 2e-3, "max_steps": 3, "warmup_steps": 0, "max_completion_
       "activation_checkpointing": False, "logging_steps": 1, "per_device_eval_batch_size": 16,
       "eval_generations": 8, "save_steps": 100,
       "rewards": [{"name": "exact_match", "args": {"column": "answer"}},
-                  {"name": "format", "weight": 0.5, "args": {"pattern": r"\+ 1 ="}}]}
+                  {"name": "format", "weight": 0.5, "args": {"pattern": r"\+ 1 ="}},
+                  # answers of different lengths score differently: a group's rewards are never all equal, so
+                  # every step updates the policy whatever the seed (exact match and format alone: often all 0)
+                  {"name": "length", "args": {"max_tokens": 4}}]}
 
 
 def fp32_checkpoint(results) -> dict:
@@ -99,12 +102,13 @@ def metrics(results) -> list[dict]:
 
 
 def test_every_stage_trains_in_bfloat16_on_a_cpu_with_float32_weights_and_a_first_kl_of_zero(write_recipe, tmp_path):
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06): the SFT loss falls, GRPO's policy moves."""
     data = prompts_data()
     held_out_pairs = tmp_path / "pairs.jsonl"  # evaluated before and after: 32 of the 200 are enough here
     held_out_pairs.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:32]))
     data["preference"]["eval"] = str(held_out_pairs)
     recipe = load_recipe(write_recipe(
-        model=BF16, data=data,
+        model=BF16, data=data, run={"seed": LEARNING_SEED},
         sft=sft_section(max_steps=20, eval_generations=4),
         reward={"max_steps": 5, "per_device_train_batch_size": 8, "max_length": 128,
                 "activation_checkpointing": False},
@@ -126,7 +130,7 @@ def test_every_stage_trains_in_bfloat16_on_a_cpu_with_float32_weights_and_a_firs
     fp32_checkpoint(grpo_results)
 
     ppo_results = ppo.run(load_recipe(write_recipe(
-        model=BF16, data=data, sft={},
+        model=BF16, data=data, sft={}, run={"seed": LEARNING_SEED},
         ppo={**RL, "per_device_train_batch_size": 4, "num_mini_batches": 2,
              "rewards": [*RL["rewards"], {"name": "reward_model", "weight": 0.1,
                                           "args": {"checkpoint": reward_results["checkpoint"]}}]})))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_section
+from conftest import LEARNING_SEED, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_section
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -53,12 +53,14 @@ def trained(tmp_path_factory):
     data = {**DATA, "answer_style": "align.arithmetic:answer_style"}
     # float32 as every test's (conftest.float32_on_every_cpu, which a module fixture does not see)
     recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "data": data,
-                                       "run": {"root": str(tmp / "runs")}, "sft": sft_section(max_steps=60, eval_loss_rows=None)}))
+                                       "run": {"root": str(tmp / "runs"), "seed": LEARNING_SEED},
+                                       "sft": sft_section(max_steps=60, eval_loss_rows=None)}))
     recipe = load_recipe(recipe_path)
     return (recipe, *run_keeping_trainer(sft, recipe))
 
 
 def test_sft_lowers_held_out_answer_loss(trained):
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
     _, results, _ = trained
     before, after = results["before"], results["after"]
     assert after["answer_loss"] < 0.6 * before["answer_loss"]
