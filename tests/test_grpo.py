@@ -41,9 +41,14 @@ def metrics(results) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(write_recipe, sft_adapter):
+def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(write_recipe, sft_adapter,
+                                                                                   reward_checkpoint):
     data = {**prompts_data(), "answer_style": "align.arithmetic:answer_style"}
-    recipe = load_recipe(write_recipe(sft={}, data=data, grpo=grpo_section(learning_rate=2e-3)))
+    # A reward model's scores differ from answer to answer: every step updates, whatever the seed (42, 1, 2 checked
+    # 2026-12-06; with the rules alone a step's rewards were all equal on seed 2, and the KL stayed 0)
+    rewards = [*REWARDS, {"name": "reward_model", "weight": 0.1, "args": {"checkpoint": str(reward_checkpoint)}}]
+    recipe = load_recipe(write_recipe(sft={}, data=data, run={"seed": LEARNING_SEED},
+                                      grpo=grpo_section(learning_rate=2e-3, rewards=rewards)))
     results, (trainer, _) = run_keeping_trainer(grpo, recipe)
     train_logs = [m for m in metrics(results) if "kl" in m]
     assert [m["step"] for m in train_logs] == [1, 2, 3]
@@ -80,7 +85,9 @@ def test_kl_is_zero_before_the_first_update_and_the_reference_is_the_sft_policy(
     lineage = json.loads((Path(results["run_dir"]) / "lineage.json").read_text())
     assert lineage["parent_checkpoint"] == str(sft_adapter)
     assert lineage["rewards"] == [{"name": "exact_match", "weight": 1.0, "args": {"column": "answer"}},
-                                  {"name": "format", "weight": 0.5, "args": {"pattern": r"\+ 1 ="}}]
+                                  {"name": "format", "weight": 0.5, "args": {"pattern": r"\+ 1 ="}},
+                                  {"name": "reward_model", "weight": 0.1, "args": {"checkpoint": str(reward_checkpoint)},
+                                   "checkpoint": str(reward_checkpoint)}]  # the reward model it was scored by
     assert results["before"]["prompts"] == 8 and results["after"]["sampled"]["per_prompt"] == 4  # eval_samples default
     for decoding in ("greedy", "sampled"):
         assert set(results["before"][decoding]) >= {"reward_mean", "rewards/exact_match", "rewards/format"}
