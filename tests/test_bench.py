@@ -22,6 +22,7 @@ def bench():
     return load("run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "reward", "grpo", "ppo"])
 def test_two_steps_of_each_stage_give_a_full_record(bench, tmp_path, monkeypatch, stage):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # --device cpu sets it: undone after the test
@@ -99,6 +100,7 @@ def test_prompts_have_the_stated_length(bench, tmp_path):
     assert [len(prompt_ids(tokenizer, [{"role": "user", "content": r["question"]}])) for r in rows] == [40, 40, 40]
 
 
+@pytest.mark.slow
 def test_phases_of_a_grpo_step_old_and_new_add_up_to_the_step(tmp_path, capsys):
     """bench/phases.py on the tiny quickstart model: every phase a GRPO step is made of is timed, the FLOP/s of
     the phases with model tokens are a fraction of the measured matmul peak, and old and new are both recorded."""

@@ -37,6 +37,7 @@ def test_sft_help_explains_the_recipe_keys(capsys):
     assert "sft.learning_rate = 0.0002" in out and "model.quantization = 'nf4'" in out and "data.skip_invalid" in out
 
 
+@pytest.mark.slow
 def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_after(write_recipe, tmp_path):
     """`accelerate launch --config_file accelerate_config.yaml -m align sft` as the README shows it, on a
     full-precision base (the NF4 one under accelerate launch: the PPO test below)."""
@@ -53,6 +54,7 @@ def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_af
     assert "model.quantization=none" in lineage["command"]
 
 
+@pytest.mark.slow
 def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path):
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
@@ -65,6 +67,7 @@ def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path):
     assert (tmp_path / "runs" / "cli" / "reward" / "checkpoint" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path):
     """`accelerate launch ... -m align ppo` writes a resumable checkpoint; `align ppo --resume` continues from it."""
     section = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4, "max_completion_length": 8,

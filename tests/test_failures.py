@@ -90,6 +90,7 @@ def test_out_of_gpu_memory_is_answered_with_the_settings_to_lower(write_recipe, 
     assert "model.quantization=nf4" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sent, code, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, tmp_path, sent, code, how):
     path = sft_recipe(write_recipe, max_steps=2000)

@@ -38,6 +38,7 @@ def data(tmp_path, held_out: int = 128):
             "columns": {"prompt": "question", "completion": "answer"}}
 
 
+@pytest.mark.slow
 def test_first_rewards_and_kl_are_zero_the_reference_is_the_sft_policy_and_good_answers_rise(
         write_recipe, sft_adapter, tmp_path):
     """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""

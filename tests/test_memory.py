@@ -26,6 +26,7 @@ def test_a_batch_that_cannot_fit_stops_before_a_model_loads_naming_what_to_lower
     assert not (tmp_path / "quickstart" / "sft" / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_the_estimate_is_within_2x_of_the_measured_peak_on_the_tiny_base(tmp_path):
     """A batch big enough that its activations, not the Python process, make most of the peak."""
     peak, err = peak_memory([sys.executable, "-m", "align", "sft", str(ROOT / "recipes" / "quickstart.yaml"),

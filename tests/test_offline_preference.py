@@ -14,6 +14,8 @@ from test_kto import kto_section
 
 from align.cli import main
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` leaves this file out
+
 STAGES = {"dpo": (dpo_section, dpo_data, "pair accuracy (implicit reward) 0.0% ->"),
           "kto": (kto_section, kto_data, "good - bad implicit reward 0.000")}
 

@@ -38,6 +38,7 @@ def actions(outcomes):
     return [(o.stage, o.action) for o in outcomes]
 
 
+@pytest.mark.slow
 def test_finished_stages_are_skipped_and_a_changed_one_reruns_with_those_after(recipe_path, tmp_path):
     run = lambda *overrides, **kw: pipeline.run(load_recipe(recipe_path, ["rl.min_reward_accuracy=0", *overrides]), **kw)  # noqa: E731
     first = run()

@@ -32,6 +32,7 @@ def losses(run_dir: Path) -> dict[int, float]:
             if "loss" in r and "train_loss" not in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_an_offline_preference_stage_resumed_at_step_2_takes_the_steps_an_uninterrupted_run_takes(
         write_recipe, sft_adapter, tmp_path, stage):

@@ -46,6 +46,7 @@ def trained(tmp_path_factory, held_out_path):
     return (recipe, *run_keeping_trainer(reward, recipe))
 
 
+@pytest.mark.slow
 def test_reward_model_learns_to_rank_held_out_pairs(trained):
     """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
     _, results, _ = trained
@@ -56,6 +57,7 @@ def test_reward_model_learns_to_rank_held_out_pairs(trained):
     assert after["reward_std"] > before["reward_std"]
 
 
+@pytest.mark.slow
 def test_run_dir_has_config_lineage_metrics_samples_and_checkpoint(trained):
     recipe, results, _ = trained
     run = RunDir(recipe, "reward")
@@ -74,6 +76,7 @@ def test_run_dir_has_config_lineage_metrics_samples_and_checkpoint(trained):
     assert "score" in json.loads((run.checkpoint_path / "adapter_config.json").read_text())["modules_to_save"]
 
 
+@pytest.mark.slow
 def test_scorer_from_the_checkpoint_gives_the_trainers_own_scores(trained, held_out_path):
     recipe, results, trainer = trained
     prediction = trainer.predict(trainer.eval_dataset)  # one batch of 64 pairs: 64 chosen, then 64 rejected
@@ -87,6 +90,7 @@ def test_scorer_from_the_checkpoint_gives_the_trainers_own_scores(trained, held_
     assert sum(c > r for c, r in zip(chosen, rejected)) / len(rows) == results["after"]["pair_accuracy"]
 
 
+@pytest.mark.slow
 def test_scores_do_not_depend_on_padding_side_batching_or_pad_token(trained):
     recipe, results, _ = trained
     scorer = RewardModelScorer.from_checkpoint(results["checkpoint"], recipe.model)

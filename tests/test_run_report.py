@@ -62,6 +62,7 @@ def sections(page: str) -> dict[str, str]:
     return dict(re.findall(r"<section id='(\w+)'>(.*?)</section>", page, re.S))
 
 
+@pytest.mark.slow
 def test_align_run_writes_the_report_with_a_section_per_stage_in_run_order(finished_run):
     run_dir, written_by_run = finished_run
     assert list(sections(written_by_run)) == ["sft", "reward", "grpo"]
@@ -73,6 +74,7 @@ def test_align_run_writes_the_report_with_a_section_per_stage_in_run_order(finis
         assert "preference_train.jsonl" in section or name != "reward"  # its data file, rows and columns
 
 
+@pytest.mark.slow
 def test_every_curve_with_data_is_drawn(finished_run):
     run_dir, _ = finished_run
     page = sections((run_dir / "report.html").read_text())
@@ -88,6 +90,7 @@ def test_every_curve_with_data_is_drawn(finished_run):
         "mean reward per function", "KL to the reference (nats per token)", "completion length (tokens)"))
 
 
+@pytest.mark.slow
 def test_gates_and_decisions_come_from_the_journal(finished_run):
     run_dir, _ = finished_run
     page = (run_dir / "report.html").read_text()
@@ -95,6 +98,7 @@ def test_gates_and_decisions_come_from_the_journal(finished_run):
     assert "<h3>Gates</h3>" in sections(page)["grpo"]
 
 
+@pytest.mark.slow
 def test_a_planted_script_in_an_answer_is_shown_as_text(finished_run):
     run_dir, _ = finished_run
     page = (run_dir / "report.html").read_text()
@@ -118,6 +122,7 @@ def test_a_failed_run_still_writes_its_report_saying_why(write_recipe, tmp_path,
     assert list(sections(page)) == ["sft", "grpo"] and "Not finished" in sections(page)["grpo"]
 
 
+@pytest.mark.slow
 @needs_browser
 def test_the_run_report_renders_in_headless_chromium(finished_run, tmp_path):
     run_dir, _ = finished_run

@@ -59,6 +59,7 @@ def trained(tmp_path_factory):
     return (recipe, *run_keeping_trainer(sft, recipe))
 
 
+@pytest.mark.slow
 def test_sft_lowers_held_out_answer_loss(trained):
     """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
     _, results, _ = trained
@@ -67,6 +68,7 @@ def test_sft_lowers_held_out_answer_loss(trained):
     assert 0 <= before["answer_accuracy"] <= after["answer_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_each_answer_style_is_counted_with_its_accuracy(trained):
     """data.answer_style: the share of greedy answers of each style and their accuracy, consistent with the
     overall accuracy, and each sample's style is what the plug-in says of its answer."""
@@ -84,6 +86,7 @@ def test_each_answer_style_is_counted_with_its_accuracy(trained):
     assert worked == pytest.approx(results["after"].get("worked_fraction", 0.0))
 
 
+@pytest.mark.slow
 def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     recipe, results, _ = trained
     run = RunDir(recipe, "sft")
@@ -102,6 +105,7 @@ def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     assert len((run.path / "samples.jsonl").read_text().splitlines()) == 16
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained):
     recipe, results, trainer = trained
     tokenizer = load_tokenizer(recipe.model)
@@ -145,6 +149,7 @@ def test_packing_keeps_the_answer_only_loss(write_recipe):
     assert trainer.train().training_loss > 0
 
 
+@pytest.mark.slow
 def test_the_progress_bar_shows_the_loss_and_prints_no_log_dicts(trained):
     from transformers.trainer_callback import ProgressCallback
 
