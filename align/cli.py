@@ -280,7 +280,7 @@ def _stage(args) -> int:
     log.info("memory: %s", keep_freed_memory())
 
     running = {"stage": args.command, "failure": None}
-    stop = _StopOnSignal(lambda how: _interrupted(running["stage"], args, recipe, how))
+    stop = StopOnSignal(lambda how: _interrupted(running["stage"], args, recipe, how))
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.command == "run":
@@ -394,7 +394,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a scheduler's stop): handled as Ctrl-C is."""
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """The SIGINT and SIGTERM handler of a stage: raises KeyboardInterrupt (Terminated) so that the stage stops
     where it is and `_stage` prints the resume line. Should the exception be lost on its way (raised inside a
     finaliser or a library that swallows it: seen in two full test runs under load, training went on), a timer prints

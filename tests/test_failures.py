@@ -137,8 +137,8 @@ def test_a_stop_signal_whose_exception_is_lost_still_ends_the_run_with_the_resum
 
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    monkeypatch.setattr(cli._StopOnSignal, "GRACE_S", 0.2)
-    stop = cli._StopOnSignal(lambda how: f"{how} during the sft stage; resume with ...")
+    monkeypatch.setattr(cli.StopOnSignal, "GRACE_S", 0.2)
+    stop = cli.StopOnSignal(lambda how: f"{how} during the sft stage; resume with ...")
     try:
         stop(signal.SIGINT, None)
     except KeyboardInterrupt:

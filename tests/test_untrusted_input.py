@@ -47,19 +47,17 @@ def test_a_ppo_checkpoint_as_align_writes_it_loads(tmp_path):
     import numpy as np
     import torch
 
-    from align.stages.ppo import _rng_state, read_state
+    from align.stages.ppo import read_state, restore_rng_state, rng_state
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight])
     weight.sum().backward()
     optimizer.step()
     torch.save({"step": 3, "optimizer": optimizer.state_dict(), "kl_controller": {"value": 0.05, "target": None},
-                "kl": (0.0, 0.1, 0.2), "rng": _rng_state()}, tmp_path / "state.pt")
+                "kl": (0.0, 0.1, 0.2), "rng": rng_state()}, tmp_path / "state.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
     state = read_state(tmp_path / "state.pt")
-    from align.stages.ppo import _set_rng_state
-
-    _set_rng_state(state["rng"])
+    restore_rng_state(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
     assert state["step"] == 3 and state["optimizer"]["state"][0]["step"] == 1
 

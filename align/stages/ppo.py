@@ -559,7 +559,7 @@ class PPOLoop:
             self.save_models(staging)
             torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "kl_controller": asdict(self.kl_ctl),
-                        "kl": self.kl.values(), "rng": _rng_state()}, staging / "state.pt")
+                        "kl": self.kl.values(), "rng": rng_state()}, staging / "state.pt")
             write_manifest(staging)
             replace_dir(staging, trainer_dir / f"checkpoint-{self.step}")
             for old in sorted(trainer_dir.glob("checkpoint-*[0-9]"), key=step_of)[:-self.cfg.save_total_limit]:
@@ -576,7 +576,7 @@ class PPOLoop:
         self.kl_ctl = KLController(**state["kl_controller"])
         self.kl.first, self.kl.last, self.kl.max = state["kl"]
         self.step = self.state.global_step = state["step"]
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
         log.info("ppo: resumed from %s at step %d (beta %.4g)", checkpoint, self.step, self.kl_ctl.value)
 
 
@@ -598,12 +598,15 @@ def read_state(path: Path) -> dict[str, Any]:
                          f"written by align does not): {str(e).splitlines()[0]}") from None
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The python, numpy, torch (and CUDA) random states a trainer checkpoint keeps, so that a resumed run samples
+    what the uninterrupted one would have."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Sets the random states `rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
