@@ -293,19 +293,16 @@ def _stage(args) -> int:
             results = importlib.import_module(f"align.stages.{args.command}").run(recipe, resume=args.resume)
     except torch.OutOfMemoryError as e:
         running["failure"] = _out_of_memory(running["stage"], recipe, e)
-        _close_progress_bars()
-        print(running["failure"], file=sys.stderr)
+        _print_failure(running["failure"])
         return 3
     except KeyboardInterrupt as e:
         running["failure"] = _interrupted(running["stage"], args, recipe, "terminated" if isinstance(e, Terminated)
                                           else "interrupted")
-        _close_progress_bars()
-        print(running["failure"], file=sys.stderr)
+        _print_failure(running["failure"])
         return 143 if isinstance(e, Terminated) else 130
     except RewardFailed as e:
         running["failure"] = _reward_failed(e, running["stage"], args, recipe)
-        _close_progress_bars()
-        print(running["failure"], file=sys.stderr)
+        _print_failure(running["failure"])
         return 2
     except BaseException as e:
         running["failure"] = f"{running['stage']}: {type(e).__name__}: {e}"
@@ -416,8 +413,7 @@ class StopOnSignal:
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def _exit(self, how: str, code: int):
-        _close_progress_bars()
-        print(self.message(how), file=sys.stderr, flush=True)
+        _print_failure(self.message(how))
         os._exit(code)
 
     def cancel(self):
@@ -425,14 +421,16 @@ class StopOnSignal:
             self.timer.cancel()
 
 
-def _close_progress_bars() -> None:
-    """A stage stopped by an exception leaves its progress bars open (the trainer closes its own only at the end of
-    training), the cursor after the last one: closed here, each ends its line, so that the one-line message that
-    follows starts a line of its own."""
+def _print_failure(message: str) -> None:
+    """Prints the one-line (or few-line) message a stopped stage ends with on a line of its own: the trainer leaves
+    its progress bars open when an exception stops it, the cursor after the last one. Open bars are closed (each
+    ends its line); a bar that was being closed when the signal came has already left tqdm's registry without
+    ending its line (seen: "0/1 [00:00<?, ?it/s]interrupted during ..."), so the message starts with a line break."""
     from tqdm import tqdm
 
     for bar in list(tqdm._instances):  # tqdm's own registry of open bars (what tqdm.write clears the screen of)
         bar.close()
+    print("\n" + message, file=sys.stderr, flush=True)
 
 
 def _interrupted(stage: str, args, recipe, how: str) -> str:

@@ -1,3 +1,4 @@
+import collections
 import csv
 import importlib.util
 import json
@@ -45,14 +46,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files marked slow as a whole (the real model, two-process runs) run first: under pytest-xdist each file goes
-    to one worker (`--dist loadfile`: its module fixtures are trained once), and the longest first keeps one worker
-    from finishing minutes after the other."""
+    """Files marked slow as a whole (the real model, two-process runs) run first, then files with some slow tests,
+    then the rest, each group's files with the most tests first: under pytest-xdist each file goes to one worker
+    (`--dist loadfile`: its module fixtures are trained once), and the longest first keeps one worker from finishing
+    minutes after the other. (xdist orders files by their number of tests alone unless told
+    `--no-loadscope-reorder`, as .ci/run tells it.)"""
     def whole_file_slow(item) -> bool:
         marks = getattr(item.module, "pytestmark", [])
         return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
 
-    items.sort(key=lambda item: not whole_file_slow(item))
+    with_slow_tests = {item.path for item in items if item.get_closest_marker("slow")}
+    tests_in = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: (not whole_file_slow(item), item.path not in with_slow_tests, -tests_in[item.path]))
 
 
 @pytest.fixture(autouse=True)

@@ -116,14 +116,19 @@ def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, t
     (KeyboardInterrupt, 130, "interrupted during the sft stage; `align sft "),
     (torch.OutOfMemoryError, 3, "error: the sft stage ran out of GPU memory"),
 ])
-def test_the_failure_line_starts_a_line_of_its_own_after_an_open_progress_bar(
-        write_recipe, monkeypatch, capsys, stopped_by, code, first_words):
-    """The trainer's progress bar is left open when training stops by an exception, the cursor at its end."""
+@pytest.mark.parametrize("left", ["an open bar", "a bar being closed"])
+def test_the_failure_line_starts_a_line_of_its_own_after_a_progress_bar(
+        write_recipe, monkeypatch, capsys, stopped_by, code, first_words, left):
+    """The trainer's progress bar is left open when training stops by an exception, the cursor at its end; or the
+    signal came while a bar was being closed, after tqdm let go of it and before it ended its line."""
     from tqdm.auto import tqdm
 
     def stopped_mid_training(recipe, resume):
         bar = tqdm(total=10)
         bar.update(3)
+        if left == "a bar being closed":
+            bar.disable = True
+            tqdm._decr_instances(bar)  # what tqdm.close does first
         raise stopped_by()
 
     monkeypatch.setattr(sft, "run", stopped_mid_training)
