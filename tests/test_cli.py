@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, first_rows, sft_section
 
 from align.cli import main
 
@@ -41,8 +41,7 @@ def test_sft_help_explains_the_recipe_keys(capsys):
 def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_after(write_recipe, tmp_path):
     """`accelerate launch --config_file accelerate_config.yaml -m align sft` as the README shows it, on a
     full-precision base (the NF4 one under accelerate launch: the PPO test below)."""
-    held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    held_out = first_rows(QA_HELDOUT, 16, tmp_path / "held_out.jsonl")
     recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN), "eval": str(held_out)}},
                           sft=sft_section(max_steps=5, eval_generations=4))
     result = align("sft", recipe, "model.quantization=none", "run.name=cli", launcher=ACCELERATE_LAUNCH)
@@ -56,8 +55,7 @@ def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_af
 
 @pytest.mark.slow
 def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path):
-    held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    held_out = first_rows(PREF_HELDOUT, 16, tmp_path / "held_out.jsonl")
     recipe = write_recipe(data={"preference": {"train": str(PREF_TRAIN), "eval": str(held_out)}},
                           reward={"max_steps": 3, "max_length": 128, "activation_checkpointing": False})
     result = align("reward", recipe, "run.name=cli")

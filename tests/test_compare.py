@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import QA_HELDOUT, ROOT, TINY_BASE, finished
+from conftest import QA_HELDOUT, ROOT, TINY_BASE, finished, first_rows
 
 from align import compare as compare_module
 from align.compare import (
@@ -87,9 +87,7 @@ def test_checkpoints_answer_under_the_system_prompt_their_run_trained_with(sft_a
 
 @pytest.fixture
 def eval_file(tmp_path):
-    path = tmp_path / "eval.jsonl"
-    path.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:12]))
-    return path
+    return first_rows(QA_HELDOUT, 12, tmp_path / "eval.jsonl")
 
 
 def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter, reward_checkpoint, eval_file,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, recipe_writer, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, first_rows, recipe_writer, sft_section
 
 from align.recipe import load_recipe
 
@@ -48,8 +48,7 @@ def logged_steps(stage_dir: Path, key: str) -> list[int]:
 def two_process_run(tmp_path_factory):
     """`align run` (sft -> reward -> grpo) on 2 processes: (recipe path, run dir)."""
     tmp = tmp_path_factory.mktemp("two_processes")
-    pairs = tmp / "pairs.jsonl"  # scored before and after the reward stage: 16 of the 200 are enough here
-    pairs.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    pairs = first_rows(PREF_HELDOUT, 16, tmp / "pairs.jsonl")  # scored before and after the reward stage
     recipe = recipe_writer(tmp)(
         lora={"dropout": 0.0},  # nothing random in a step: 1 x 16 can be compared with 2 x 8 loss for loss
         data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, assert_reference_is_the_sft_policy, run_keeping_trainer
+from conftest import (LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, assert_reference_is_the_sft_policy, first_rows,
+                      run_keeping_trainer)
 from safetensors.torch import load_file
 
 from align import pipeline
@@ -22,16 +23,10 @@ def dpo_section(**overrides):
             "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], **overrides}
 
 
-def pairs(tmp_path, n: int = 64) -> Path:
-    """The first `n` held-out pairs (evaluating all 200 would take most of the test's time)."""
-    path = tmp_path / "pairs_heldout.jsonl"
-    path.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:n]))
-    return path
-
-
 def data(tmp_path, held_out: int = 64):
     """The stage's data; `held_out` pairs, each scored before and after training."""
-    return {"preference": {"train": str(PREF_TRAIN), "eval": str(pairs(tmp_path, held_out))},
+    held_out_pairs = first_rows(PREF_HELDOUT, held_out, tmp_path / "pairs_heldout.jsonl")
+    return {"preference": {"train": str(PREF_TRAIN), "eval": str(held_out_pairs)},
             "prompts": {"eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}}
 
 

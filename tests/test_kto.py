@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LEARNING_SEED, QA_HELDOUT, ROOT, assert_reference_is_the_sft_policy, run_keeping_trainer
+from conftest import (LEARNING_SEED, QA_HELDOUT, ROOT, assert_reference_is_the_sft_policy, first_rows,
+                      run_keeping_trainer)
 
 from align import pipeline
 from align.cli import print_summary
@@ -24,16 +25,10 @@ def kto_section(**overrides):
             "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], **overrides}
 
 
-def first(path: Path, n: int, tmp_path) -> str:
-    """The first `n` rows of a shipped file (all of them would take most of the test's time)."""
-    out = tmp_path / path.name
-    out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
-    return str(out)
-
-
 def data(tmp_path, held_out: int = 128):
     """The stage's data; `held_out` labelled answers, each scored before and after training."""
-    return {"feedback": {"train": first(FEEDBACK_TRAIN, 512, tmp_path), "eval": first(FEEDBACK_HELDOUT, held_out, tmp_path)},
+    return {"feedback": {"train": str(first_rows(FEEDBACK_TRAIN, 512, tmp_path / FEEDBACK_TRAIN.name)),
+                         "eval": str(first_rows(FEEDBACK_HELDOUT, held_out, tmp_path / FEEDBACK_HELDOUT.name))},
             "prompts": {"eval": str(QA_HELDOUT)},
             "columns": {"prompt": "question", "completion": "answer"}}
 

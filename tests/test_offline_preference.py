@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import QA_HELDOUT, QA_TRAIN, sft_section
+from conftest import QA_HELDOUT, QA_TRAIN, first_rows, sft_section
 from test_dpo import data as dpo_data
 from test_dpo import dpo_section
 from test_kto import data as kto_data
@@ -24,8 +24,7 @@ STAGES = {"dpo": (dpo_section, dpo_data, "pair accuracy (implicit reward) 0.0% -
 def test_align_run_then_compare_and_export_its_checkpoint(write_recipe, tmp_path, capsys, stage):
     """A short run: what is checked is where each checkpoint comes from, not how much it learned."""
     section, data, printed_result = STAGES[stage]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    prompts = first_rows(QA_HELDOUT, 16, tmp_path / "prompts.jsonl")
     path = write_recipe(data={**data(tmp_path, held_out=16), "sft": {"train": str(QA_TRAIN), "eval": str(prompts)}},
                         sft=sft_section(max_steps=10, eval_generations=8), rl={"algorithm": stage},
                         **{stage: section(max_steps=2)})

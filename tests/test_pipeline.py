@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, finished, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, finished, first_rows, sft_section
 
 from align import pipeline
 from align.recipe import RecipeError, load_recipe, to_yaml
@@ -19,9 +19,8 @@ RL_SECTION = {"max_steps": 2, "per_device_train_batch_size": 8, "num_generations
 @pytest.fixture
 def recipe_path(write_recipe, tmp_path):
     """SFT -> reward -> GRPO on the tiny base, a few steps each, small held-out files."""
-    qa_heldout, pref_heldout = tmp_path / "qa_heldout.jsonl", tmp_path / "pref_heldout.jsonl"
-    qa_heldout.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:8]))
-    pref_heldout.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:16]))
+    qa_heldout = first_rows(QA_HELDOUT, 8, tmp_path / "qa_heldout.jsonl")
+    pref_heldout = first_rows(PREF_HELDOUT, 16, tmp_path / "pref_heldout.jsonl")
     return write_recipe(
         data={"sft": {"train": str(QA_TRAIN), "eval": str(qa_heldout)},
               "preference": {"train": str(PREF_TRAIN), "eval": str(pref_heldout)},

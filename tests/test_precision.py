@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, TINY_BASE, run_keeping_trainer, sft_section
+from conftest import (LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, TINY_BASE, first_rows,
+                      run_keeping_trainer, sft_section)
 from safetensors.torch import load_file
 
 import align.modeling
@@ -105,9 +106,7 @@ def metrics(results) -> list[dict]:
 def test_every_stage_trains_in_bfloat16_on_a_cpu_with_float32_weights_and_a_first_kl_of_zero(write_recipe, tmp_path):
     """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06): the SFT loss falls, GRPO's policy moves."""
     data = prompts_data()
-    held_out_pairs = tmp_path / "pairs.jsonl"  # evaluated before and after: 32 of the 200 are enough here
-    held_out_pairs.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:32]))
-    data["preference"]["eval"] = str(held_out_pairs)
+    data["preference"]["eval"] = str(first_rows(PREF_HELDOUT, 32, tmp_path / "pairs.jsonl"))
     recipe = load_recipe(write_recipe(
         model=BF16, data=data, run={"seed": LEARNING_SEED},
         sft=sft_section(max_steps=20, eval_generations=4),

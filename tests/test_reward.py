@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, TINY_BASE, run_keeping_trainer
+from conftest import LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, TINY_BASE, first_rows, run_keeping_trainer
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -25,9 +25,7 @@ def reward_section(**overrides):
 
 @pytest.fixture(scope="module")
 def held_out_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
-    path.write_text("".join(PREF_HELDOUT.read_text().splitlines(keepends=True)[:64]))
-    return path
+    return first_rows(PREF_HELDOUT, 64, tmp_path_factory.mktemp("data") / "held_out.jsonl")
 
 
 @pytest.fixture(scope="module")

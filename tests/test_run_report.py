@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QA_HELDOUT, QA_TRAIN, ROOT, sft_section
+from conftest import QA_HELDOUT, QA_TRAIN, ROOT, first_rows, sft_section
 
 from align.cli import main
 from align.registry import BY_NAME
@@ -32,8 +32,7 @@ def finished_run(tmp_path_factory):
     """`align run` of sft -> reward -> grpo on the tiny base (a few steps each), then a `<script>` planted in a
     held-out answer of samples.jsonl, as a model could write one, and `align report` again."""
     tmp = tmp_path_factory.mktemp("report")
-    held_out = tmp / "qa_heldout.jsonl"
-    held_out.write_text("".join(QA_HELDOUT.read_text().splitlines(keepends=True)[:8]))
+    held_out = first_rows(QA_HELDOUT, 8, tmp / "qa_heldout.jsonl")
     recipe = tmp / "r.yaml"
     recipe.write_text(json.dumps({
         "model": {"name_or_path": str(ROOT / "data" / "tiny-base"), "compute_dtype": "float32"},
