@@ -23,13 +23,14 @@ RL = {"learning_rate": 3e-4, "num_generations": 4, "per_device_train_batch_size"
       "rewards": [{"name": "exact_match", "args": {"column": "answer"}}, {"name": "reward_model", "weight": 0.02}]}
 
 
-def launch(*args, processes=2):
-    """`align ARGS` as `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node PROCESSES -m align ARGS`."""
+def launch(*commands, processes=2):
+    """Each of `commands` ("run R", "ppo R") as `align COMMAND` under `ACCELERATE_USE_CPU=1 torchrun
+    --nproc_per_node PROCESSES`, one after another in the same processes (tests/align_commands.py)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(port), "-m", "align", *map(str, args)]
+               "--master_port", str(port), str(ROOT / "tests" / "align_commands.py"), *commands]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,19 +47,31 @@ def logged_steps(stage_dir: Path, key: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """`align run` (sft -> reward -> grpo) on 2 processes: (recipe path, run dir)."""
+    """On 2 processes, one launch: `align run` (sft -> reward -> grpo), then `align dpo`, `align kto` and
+    `align ppo`, each starting from the run's SFT checkpoint: (recipe path, run dir)."""
+    from test_dpo import dpo_section
+    from test_kto import data as kto_data
+    from test_kto import kto_section
+
     tmp = tmp_path_factory.mktemp("two_processes")
     pairs = first_rows(PREF_HELDOUT, 16, tmp / "pairs.jsonl")  # scored before and after the reward stage
+    ppo = {**{k: v for k, v in RL.items() if k not in ("num_generations",)}, "per_device_train_batch_size": 4,
+           "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], "num_ppo_epochs": 1,
+           "learning_rate": 1e-3}
+    offline = {"max_steps": 2, "eval_generations": 4, "per_device_train_batch_size": 8}
     recipe = recipe_writer(tmp)(
         lora={"dropout": 0.0},  # nothing random in a step: 1 x 16 can be compared with 2 x 8 loss for loss
         data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},
               "preference": {"train": str(PREF_TRAIN), "eval": str(pairs)},
+              "feedback": kto_data(tmp, held_out=16)["feedback"],
               "prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
         sft=sft_section(max_steps=4, per_device_train_batch_size=8, logging_steps=1, eval_generations=4),
         reward={"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 128, "logging_steps": 1,
                 "activation_checkpointing": False, "learning_rate": 1e-3},
-        grpo=RL, rl={"min_reward_accuracy": 0})
-    launch("run", recipe)
+        grpo=RL, ppo=ppo, dpo=dpo_section(**offline), kto=kto_section(**offline),
+        rl={"min_reward_accuracy": 0, "algorithm": "grpo"})
+    # ppo last: the stage ends the process group when it is done (align/stages/ppo.py), as a final stage may
+    launch(f"run {recipe}", f"dpo {recipe}", f"kto {recipe}", f"ppo {recipe}")
     return recipe, tmp / "runs" / "test"
 
 
@@ -91,32 +104,19 @@ def test_sft_two_processes_of_8_follow_one_process_of_16(two_process_run):
     assert curves[2] == pytest.approx(curves[1], rel=1e-3), curves  # equal as logged (TRL: loss over all ranks' tokens)
 
 
-def test_ppo_on_two_processes_saves_once_with_identical_ranks(write_recipe, sft_adapter, tmp_path):
-    ppo = {**{k: v for k, v in RL.items() if k not in ("num_generations",)}, "per_device_train_batch_size": 4,
-           "rewards": [{"name": "exact_match", "args": {"column": "answer"}}], "num_ppo_epochs": 1}
-    recipe = write_recipe(data={"prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
-                          sft={}, ppo={**ppo, "learning_rate": 1e-3})
-    launch("ppo", recipe)
-    results = stage_results(tmp_path / "runs" / "test" / "ppo")
+def test_ppo_on_two_processes_saves_once_with_identical_ranks(two_process_run):
+    _, run_dir = two_process_run
+    results = stage_results(run_dir / "ppo")
     assert results["processes"] == 2 and results["effective_batch"] == 8
     assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
-    assert logged_steps(tmp_path / "runs" / "test" / "ppo", "kl") == [1, 2]
+    assert logged_steps(run_dir / "ppo", "kl") == [1, 2]
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
-def test_offline_preference_stages_on_two_processes_keep_ranks_identical(write_recipe, sft_adapter, tmp_path, stage):
-    from test_dpo import data as dpo_data
-    from test_dpo import dpo_section
-    from test_kto import data as kto_data
-    from test_kto import kto_section
-
-    section, data = {"dpo": (dpo_section, dpo_data), "kto": (kto_section, kto_data)}[stage]
-    recipe = write_recipe(sft={}, data=data(tmp_path, held_out=16),
-                          **{stage: section(max_steps=2, eval_generations=4, per_device_train_batch_size=8)})
-    launch(stage, recipe)
-    run_dir = tmp_path / "runs" / "test" / stage
-    results = stage_results(run_dir)
+def test_offline_preference_stages_on_two_processes_keep_ranks_identical(two_process_run, stage):
+    _, run_dir = two_process_run
+    results = stage_results(run_dir / stage)
     assert results["processes"] == 2 and results["effective_batch"] == 16
     assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
-    assert logged_steps(run_dir, "loss") == [1, 2]  # each step written once, by one process
-    assert (run_dir / "checkpoint" / "adapter_model.safetensors").is_file()
+    assert logged_steps(run_dir / stage, "loss") == [1, 2]  # each step written once, by one process
+    assert (run_dir / stage / "checkpoint" / "adapter_model.safetensors").is_file()
