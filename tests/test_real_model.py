@@ -134,15 +134,22 @@ def test_kl_is_zero_before_the_first_update_and_logged_after(run):
     assert len(logged) == 2 and logged[0] == pytest.approx(0, abs=1e-6) and logged[1] > 0  # TRL's k3: never < 0
 
 
-def test_the_reward_model_scores_the_same_after_reload(run):
+@pytest.fixture(scope="module")
+def reward_scorer(run):
+    """The reward stage's checkpoint, loaded as the RL stages load it."""
     from align.rewards import RewardModelScorer
 
+    path, run_dir, _ = run
+    return RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint", load_recipe(path).model)
+
+
+def test_the_reward_model_scores_the_same_after_reload(run, reward_scorer):
     from align.data.fields import with_system_prompt
 
     _, run_dir, results = run
     recipe = load_recipe(run[0])
-    scorer = RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint", recipe.model,
-                                               batch_size=SMOLLM2_HELD_OUT_ROWS)
+    scorer = reward_scorer
+    scorer.batch_size = SMOLLM2_HELD_OUT_ROWS  # each test sets the batch it scores in
     rows = [json.loads(line) for line in (run_dir / "reward" / "samples.jsonl").read_text().splitlines()]
     # as the stage rendered them: with the recipe's system prompt
     prompts = [with_system_prompt([{"role": "user", "content": r["prompt"]}], recipe.data.system_prompt)
@@ -154,16 +161,15 @@ def test_the_reward_model_scores_the_same_after_reload(run):
     assert len({round(c, 3) for c in chosen}) > 1  # a trained head, not a constant
 
 
-def test_the_reward_model_reads_the_last_real_token_whatever_the_padding(run, tokenizer):
+def test_the_reward_model_reads_the_last_real_token_whatever_the_padding(reward_scorer, tokenizer):
     """Padding is <|im_end|>, the end-of-turn token itself: a score read at a padding position would change with
     the batch. Each conversation scores the same alone (no padding) as in a batch padded to a longer one, and
     the token read is the last of the rendered conversation (ChatML's newline after <|im_end|>), not a pad."""
     from align.modeling import conversation_ids
-    from align.rewards import RewardModelScorer, as_messages
+    from align.rewards import as_messages
 
-    _, run_dir, _ = run
-    scorer = RewardModelScorer.from_checkpoint(run_dir / "reward" / "checkpoint", load_recipe(run[0]).model,
-                                               batch_size=4)
+    scorer = reward_scorer
+    scorer.batch_size = 4
     prompts = heldout_prompts(4)
     answers = ["12.", "77 + 46 = 123. The answer is 123.", "The answer is 368, since 95 + 273 = 368.", "1"]
     batched = scorer.score(prompts, answers)
