@@ -54,20 +54,21 @@ def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_af
 
 
 @pytest.mark.slow
-def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path):
+def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path, capfd, wide_terminal):
     held_out = first_rows(PREF_HELDOUT, 16, tmp_path / "held_out.jsonl")
     recipe = write_recipe(data={"preference": {"train": str(PREF_TRAIN), "eval": str(held_out)}},
                           reward={"max_steps": 3, "max_length": 128, "activation_checkpointing": False})
-    result = align("reward", recipe, "run.name=cli")
-    assert result.returncode == 0, result.stderr
-    assert "reward model on 16 held-out pairs" in result.stdout and "pairwise accuracy" in result.stdout
-    assert "fresh (reward.init_from=base)" in result.stdout  # the recipe has no sft section
+    assert main(["reward", str(recipe), "run.name=cli"]) == 0
+    out = capfd.readouterr().out
+    assert "reward model on 16 held-out pairs" in out and "pairwise accuracy" in out
+    assert "fresh (reward.init_from=base)" in out  # the recipe has no sft section
     assert (tmp_path / "runs" / "cli" / "reward" / "checkpoint" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path):
-    """`accelerate launch ... -m align ppo` writes a resumable checkpoint; `align ppo --resume` continues from it."""
+def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path, caplog):
+    """`accelerate launch ... -m align ppo` writes a resumable checkpoint; `align ppo --resume` (here in the
+    test's process) continues from it."""
     section = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4, "max_completion_length": 8,
                "max_length": 64, "activation_checkpointing": False, "eval_generations": 0, "init_from": "base",
                "rewards": [{"name": "length", "args": {"max_tokens": 4}}]}
@@ -79,9 +80,9 @@ def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path):
     assert (run_dir / "checkpoint" / "value" / "adapter_model.safetensors").exists()
     assert [p.name for p in (run_dir / "trainer").iterdir()] == ["checkpoint-1"]  # the last step is the checkpoint
 
-    result = align("ppo", recipe, "run.name=launched", "--resume")
-    assert result.returncode == 0, result.stderr
-    assert "resumed from" in result.stderr and "at step 1" in result.stderr
+    caplog.set_level(logging.INFO)
+    assert main(["ppo", str(recipe), "run.name=launched", "--resume"]) == 0
+    assert "resumed from" in caplog.text and "at step 1" in caplog.text
     assert json.loads((run_dir / "lineage.json").read_text())["results"]["resumed_from_step"] == 1
 
 
