@@ -145,7 +145,7 @@ def test_a_damaged_checkpoint_is_named_and_align_run_trains_the_stage_again(fini
     assert "adapter_model.safetensors is not the file the run wrote" in capsys.readouterr().err
 
 
-def test_a_second_run_on_a_locked_stage_stops_at_once_naming_the_holder(write_recipe, tmp_path):
+def test_a_second_run_on_a_locked_stage_stops_at_once_naming_the_holder(write_recipe, tmp_path, capsys):
     path = sft_recipe(write_recipe)
     stage = tmp_path / "runs" / "test" / "sft"
     holder = subprocess.Popen(
@@ -155,10 +155,8 @@ def test_a_second_run_on_a_locked_stage_stops_at_once_naming_the_holder(write_re
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
-        second = subprocess.run([sys.executable, "-m", "align", "sft", str(path)], cwd=ROOT, capture_output=True,
-                                text=True, timeout=120)
-        assert second.returncode == 2
-        assert f"{stage} is being written by another run (pid {holder.pid} on " in second.stderr
+        assert main(["sft", str(path)]) == 2  # the second run: in this process
+        assert f"{stage} is being written by another run (pid {holder.pid} on " in capsys.readouterr().err
         assert time.monotonic() - started < 60 and not (stage / "lineage.json").exists()
     finally:
         holder.kill()
