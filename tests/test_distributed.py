@@ -41,6 +41,10 @@ def stage_results(stage_dir: Path) -> dict:
     return json.loads((stage_dir / "lineage.json").read_text())["results"]
 
 
+def started_from(stage_dir: Path) -> str:
+    return json.loads((stage_dir / "lineage.json").read_text())["parent_checkpoint"]
+
+
 def logged_steps(stage_dir: Path, key: str) -> list[int]:
     return [r["step"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text().splitlines()) if key in r]
 
@@ -85,6 +89,7 @@ def test_align_run_on_two_processes_trains_every_stage_data_parallel(two_process
         steps = logged_steps(run_dir / stage, "loss")
         assert steps == sorted(set(steps)) and steps, (stage, steps)  # each step written once
         assert (run_dir / stage / "checkpoint" / "adapter_model.safetensors").is_file()
+    assert started_from(run_dir / "grpo") == str(run_dir / "sft" / "checkpoint")
     assert stage_results(run_dir / "sft")["effective_batch"] == 16
     decisions = [json.loads(line) for line in (run_dir / "pipeline.jsonl").read_text().splitlines()]
     assert [d["stage"] for d in decisions if d.get("action") == "run"] == ["sft", "reward", "grpo"]  # once each
@@ -110,6 +115,7 @@ def test_ppo_on_two_processes_saves_once_with_identical_ranks(two_process_run):
     assert results["processes"] == 2 and results["effective_batch"] == 8
     assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
     assert logged_steps(run_dir / "ppo", "kl") == [1, 2]
+    assert started_from(run_dir / "ppo") == str(run_dir / "sft" / "checkpoint")
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
@@ -120,3 +126,4 @@ def test_offline_preference_stages_on_two_processes_keep_ranks_identical(two_pro
     assert len(results["rank_checksums"]) == 2 and len(set(results["rank_checksums"])) == 1
     assert logged_steps(run_dir / stage, "loss") == [1, 2]  # each step written once, by one process
     assert (run_dir / stage / "checkpoint" / "adapter_model.safetensors").is_file()
+    assert started_from(run_dir / stage) == str(run_dir / "sft" / "checkpoint")
