@@ -31,7 +31,7 @@ def launch(*commands, processes=2):
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_port", str(port), str(ROOT / "tests" / "align_commands.py"), *commands]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -51,8 +51,8 @@ def logged_steps(stage_dir: Path, key: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """On 2 processes, one launch: `align run` (sft -> reward -> grpo), then `align dpo`, `align kto` and
-    `align ppo`, each starting from the run's SFT checkpoint: (recipe path, run dir)."""
+    """On 2 processes, one launch: `align run` (sft -> reward -> grpo), then `align ppo`, `align dpo` and
+    `align kto`, each starting from the run's SFT checkpoint: (recipe path, run dir)."""
     from test_dpo import dpo_section
     from test_kto import data as kto_data
     from test_kto import kto_section
@@ -74,8 +74,8 @@ def two_process_run(tmp_path_factory):
                 "activation_checkpointing": False, "learning_rate": 1e-3},
         grpo=RL, ppo=ppo, dpo=dpo_section(**offline), kto=kto_section(**offline),
         rl={"min_reward_accuracy": 0, "algorithm": "grpo"})
-    # ppo last: the stage ends the process group when it is done (align/stages/ppo.py), as a final stage may
-    launch(f"run {recipe}", f"dpo {recipe}", f"kto {recipe}", f"ppo {recipe}")
+    # ppo before dpo and kto: the stages after it in the same processes still have their process group
+    launch(f"run {recipe}", f"ppo {recipe}", f"dpo {recipe}", f"kto {recipe}")
     return recipe, tmp / "runs" / "test"
 
 

@@ -107,7 +107,10 @@ def run(recipe: Recipe, *, resume: bool = False) -> dict[str, Any]:
                         beta_last=ppo.kl_ctl.value, eos_fraction_last=ppo.eos_fraction, kl_unit="nats per completion",
                         processes=accelerator.num_processes,
                         effective_batch=ppo.prompts_per_rollout * accelerator.num_processes, rank_checksums=checksums)
-    accelerator.end_training()  # after the last collective: it ends the process group
+    # What accelerator.end_training() does, less ending the process group: a stage after this one in the same
+    # processes (as after TRL's stages) would wait forever for a new group to form.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return results
 
 
