@@ -12,11 +12,10 @@ from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, first
 from align.cli import main
 
 
-ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
-                     "-m", "align")
-
-
-def align(*args, launcher=(sys.executable, "-m", "align")):
+def accelerate_launch(*args):
+    """`accelerate launch --config_file accelerate_config.yaml -m align ARGS`, as the README shows it."""
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / "accelerate_config.yaml",
+                "-m", "align")
     env = {**os.environ, "COLUMNS": "250"}  # as `wide_terminal` below
     return subprocess.run([*launcher, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
@@ -44,7 +43,7 @@ def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_af
     held_out = first_rows(QA_HELDOUT, 16, tmp_path / "held_out.jsonl")
     recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN), "eval": str(held_out)}},
                           sft=sft_section(max_steps=5, eval_generations=4))
-    result = align("sft", recipe, "model.quantization=none", "run.name=cli", launcher=ACCELERATE_LAUNCH)
+    result = accelerate_launch("sft", recipe, "model.quantization=none", "run.name=cli")
     assert result.returncode == 0, result.stderr
     assert "answer loss" in result.stdout and "answer accuracy" in result.stdout
     assert f"run dir: {tmp_path / 'runs' / 'cli' / 'sft'}" in result.stdout
@@ -73,7 +72,7 @@ def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path, caplog)
                "max_length": 64, "activation_checkpointing": False, "eval_generations": 0, "init_from": "base",
                "rewards": [{"name": "length", "args": {"max_tokens": 4}}]}
     recipe = write_recipe(data={"prompts": {"train": str(QA_TRAIN)}, "columns": {"prompt": "question"}}, ppo=section)
-    result = align("ppo", recipe, "run.name=launched", launcher=ACCELERATE_LAUNCH)
+    result = accelerate_launch("ppo", recipe, "run.name=launched")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "launched" / "ppo"
     assert "KL to the reference (nats per completion): first step 0.0000" in result.stdout
