@@ -411,20 +411,18 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def sft_example(tokenizer, prompt: list[dict], completion: list[dict]) -> dict[str, list[int]]:
-    """A prompt-completion pair as SFT trains on it: the token ids of the rendered conversation up to and including
-    the EOS (end of turn) that closes the answer, and a completion mask that is 1 on the answer and that EOS. What
-    the template puts after the end of turn (ChatML's newline after <|im_end|>) is left out: generation stops at
-    EOS, so the model never sees or produces it. The prompt is the part the prompt rendered alone (with the
-    generation prompt, as generation sees it) shares with the conversation; a template that renders the two
-    differently is caught by `align run`'s prompt-rendering gate. A template that ends the answer with no EOS
-    gets one, so that the model learns to stop."""
-    prompt_only = prompt_ids(tokenizer, prompt)
-    ids = conversation_ids(tokenizer, [prompt + completion])[0]
-    start = shared_prefix(prompt_only, ids)
-    eos = tokenizer.eos_token_id
-    end = ids.index(eos, start) + 1 if eos in ids[start:] else None
-    ids = ids[:end] if end else ids + [eos]
+def sft_tokens(prompt: list[int], conversation: list[int], eos_token_id: int) -> dict[str, list[int]]:
+    """A prompt-completion pair as SFT trains on it, from the token ids of its prompt rendered alone (with the
+    generation prompt, as generation sees it: `prompt_ids`) and of the whole conversation (`conversation_ids`):
+    the conversation's ids up to and including the EOS (end of turn) that closes the answer, and a completion mask
+    that is 1 on the answer and that EOS. What the template puts after the end of turn (ChatML's newline after
+    <|im_end|>) is left out: generation stops at EOS, so the model never sees or produces it. The prompt is the
+    part the prompt rendered alone shares with the conversation; a template that renders the two differently is
+    caught by `align run`'s prompt-rendering gate. A template that ends the answer with no EOS gets one, so that
+    the model learns to stop."""
+    start = shared_prefix(prompt, conversation)
+    end = conversation.index(eos_token_id, start) + 1 if eos_token_id in conversation[start:] else None
+    ids = conversation[:end] if end else conversation + [eos_token_id]
     return {"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)}
 
 

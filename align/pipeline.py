@@ -240,7 +240,7 @@ def check_reward_accuracy(recipe: Recipe, rl: str) -> None:
 def check_prompt_rendering(recipe: Recipe, stage: str) -> None:
     """The gate before every stage: the probe prompt's token ids as this stage will see them equal those every
     finished earlier stage (its config.yaml) saw. A stage sees the prompt as: SFT and the reward model, the start
-    of the rendered prompt + answer they train on (`modeling.sft_example` starts the completion where the two
+    of the rendered prompt + answer they train on (`modeling.sft_tokens` starts the completion where the two
     renderings diverge); RL, the prompt with the generation prompt, which it generates from."""
     mine = rendered_prompt(recipe, stage)
     for earlier in registry.stage(stage).upstream:

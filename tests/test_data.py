@@ -36,11 +36,27 @@ def test_every_format_gives_the_same_conversational_pairs(tmp_path, tokenizer, n
     assert report.rows == report.examples == 3
     assert report.columns == {"prompt": "question", "completion": "answer"}
     assert report.detected == ["prompt", "completion"]
-    assert dataset[0] == {
+    first = dataset[0]
+    assert {k: first[k] for k in ("prompt", "completion")} == {
         "prompt": [{"role": "user", "content": "What is 12 + 30?"}],
         "completion": [{"role": "assistant", "content": "12 + 30 = 42. The answer is 42."}],
     }
     assert report.lengths["total"][0] == report.lengths["prompt"][0] + report.lengths["completion"][0]
+
+
+def test_each_pair_carries_the_tokens_sft_trains_on_as_one_rendering_of_it_gives(tmp_path, tokenizer):
+    """The file is tokenised once, all rows together, as it is checked: every row's input_ids and answer mask are
+    what rendering that pair alone gives (`modeling.sft_tokens` of its prompt and its conversation)."""
+    from align.modeling import conversation_ids, prompt_ids, sft_tokens
+
+    dataset, report = load(write_rows(tmp_path / "qa.jsonl", ROWS), tokenizer, system_prompt="Be brief.")
+    for row, total in zip(dataset, report.lengths["total"]):
+        conversation = conversation_ids(tokenizer, [row["prompt"] + row["completion"]])[0]
+        alone = sft_tokens(prompt_ids(tokenizer, row["prompt"]), conversation, tokenizer.eos_token_id)
+        assert {"input_ids": row["input_ids"], "completion_mask": row["completion_mask"]} == alone
+        assert len(conversation) == total and row["input_ids"][-1] == tokenizer.eos_token_id
+        answer = [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == row["completion"][0]["content"]
 
 
 def test_auto_detection_is_logged(tmp_path, tokenizer, caplog):
@@ -174,7 +190,7 @@ def test_a_huge_row_is_rejected_before_it_is_tokenised(tmp_path, tokenizer, monk
     def never(*args, **kwargs):
         raise AssertionError("tokenised")
 
-    monkeypatch.setattr("align.data.qa.token_lengths", never)
+    monkeypatch.setattr("align.data.qa.token_ids", never)
     with pytest.raises(DataError, match=r"huge.jsonl:1: row is 4000014 characters, more than max_length=128 tokens "
                                         r"can hold \(at 100 characters a token\)"):
         qa.load(str(path), DataConfig(), tokenizer, 128)

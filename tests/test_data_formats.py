@@ -14,7 +14,7 @@ from conftest import PREF_TRAIN, QA_TRAIN, TINY_BASE, sft_section, write_rows
 from align.cli import main
 from align.data import feedback, preference, prompts, qa
 from align.data.files import DataError
-from align.modeling import conversation_ids, sft_example
+from align.modeling import conversation_ids
 from align.recipe import load_recipe
 from align.stages import reward, sft
 
@@ -281,17 +281,14 @@ def test_every_cell_of_trls_table_is_checked_as_the_kind_it_is(tmp_path, capsys,
     assert f"\n  {KIND[cell]} (max_length " in printed  # the kind it was read as
 
 
-def sft_ids(dataset, tokenizer):
-    """The token ids and answer mask SFT trains on, per example."""
-    return [sft_example(tokenizer, p, c) for p, c in zip(dataset["prompt"], dataset["completion"])]
-
-
 def test_conversational_prompt_completion_trains_on_what_the_standard_form_does(tmp_path, tokenizer, write_recipe):
     system = {"role": "system", "content": "Be brief."}
     conversational = write_rows(tmp_path / "conversational.jsonl", [
         {"prompt": [system, USER], "completion": [{"role": "assistant", "content": PLAIN["completion"]}]}])
     standard = write_rows(tmp_path / "standard.jsonl", [{**PLAIN, "system": "Be brief."}])
-    ids = [sft_ids(qa.load(str(p), data_config(), tokenizer, 256)[0], tokenizer) for p in (conversational, standard)]
+    # the token ids and answer mask SFT trains on, as the loader tokenized them
+    ids = [qa.load(str(p), data_config(), tokenizer, 256)[0].select_columns(["input_ids", "completion_mask"]).to_list()
+           for p in (conversational, standard)]
     assert ids[0] == ids[1] and sum(ids[0][0]["completion_mask"]) > 0  # same tokens, same answer-only labels
 
     refused = write_rows(tmp_path / "user_in_completion.jsonl", [{"prompt": [USER], "completion": [USER]}])

@@ -55,11 +55,12 @@ def test_the_end_of_turn_becomes_eos_when_the_tokenizer_says_otherwise(model_dir
 
 
 def test_sft_labels_are_exactly_the_answer_and_its_end_of_turn(tokenizer):
-    from align.modeling import sft_example
+    from align.modeling import conversation_ids, prompt_ids, sft_tokens
 
     prompt = [{"role": "user", "content": "What is 12 + 30?"}]
     answer = "12 + 30 = 42. The answer is 42."
-    example = sft_example(tokenizer, prompt, [{"role": "assistant", "content": answer}])
+    conversation = conversation_ids(tokenizer, [prompt + [{"role": "assistant", "content": answer}]])[0]
+    example = sft_tokens(prompt_ids(tokenizer, prompt), conversation, tokenizer.eos_token_id)
     ids, mask = example["input_ids"], example["completion_mask"]
     labelled = [i for i, m in zip(ids, mask) if m]
     assert tokenizer.decode(labelled) == answer + "<|im_end|>"

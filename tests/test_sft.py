@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from align.modeling import (
-    checkpointing, keep_4bit_on_the_autograd_path, load_model, load_tokenizer, prompt_ids, quantization_config, sft_example,
+    checkpointing, keep_4bit_on_the_autograd_path, load_model, load_tokenizer, prompt_ids, quantization_config,
 )
 from align.recipe import load_recipe
 from align.rundir import RunDir
@@ -136,8 +136,7 @@ def test_packing_keeps_the_answer_only_loss(write_recipe):
     row = trainer.train_dataset[0]
     assert len(row["seq_lengths"]) >= 2 and sum(row["seq_lengths"]) == len(row["input_ids"]) <= 128  # shared row
     # Each packed example's prompt is masked and its answer (with its end of turn) counted, as unpacked.
-    masks = {tuple(e["input_ids"]): e["completion_mask"]
-             for e in (sft_example(tokenizer, p, c) for p, c in zip(train["prompt"], train["completion"]))}
+    masks = {tuple(ids): mask for ids, mask in zip(train["input_ids"], train["completion_mask"])}
     start, whole = 0, 0
     for length in row["seq_lengths"]:
         ids, labels = row["input_ids"][start:start + length], row["labels"][start:start + length]

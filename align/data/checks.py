@@ -113,11 +113,12 @@ def attempt(convert, record: Record, *args):
         return bad
 
 
-def validated(items, lengths_of, max_length: int, cfg: DataConfig, report: DataReport, ids: dict | None = None):
+def validated(items, lengths_of, max_length: int, cfg: DataConfig, report: DataReport,
+              columns: dict[str, list] | None = None):
     """The valid examples of `items` ((row, where, example or Invalid), any order) that fit in `max_length`
     tokens. Fills the report (skips by reason, token lengths of what is kept); raises DataError at the first
-    problem in file order unless `cfg.skip_invalid`. `ids`, filled by `lengths_of`, holds per-example token ids
-    to attach to the kept examples."""
+    problem in file order unless `cfg.skip_invalid`. `columns`, filled by `lengths_of` (name -> a value per
+    example it measured, e.g. token ids), become columns of the kept examples: tokenised once, here."""
     problems = [(row, where, ex) for row, where, ex in items if isinstance(ex, Invalid)]
     valid = []
     for row, where, ex in items:
@@ -157,10 +158,9 @@ def validated(items, lengths_of, max_length: int, cfg: DataConfig, report: DataR
     report.examples = len(keep)
     report.lengths = {k: [v[i] for i in keep] for k, v in lengths.items()}
     examples = [valid[i][2] for i in keep]
-    for key, values in (ids or {}).items():
-        if key.endswith("_ids"):
-            for example, i in zip(examples, keep):
-                example[key] = values[i]
+    for key, values in (columns or {}).items():
+        for example, i in zip(examples, keep):
+            example[key] = values[i]
     return examples
 
 
@@ -182,19 +182,32 @@ def percentiles(values: list[int], qs=(50, 90, 99, 100)) -> list[int]:
     return [ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] for q in qs] if ordered else []
 
 
+def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """Token ids of each prompt with the generation prompt, as every stage renders it (`modeling.prompt_ids`,
+    for a whole file at once)."""
+    texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def prompt_lengths(tokenizer, examples: list[dict]) -> list[int]:
     """Tokens of each example's prompt with the generation prompt, as every stage renders it."""
-    prompts = tokenizer.apply_chat_template([e["prompt"] for e in examples], add_generation_prompt=True, tokenize=False)
-    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    return [len(ids) for ids in prompt_token_ids(tokenizer, [e["prompt"] for e in examples])]
 
 
-def token_lengths(tokenizer, examples: list[dict]) -> dict[str, list[int]]:
-    """Prompt, completion and total tokens per example, rendered with the chat template. The total also counts what
-    a template puts after the answer's end of turn (ChatML's newline), which SFT leaves out (`modeling.sft_example`):
-    a limit checked against it errs by a token on the safe side."""
-    prompt_len = prompt_lengths(tokenizer, examples)
-    total = [len(ids) for ids in conversation_ids(tokenizer, [e["prompt"] + e["completion"] for e in examples])]
-    return {"prompt": prompt_len, "completion": [t - p for t, p in zip(total, prompt_len)], "total": total}
+def token_ids(tokenizer, examples: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of each example's prompt (with the generation prompt) and of its whole conversation (prompt +
+    completion), rendered with the chat template."""
+    return (prompt_token_ids(tokenizer, [e["prompt"] for e in examples]),
+            conversation_ids(tokenizer, [e["prompt"] + e["completion"] for e in examples]))
+
+
+def token_lengths(prompts: list[list[int]], conversations: list[list[int]]) -> dict[str, list[int]]:
+    """Prompt, completion and total tokens per example from its `token_ids`. The total also counts what a template
+    puts after the answer's end of turn (ChatML's newline), which SFT leaves out (`modeling.sft_tokens`): a limit
+    checked against it errs by a token on the safe side."""
+    total = [len(ids) for ids in conversations]
+    prompt = [len(ids) for ids in prompts]
+    return {"prompt": prompt, "completion": [t - p for t, p in zip(total, prompt)], "total": total}
 
 
 def load_train_eval(files: DataFiles, load, cfg: DataConfig, tokenizer, max_length: int, *, what: str):

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from align.data import qa
-from align.data.checks import account, attempt, available, open_records, token_lengths, validated
+from align.data.checks import account, attempt, available, open_records, token_ids, token_lengths, validated
 from align.data.columns import resolve_columns
 from align.data.files import DataError, Invalid
 
@@ -48,7 +48,7 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
     account(records, report, "KTO", cfg.columns.ignore)
     items = [(row, record.where, attempt(example, record, report.columns, cfg))
              for row, record in enumerate(records)]
-    examples = validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)
+    examples = validated(items, lambda ex: token_lengths(*token_ids(tokenizer, ex)), max_length, cfg, report)
     good = sum(e["label"] for e in examples)
     report.labels = {"good": good, "bad": len(examples) - good}
     if examples and not (good and len(examples) - good):

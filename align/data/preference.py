@@ -227,10 +227,11 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
     token_ids: dict[str, list] = {}
 
     def lengths(examples):
-        token_ids.update(pair_token_ids(tokenizer, examples))
-        return {k: token_ids[k] for k in ("prompt", "chosen", "rejected", "total")}
+        measured = pair_token_ids(tokenizer, examples)
+        token_ids.update({k: measured[k] for k in ("chosen_ids", "rejected_ids")})
+        return {k: measured[k] for k in ("prompt", "chosen", "rejected", "total")}
 
-    examples = validated(items, lengths, max_length, cfg, report, ids=token_ids)
+    examples = validated(items, lengths, max_length, cfg, report, columns=token_ids)
     _describe(report, records, examples, cfg)
     return Dataset.from_list(examples), report
 

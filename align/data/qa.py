@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from align.data.checks import account, attempt, available, open_records, token_lengths, validated
+from align.data.checks import account, attempt, available, open_records, token_ids, token_lengths, validated
 from align.data.columns import looks_like, resolve_columns
 from align.data.fields import answer_messages, messages_field, prompt_messages, with_system
 from align.data.files import DataError, Invalid
 from align.data.names import PROMPT_PARTS
+from align.modeling import sft_tokens
 
 if TYPE_CHECKING:
     from align.recipe import Columns, DataConfig
@@ -61,7 +62,8 @@ def example(values: dict, columns: dict[str, str], cfg: DataConfig) -> dict[str,
 
 
 def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
-    """QA pairs from `path` as a `datasets.Dataset` of {prompt, completion} messages, and its DataReport.
+    """QA pairs from `path` as a `datasets.Dataset` of {prompt, completion} messages with the token ids and answer
+    mask SFT trains on (input_ids, completion_mask: `modeling.sft_tokens`), and its DataReport.
     Raises DataError at the first invalid row unless `cfg.skip_invalid`; rows longer than `max_length` tokens
     count as invalid ('too_long') rather than being truncated."""
     from datasets import Dataset
@@ -70,5 +72,13 @@ def load(path: str, cfg: DataConfig, tokenizer, max_length: int):
     report.columns, report.detected = columns(str(path), available(records), cfg.columns)
     account(records, report, "SFT", cfg.columns.ignore)
     items = [(row, record.where, attempt(example, record, report.columns, cfg)) for row, record in enumerate(records)]
-    examples = validated(items, lambda ex: token_lengths(tokenizer, ex), max_length, cfg, report)
+    trained: dict[str, list] = {}
+
+    def lengths(examples):
+        prompts, conversations = token_ids(tokenizer, examples)
+        rows = [sft_tokens(p, c, tokenizer.eos_token_id) for p, c in zip(prompts, conversations)]
+        trained.update(input_ids=[r["input_ids"] for r in rows], completion_mask=[r["completion_mask"] for r in rows])
+        return token_lengths(prompts, conversations)
+
+    examples = validated(items, lengths, max_length, cfg, report, columns=trained)
     return Dataset.from_list(examples), report

@@ -4,9 +4,10 @@
     align sft recipes/qwen2.5-0.5b.yaml sft.learning_rate=1e-4 lora.r=32
     accelerate launch --config_file accelerate_config.yaml -m align sft recipes/quickstart.yaml
 
-TRL's SFTTrainer on conversational prompt-completion pairs, tokenized by align (`modeling.sft_example`): the chat
-template renders the prompt (with the generation prompt) and the answer, every prompt and template token gets label
--100, the sequence ends at the end-of-turn EOS, and the loss is the mean NLL of the answer tokens and that EOS.
+TRL's SFTTrainer on conversational prompt-completion pairs, tokenized by align as it checks them (`qa.load`,
+`modeling.sft_tokens`): the chat template renders the prompt (with the generation prompt) and the answer, every
+prompt and template token gets label -100, the sequence ends at the end-of-turn EOS, and the loss is the mean NLL of
+the answer tokens and that EOS.
 Before and after training the stage measures that loss on the held-out file (its first `sft.eval_loss_rows` rows)
 and the exact-match accuracy of greedy answers (final number), and it writes the adapter and the tokenizer to
 runs/<run>/sft/checkpoint/, which loads with stock PEFT.
@@ -21,8 +22,7 @@ from align.data import qa
 from align.data.checks import load_train_eval
 from align.generation import generate
 from align.modeling import (
-    check_context, checkpointing, load_model, load_tokenizer, lora_config, sft_example,
-    trainable_in_float32,
+    check_context, checkpointing, load_model, load_tokenizer, lora_config, trainable_in_float32,
 )
 from align import memory
 from align.recipe import Recipe, RecipeError
@@ -110,8 +110,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: Ru
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=tokenized(train, tokenizer),
-        eval_dataset=tokenized(_first(held_out, cfg.eval_loss_rows), tokenizer),
+        train_dataset=train,  # tokenized as it was checked (qa.load): TRL takes input_ids and completion_mask as they are
+        eval_dataset=_first(held_out, cfg.eval_loss_rows),
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
         callbacks=[MetricsCallback(run_dir)],
@@ -123,15 +123,6 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: Ru
 
 def _first(examples, n: int | None):
     return examples if examples is None or n is None else examples.select(range(min(n, len(examples))))
-
-
-def tokenized(examples, tokenizer):
-    """The pairs with the input_ids and completion_mask SFT trains on (`modeling.sft_example`); TRL takes a
-    tokenized dataset as it is, and builds the labels from the mask."""
-    if examples is None:
-        return None
-    return examples.map(lambda e: sft_example(tokenizer, e["prompt"], e["completion"]),
-                        desc="tokenizing", keep_in_memory=True)
 
 
 def _evaluate(trainer, held_out, recipe: Recipe, when: str, style=None) -> dict[str, Any]:
