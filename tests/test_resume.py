@@ -3,6 +3,7 @@ optimizer, scheduler, random states and data order it had, so the steps after it
 run takes."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from test_kto import data as kto_data
 from test_kto import kto_section
 from test_pipeline import RL_SECTION
 
+from align.cli import main
 from align.recipe import load_recipe
 from align.rundir import last_trainer_checkpoint, write_manifest
 from align.stages import dpo, kto
@@ -104,15 +106,11 @@ def test_an_incomplete_trainer_checkpoint_is_never_resumed_from(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
 
 
-def align_run(recipe_path, *overrides, launcher=(sys.executable, "-m", "align"), kill_when=None):
-    """`align run` in a subprocess; with `kill_when` (a path), kill -9 its process group once that path exists."""
-    command = [*launcher, "run", str(recipe_path), "rl.min_reward_accuracy=0", *overrides]
+def kill_9_mid_run(recipe_path, launcher, kill_when: Path) -> None:
+    """`align run` in a subprocess (its own process group), killed with SIGKILL once `kill_when` exists."""
+    command = [*launcher, "run", str(recipe_path), "rl.min_reward_accuracy=0"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "COLUMNS": "200"})
-    if kill_when is None:
-        out, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err
-        return out, err
+                               start_new_session=True)
     deadline = time.monotonic() + 300
     while not kill_when.exists():
         assert process.poll() is None, f"finished before {kill_when} appeared: {process.communicate()[1][-2000:]}"
@@ -120,7 +118,6 @@ def align_run(recipe_path, *overrides, launcher=(sys.executable, "-m", "align"),
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
-    return None
 
 
 def complete_checkpoints(run_dir):
@@ -129,9 +126,10 @@ def complete_checkpoints(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "grpo"])
-def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(write_recipe, tmp_path, stage):
-    """Killed mid-SFT or mid-GRPO (under accelerate launch), `align run` again resumes that stage from its last
-    complete trainer checkpoint and ends with the checkpoints an uninterrupted run leaves."""
+def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(write_recipe, tmp_path, stage, capfd,
+                                                                               caplog, monkeypatch):
+    """Killed mid-SFT or mid-GRPO (under accelerate launch), `align run` again (here in the test's process) resumes
+    that stage from its last complete trainer checkpoint and ends with the checkpoints an uninterrupted run leaves."""
     rewards = [{"name": "exact_match", "args": {"column": "answer"}}]
     recipe = write_recipe(
         data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(QA_TRAIN)},
@@ -144,14 +142,17 @@ def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(ROOT / "accelerate_config.yaml"), "-m", "align") if stage == "grpo" else (sys.executable, "-m", "align")
     kill_at = "checkpoint-10" if stage == "sft" else "checkpoint-4"
-    align_run(recipe, launcher=launcher, kill_when=run_dir / stage / "trainer" / kill_at)
+    kill_9_mid_run(recipe, launcher, run_dir / stage / "trainer" / kill_at)
     assert not (run_dir / stage / "checkpoint").exists() and not (run_dir / "grpo" / "checkpoint").exists()
     resumable = last_trainer_checkpoint(run_dir / stage / "trainer")
     assert resumable is not None
     step = int(resumable.name.split("-")[1])
 
-    out, err = align_run(recipe, launcher=launcher)
-    assert f"{stage}: resuming from {resumable}" in err
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps at 80 columns when not on a terminal
+    caplog.set_level(logging.INFO)
+    assert main(["run", str(recipe), "rl.min_reward_accuracy=0"]) == 0
+    out = capfd.readouterr().out
+    assert f"{stage}: resuming from {resumable}" in caplog.text
     lineage = json.loads((run_dir / stage / "lineage.json").read_text())
     assert lineage["resumed_from_step"] == step and lineage["end_time"]
     if stage == "grpo":  # the KL before the first update, logged by the interrupted run, is still the first
