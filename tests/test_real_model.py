@@ -196,12 +196,14 @@ def test_export_loads_in_plain_transformers_and_answers_like_the_adapter(run, tm
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.generation_config.eos_token_id[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = heldout_prompts()
-    plain = []
-    for prompt in prompts:  # as a user of plain transformers would: the generation config says where to stop
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        out_ids = model.generate(**ids, max_new_tokens=48, do_sample=False)[0, ids["input_ids"].shape[1]:]
-        assert out_ids[-1] == tokenizer.eos_token_id  # stopped at <|im_end|>, not at the length limit
-        plain.append(tokenizer.decode(out_ids, skip_special_tokens=True))
+    # as a user of plain transformers would batch them (left padding: every prompt ends where its answer starts);
+    # the generation config says where to stop
+    tokenizer.padding_side = "left"
+    batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, padding=True, return_tensors="pt",
+                                          return_dict=True)
+    out_ids = model.generate(**batch, max_new_tokens=48, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert all(tokenizer.eos_token_id in ids for ids in out_ids.tolist())  # each stopped at <|im_end|>, not the limit
+    plain = tokenizer.batch_decode(out_ids, skip_special_tokens=True)
     recipe = load_recipe(run[0])
     adapter = PeftModel.from_pretrained(load_model(recipe.model), str(run_dir / "grpo" / "checkpoint"))
     assert plain == generate(adapter, load_tokenizer(recipe.model), prompts, max_new_tokens=48)
