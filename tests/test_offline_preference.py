@@ -26,7 +26,7 @@ def test_align_run_then_compare_and_export_its_checkpoint(write_recipe, tmp_path
     section, data, printed_result = STAGES[stage]
     prompts = first_rows(QA_HELDOUT, 16, tmp_path / "prompts.jsonl")
     path = write_recipe(data={**data(tmp_path, held_out=16), "sft": {"train": str(QA_TRAIN), "eval": str(prompts)}},
-                        sft=sft_section(max_steps=10, eval_generations=8), rl={"algorithm": stage},
+                        sft=sft_section(max_steps=2, eval_generations=0), rl={"algorithm": stage},
                         **{stage: section(max_steps=2)})
     assert main(["run", str(path), "run.name=cli"]) == 0
     assert printed_result in capsys.readouterr().out
