@@ -128,6 +128,19 @@ def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained
     assert (without_adapter - expected).abs().max() > 0.1  # the adapter is what makes the difference
 
 
+def test_the_trainer_trains_on_the_tokens_the_loader_made(write_recipe):
+    """The stage hands TRL the loader's input_ids and answer masks (qa.load tokenises as it checks): TRL keeps
+    them as they are instead of tokenising the conversations its own way, in the training and the held-out set."""
+    recipe = load_recipe(write_recipe(data=DATA, sft=sft_section(eval_loss_rows=8)))
+    tokenizer = load_tokenizer(recipe.model)
+    train, held_out, _ = sft.load_data(recipe, tokenizer)
+    trainer = sft.build_trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
+    for loaded, prepared in ((train, trainer.train_dataset), (held_out.select(range(8)), trainer.eval_dataset)):
+        expected = sorted((ids, tuple(t if m else -100 for t, m in zip(ids, mask)))
+                          for ids, mask in zip(map(tuple, loaded["input_ids"]), loaded["completion_mask"]))
+        assert sorted(zip(map(tuple, prepared["input_ids"]), map(tuple, prepared["labels"]))) == expected
+
+
 def test_packing_keeps_the_answer_only_loss(write_recipe):
     recipe = load_recipe(write_recipe(data={"sft": {"train": str(QA_TRAIN)}}, sft=sft_section(packing=True, max_steps=3)))
     tokenizer = load_tokenizer(recipe.model)

@@ -110,7 +110,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train, held_out, run_dir: Ru
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=train,  # tokenized as it was checked (qa.load): TRL takes input_ids and completion_mask as they are
+        # tokenized as they were checked (qa.load): TRL takes input_ids and completion_mask as they are
+        train_dataset=train,
         eval_dataset=_first(held_out, cfg.eval_loss_rows),
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
