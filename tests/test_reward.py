@@ -18,9 +18,9 @@ from align.stages import init_adapter, reward
 
 def reward_section(**overrides):
     """A few seconds of reward training on the tiny base."""
-    return {"learning_rate": 1e-3, "max_steps": 60, "per_device_train_batch_size": 16,
+    return {"learning_rate": 1e-3, "max_steps": 30, "per_device_train_batch_size": 16,
             "per_device_eval_batch_size": 64, "max_length": 128, "activation_checkpointing": False,
-            "logging_steps": 10, **overrides}
+            "logging_steps": 5, **overrides}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def trained(tmp_path_factory, held_out_path):
 
 @pytest.mark.slow
 def test_reward_model_learns_to_rank_held_out_pairs(trained):
-    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-07 in 30 steps: held-out pair accuracy
+    0.95-1.0, margin 2.0-2.3)."""
     _, results, _ = trained
     before, after = results["before"], results["after"]
     assert abs(before["margin_mean"]) < 0.05  # a fresh head barely tells the answers apart
@@ -59,14 +60,14 @@ def test_reward_model_learns_to_rank_held_out_pairs(trained):
 def test_run_dir_has_config_lineage_metrics_samples_and_checkpoint(trained):
     recipe, results, _ = trained
     run = RunDir(recipe, "reward")
-    assert load_recipe(run.config_path).reward.max_steps == 60
+    assert load_recipe(run.config_path).reward.max_steps == 30
     lineage = json.loads(run.lineage_path.read_text())
     assert lineage["parent_checkpoint"] is None and results["init_from"] is None
     assert [d["examples"] for d in lineage["data"]] == [3000, 64]
     assert lineage["results"]["after"]["pair_accuracy"] == results["after"]["pair_accuracy"]
     metrics = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
     assert len([m for m in metrics if "loss" in m]) == 6
-    assert [m["step"] for m in metrics if "eval_pair_accuracy" in m] == [0, 60]
+    assert [m["step"] for m in metrics if "eval_pair_accuracy" in m] == [0, 30]
     samples = [json.loads(line) for line in run.samples_path.read_text().splitlines()]
     assert len(samples) == 64 and sum(s["right_after"] for s in samples) / 64 == results["after"]["pair_accuracy"]
     saved = load_file(run.checkpoint_path / "adapter_model.safetensors")

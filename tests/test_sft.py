@@ -54,14 +54,14 @@ def trained(tmp_path_factory):
     # float32 as every test's (conftest.float32_on_every_cpu, which a module fixture does not see)
     recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "data": data,
                                        "run": {"root": str(tmp / "runs"), "seed": LEARNING_SEED},
-                                       "sft": sft_section(max_steps=60, eval_loss_rows=None)}))
+                                       "sft": sft_section(max_steps=30, logging_steps=5, eval_loss_rows=None)}))
     recipe = load_recipe(recipe_path)
     return (recipe, *run_keeping_trainer(sft, recipe))
 
 
 @pytest.mark.slow
 def test_sft_lowers_held_out_answer_loss(trained):
-    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-07: after / before 0.30-0.32 in 30 steps)."""
     _, results, _ = trained
     before, after = results["before"], results["after"]
     assert after["answer_loss"] < 0.6 * before["answer_loss"]
@@ -90,7 +90,7 @@ def test_each_answer_style_is_counted_with_its_accuracy(trained):
 def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     recipe, results, _ = trained
     run = RunDir(recipe, "sft")
-    assert load_recipe(run.config_path).sft.max_steps == 60  # the resolved config reloads as a recipe
+    assert load_recipe(run.config_path).sft.max_steps == 30  # the resolved config reloads as a recipe
     lineage = json.loads(run.lineage_path.read_text())
     assert lineage["base_model"]["weights_sha256"] and lineage["parent_checkpoint"] is None
     assert [d["examples"] for d in lineage["data"]] == [2000, 200]
@@ -99,7 +99,7 @@ def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert all(m["step_seconds"] > 0 for m in metrics if "loss" in m)  # wall time per optimizer step
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 60]  # before and after training
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 30]  # before and after training
     saved = {p.name for p in run.checkpoint_path.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= saved
     assert len((run.path / "samples.jsonl").read_text().splitlines()) == 16
