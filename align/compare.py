@@ -19,8 +19,9 @@ resampling prompts:
   (`pkg.mod:fn`, the RL reward-function signature); and for every two checkpoints the difference of their
   accuracies with the 95% interval of the *paired* difference (prompts resampled together for both);
 - length: mean answer tokens and characters; and a few prompts with every checkpoint's answer.
-Checkpoints load one at a time (one policy plus the reward model in memory), the reference once for all the
-checkpoints that share it. Writes results.json, report.md and a self-contained report.html (align/report.py).
+One base model is in memory at a time (and then the reward model): checkpoints that are adapters of the same base
+are adapters on one loaded copy of it, with their references, so the base loads and quantises once. Writes
+results.json, report.md and a self-contained report.html (align/report.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,20 +146,52 @@ class Answers:
     ref_logprobs: list[float] = field(default_factory=list)
 
 
-def load(checkpoint: Checkpoint):
-    """(model, tokenizer): the checkpoint's tokenizer (it carries the chat template it trained with), else the
-    base's with align's defaults."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+class Models:
+    """The checkpoints' models, one base in memory at a time. A checkpoint on the base already loaded is one more
+    adapter on it (PEFT's load_adapter; a base checkpoint runs with the adapters disabled), so comparing several
+    adapters of one base and their reference loads and quantises that base once, not once per checkpoint."""
 
-    from align.modeling import load_model, load_tokenizer
+    def __init__(self):
+        self.config: ModelConfig | None = None
+        self.base = None
+        self.adapters: dict[str, str] = {}  # adapter directory -> its name on self.base
 
-    model = load_model(checkpoint.model)
-    if checkpoint.adapter is None:
-        return model, load_tokenizer(checkpoint.model)
-    has_tokenizer = (checkpoint.adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.adapter)) if has_tokenizer else load_tokenizer(checkpoint.model)
-    return PeftModel.from_pretrained(model, str(checkpoint.adapter)), tokenizer
+    @contextmanager
+    def of(self, checkpoint: Checkpoint):
+        """(model, tokenizer) of `checkpoint`: its tokenizer (it carries the chat template it trained with), else
+        the base's with align's defaults."""
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        from align.modeling import load_model, load_tokenizer
+
+        if checkpoint.model != self.config:
+            self.release()
+            self.base, self.config = load_model(checkpoint.model), checkpoint.model
+        if checkpoint.adapter is None:
+            tokenizer = load_tokenizer(checkpoint.model)
+            if not self.adapters:
+                yield self.base, tokenizer
+            else:
+                with self.base.disable_adapter():
+                    yield self.base, tokenizer
+            return
+        key = str(checkpoint.adapter)
+        if key not in self.adapters:
+            name = f"checkpoint_{len(self.adapters)}"
+            if not self.adapters:
+                self.base = PeftModel.from_pretrained(self.base, key, adapter_name=name)
+            else:
+                self.base.load_adapter(key, adapter_name=name)
+            self.adapters[key] = name
+        self.base.set_adapter(self.adapters[key])
+        has_tokenizer = (checkpoint.adapter / "tokenizer_config.json").is_file()
+        yield self.base, (AutoTokenizer.from_pretrained(key) if has_tokenizer else load_tokenizer(checkpoint.model))
+
+    def release(self) -> None:
+        """Free the loaded base and its adapters before another loads (or the reward model does)."""
+        self.base, self.config, self.adapters = None, None, {}
+        _release_memory()
 
 
 @torch.no_grad()
@@ -287,25 +321,24 @@ def compare(specs: list[str], eval_path: str, *, out: Path, reward: str | None =
              f"sampled at temperature {temperature}" if sampling else "greedy")
 
     answers: dict[str, Answers] = {}
+    models = Models()
     for checkpoint in checkpoints:
-        model, tok = load(checkpoint)
-        set_seed(seed)  # the same random stream for every checkpoint
-        texts, ids = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              desc=f"{checkpoint.name}: answering {len(prompts)} prompts", with_ids=True,
-                              sampling=sampling, per_prompt=k)
-        answers[checkpoint.name] = Answers(texts, ids)
-        if checkpoint.reference is not None:
-            answers[checkpoint.name].logprobs = answer_logprobs(model, tok, repeat(prompts), ids, batch_size=batch_size)
-        del model, tok
-        _release_memory()
+        with models.of(checkpoint) as (model, tok):
+            set_seed(seed)  # the same random stream for every checkpoint
+            texts, ids = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  desc=f"{checkpoint.name}: answering {len(prompts)} prompts", with_ids=True,
+                                  sampling=sampling, per_prompt=k)
+            answers[checkpoint.name] = Answers(texts, ids)
+            if checkpoint.reference is not None:
+                answers[checkpoint.name].logprobs = answer_logprobs(model, tok, repeat(prompts), ids,
+                                                                    batch_size=batch_size)
     for key in dict.fromkeys(c.reference.key for c in checkpoints if c.reference is not None):
         sharing = [c for c in checkpoints if c.reference is not None and c.reference.key == key]
-        model, tok = load(sharing[0].reference)
-        for checkpoint in sharing:
-            answers[checkpoint.name].ref_logprobs = answer_logprobs(
-                model, tok, repeat(prompts), answers[checkpoint.name].ids, batch_size=batch_size)
-        del model, tok
-        _release_memory()
+        with models.of(sharing[0].reference) as (model, tok):
+            for checkpoint in sharing:
+                answers[checkpoint.name].ref_logprobs = answer_logprobs(
+                    model, tok, repeat(prompts), answers[checkpoint.name].ids, batch_size=batch_size)
+    models.release()
 
     rewards: dict[str, np.ndarray] = {}
     if reward_checkpoint is not None:

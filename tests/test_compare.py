@@ -125,6 +125,45 @@ def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter,
     assert "| checkpoint | reward | win rate vs baseline |" in markdown and "![reward_vs_kl](reward_vs_kl.png)" in markdown
 
 
+
+def test_adapters_of_one_base_load_it_once_and_answer_as_each_loaded_alone(sft_adapter, eval_file, tmp_path,
+                                                                            monkeypatch):
+    """Two adapters of the tiny base, the base itself and their reference (one of the two) share one loaded copy
+    of the base: one load_model call, and each checkpoint's greedy answers are those it gives on a copy of its own
+    (so the active adapter is the checkpoint's, and none for the base)."""
+    import align.modeling
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    from align.data import prompts as prompt_data
+    from align.generation import generate
+    from align.modeling import load_tokenizer
+
+    other = tmp_path / "other"  # the SFT adapter with its LoRA updates negated: other weights, same base
+    shutil.copytree(sft_adapter, other)
+    weights = load_file(other / "adapter_model.safetensors")
+    save_file({k: -v if "lora_B" in k else v for k, v in weights.items()}, other / "adapter_model.safetensors")
+    loads = []
+    load_model = align.modeling.load_model
+    monkeypatch.setattr(align.modeling, "load_model", lambda cfg, **kw: loads.append(cfg) or load_model(cfg, **kw))
+    specs = [f"sft={sft_adapter}", f"other={other}", f"base={TINY_BASE}"]
+    results = compare(specs, str(eval_file), out=tmp_path / "out", reference=str(sft_adapter), temperature=0,
+                      max_new_tokens=12, batch_size=8, samples=12)
+    assert len(loads) == 1
+    kl = {name: results["checkpoints"][name]["metrics"]["kl"]["mean"] for name in ("sft", "other", "base")}
+    assert kl["sft"] == pytest.approx(0.0, abs=1e-5) and kl["other"] > 0.01 and kl["base"] > 0.01
+
+    cfg = resolve(specs[0]).model
+    tokenizer = load_tokenizer(cfg)
+    prompts = prompt_data.load(str(eval_file), compare_module.DataConfig(), tokenizer, max_length=1 << 30)[0]["prompt"]
+    alone = {"base": load_model(cfg)}
+    alone.update({name: PeftModel.from_pretrained(load_model(cfg), str(path))
+                  for name, path in (("sft", sft_adapter), ("other", other))})
+    for name, model in alone.items():
+        answers = [sample["answers"][name] for sample in results["samples"]]
+        assert len(answers) == 12 and answers == generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
+    assert len({tuple(s["answers"][n] for s in results["samples"]) for n in alone}) == 3  # three different policies
+
 def rl_stage(tmp_path, parent: Path, **lineage) -> Path:
     """A finished GRPO stage (its checkpoint a copy of `parent`) that started from `parent`, as RunDir records it."""
     stage = tmp_path / "runs" / "x" / "grpo"
@@ -172,7 +211,9 @@ def test_a_run_dir_whose_base_is_not_the_one_it_trained_on_is_refused(tmp_path, 
 
 
 def test_bad_inputs_fail_before_any_generation(tmp_path, sft_adapter, eval_file, monkeypatch):
-    monkeypatch.setattr(compare_module, "load", lambda *a: pytest.fail("a model was loaded"))
+    import align.modeling
+
+    monkeypatch.setattr(align.modeling, "load_model", lambda *a: pytest.fail("a model was loaded"))
     with pytest.raises(CompareError, match=r"nowhere/run: no such run dir, checkpoint or model directory"):
         compare([str(sft_adapter), "nowhere/run"], str(eval_file), out=tmp_path / "out")
     (tmp_path / "empty_run").mkdir()
