@@ -315,7 +315,7 @@ def finished_sft(sft_trained_once, tmp_path):
 
 
 # SmolLM2-135M-Instruct, the real pretrained model of tests/test_real_model.py and the memory test on it
-SMOLLM2_TRAIN_ROWS, SMOLLM2_HELD_OUT_ROWS = 96, 8
+SMOLLM2_TRAIN_ROWS, SMOLLM2_HELD_OUT_ROWS = 96, 4
 
 
 def smollm2_dir() -> Path:
