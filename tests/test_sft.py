@@ -86,6 +86,24 @@ def test_each_answer_style_is_counted_with_its_accuracy(trained):
     assert worked == pytest.approx(results["after"].get("worked_fraction", 0.0))
 
 
+
+@pytest.mark.slow
+def test_the_printed_summary_says_right_or_wrong_before_each_sample_in_plain_words(trained):
+    """Samples print as plain text (answers are data, not rich markup): the verdict is a word, not a style tag
+    printed as it is."""
+    from rich.console import Console
+
+    from align.cli import print_summary
+
+    _, results, _ = trained
+    console = Console(width=300, record=True)
+    print_summary(console, sft.summary(results))
+    printed = console.export_text()
+    samples = results["after"]["samples"]
+    assert samples and all(f"{'right' if s['correct'] else 'wrong'} {s['prompt']} -> {s['answer'].strip()!r}"
+                           in printed for s in samples)
+    assert "[green]" not in printed and "[red]" not in printed
+
 @pytest.mark.slow
 def test_run_dir_has_config_lineage_metrics_and_checkpoint(trained):
     recipe, results, _ = trained

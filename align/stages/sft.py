@@ -88,7 +88,7 @@ def summary(results: dict[str, Any]) -> Summary:
         rows.append(("answer accuracy (greedy, final number)", pct(before["answer_accuracy"]),
                      pct(after["answer_accuracy"])))
         headline.append(arrow("accuracy", before["answer_accuracy"], after["answer_accuracy"], pct))
-    samples = [f"{'[green]right[/green]' if s['correct'] else '[red]wrong[/red]'} {s['prompt']} -> "
+    samples = [f"{'right' if s['correct'] else 'wrong'} {s['prompt']} -> "
                f"{s['answer'].strip()!r}" for s in after.get("samples", [])]
     return Summary(tables=[("SFT on held-out data", rows + style_rows(before, after))],
                    headline=headline + style_lines(before, after), samples=samples)
