@@ -126,12 +126,18 @@ def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter,
 
 
 
+@pytest.mark.parametrize("merged", [True, False])
 def test_adapters_of_one_base_load_it_once_and_answer_as_each_loaded_alone(sft_adapter, eval_file, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, merged):
     """Two adapters of the tiny base, the base itself and their reference (one of the two) share one loaded copy
     of the base: one load_model call, and each checkpoint's greedy answers are those it gives on a copy of its own
-    (so the active adapter is the checkpoint's, and none for the base)."""
+    (so the active adapter is the checkpoint's, and none for the base), with merged generation (a CPU's default)
+    and without it (a GPU's: the LoRA layers run token by token)."""
+    import align.generation
     import align.modeling
+
+    use_merged = align.generation.use_merged_generation
+    monkeypatch.setattr(align.generation, "use_merged_generation", lambda model, setting: use_merged(model, merged))
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
