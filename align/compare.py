@@ -29,7 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,44 +153,36 @@ class Models:
 
     def __init__(self):
         self.config: ModelConfig | None = None
-        self.base = None
-        self.adapters: dict[str, str] = {}  # adapter directory -> its name on self.base
+        self.model = None  # the loaded base; a PeftModel on it once an adapter is loaded
+        self.adapters: dict[str, str] = {}  # adapter directory -> its name on self.model
 
     @contextmanager
     def of(self, checkpoint: Checkpoint):
-        """(model, tokenizer) of `checkpoint`: its tokenizer (it carries the chat template it trained with), else
-        the base's with align's defaults."""
+        """(model, tokenizer) of `checkpoint`, with its tokenizer (`modeling.checkpoint_tokenizer`)."""
         from peft import PeftModel
-        from transformers import AutoTokenizer
 
-        from align.modeling import load_model, load_tokenizer
+        from align.modeling import checkpoint_tokenizer, load_model, load_tokenizer
 
         if checkpoint.model != self.config:
             self.release()
-            self.base, self.config = load_model(checkpoint.model), checkpoint.model
+            self.model, self.config = load_model(checkpoint.model), checkpoint.model
         if checkpoint.adapter is None:
-            tokenizer = load_tokenizer(checkpoint.model)
-            if not self.adapters:
-                yield self.base, tokenizer
-            else:
-                with self.base.disable_adapter():
-                    yield self.base, tokenizer
+            with self.model.disable_adapter() if self.adapters else nullcontext():
+                yield self.model, load_tokenizer(checkpoint.model)
             return
         key = str(checkpoint.adapter)
         if key not in self.adapters:
-            name = f"checkpoint_{len(self.adapters)}"
-            if not self.adapters:
-                self.base = PeftModel.from_pretrained(self.base, key, adapter_name=name)
+            self.adapters[key] = name = f"checkpoint_{len(self.adapters)}"
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(key, adapter_name=name)
             else:
-                self.base.load_adapter(key, adapter_name=name)
-            self.adapters[key] = name
-        self.base.set_adapter(self.adapters[key])
-        has_tokenizer = (checkpoint.adapter / "tokenizer_config.json").is_file()
-        yield self.base, (AutoTokenizer.from_pretrained(key) if has_tokenizer else load_tokenizer(checkpoint.model))
+                self.model = PeftModel.from_pretrained(self.model, key, adapter_name=name)
+        self.model.set_adapter(self.adapters[key])
+        yield self.model, checkpoint_tokenizer(checkpoint.adapter, checkpoint.model)
 
     def release(self) -> None:
         """Free the loaded base and its adapters before another loads (or the reward model does)."""
-        self.base, self.config, self.adapters = None, None, {}
+        self.model, self.config, self.adapters = None, None, {}
         _release_memory()
 
 

@@ -118,6 +118,17 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def checkpoint_tokenizer(checkpoint: str | Path, cfg: ModelConfig):
+    """The tokenizer a stage saved beside its adapter (it carries the chat template the stage trained with); a bare
+    adapter has none: then the base's, as `load_tokenizer` makes it."""
+    from transformers import AutoTokenizer
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(checkpoint))
+    return load_tokenizer(cfg)
+
+
 def _checked(render, cfg: ModelConfig):
     """`render()`, with a chat template that cannot render a conversation (a syntax error, an unknown variable,
     an attribute its sandbox refuses) made one line naming where the template came from."""
@@ -437,7 +448,6 @@ def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | No
     computed. `cfg`: how the base was loaded in training (the run's config.yaml); by default the base named in
     the adapter's config, in 4-bit NF4."""
     from peft import PeftConfig, PeftModel
-    from transformers import AutoTokenizer
 
     from align.rundir import replace_dir
 
@@ -455,9 +465,7 @@ def export_merged(checkpoint: str | Path, out: str | Path, cfg: ModelConfig | No
     if cfg.quantization != Quantization.none:
         base = base.dequantize()  # NF4 -> the compute dtype, the values the adapter was trained against
     merged = PeftModel.from_pretrained(base, str(checkpoint)).merge_and_unload()
-    # The checkpoint's tokenizer carries the chat template the stage trained with; a bare adapter has none.
-    has_tokenizer = (checkpoint / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint)) if has_tokenizer else load_tokenizer(cfg)
+    tokenizer = checkpoint_tokenizer(checkpoint, cfg)
     # Plain transformers' generate stops at the generation config's EOS ids: the end of turn answers end with.
     stops = merged.generation_config.eos_token_id
     stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
