@@ -56,10 +56,10 @@ import resource, sys, torch
 from align.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     print(keep_freed_memory(), file=sys.stderr)
-for _ in range(2):  # 64 MB, over glibc's largest mmap threshold (32 MB)
+for _ in range(5):  # 64 MB, over glibc's largest mmap threshold (32 MB); the heap grows to fit in these
     torch.empty(16 << 20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+for _ in range(20):
     torch.empty(16 << 20).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -67,8 +67,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_a_cpu_process_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
     """What `keep_freed_memory` is for: with glibc's defaults each 64 MB tensor is mmapped, touched page by page
-    and unmapped (16,384 page faults each); once it is called, the heap keeps the block for the next tensor (the heap
-    may grow once)."""
+    and unmapped (16,384 page faults each); once it is called, the heap keeps the block for the next tensor. The heap
+    grows to fit in the first few tensors (here at most twice, in the first three of 30 over 75 runs; three times
+    within the first 12 once in CI), so 5 come before the 20 that are counted, and up to 3 of those may still fault."""
     import subprocess
 
     faults = {}
@@ -79,8 +80,7 @@ def test_a_cpu_process_reuses_freed_tensor_memory_instead_of_faulting_it_in_agai
         assert done.returncode == 0, done.stderr
         faults[how] = int(done.stdout.split()[-1])
     assert "keeps freed memory" in done.stderr
-    # keeping: no fresh pages, or one block's when a small allocation took the front of the freed block once
-    assert faults["default"] >= 10 * 16_384 * 0.9 and faults["keep"] <= 16_384 + 1_000, faults
+    assert faults["default"] >= 20 * 16_384 * 0.9 and faults["keep"] <= 3 * 16_384 + 1_000, faults
 
 
 @pytest.fixture
