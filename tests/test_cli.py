@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, first_rows, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, few_rows, first_rows, sft_section
 
 from align.cli import main
 
@@ -41,7 +41,7 @@ def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_af
     """`accelerate launch --config_file accelerate_config.yaml -m align sft` as the README shows it, on a
     full-precision base (the NF4 one under accelerate launch: the PPO test below)."""
     held_out = first_rows(QA_HELDOUT, 16, tmp_path / "held_out.jsonl")
-    recipe = write_recipe(data={"sft": {"train": str(QA_TRAIN), "eval": str(held_out)}},
+    recipe = write_recipe(data={"sft": {"train": str(few_rows(QA_TRAIN, tmp_path)), "eval": str(held_out)}},
                           sft=sft_section(max_steps=5, eval_generations=4))
     result = accelerate_launch("sft", recipe, "model.quantization=none", "run.name=cli")
     assert result.returncode == 0, result.stderr
@@ -55,7 +55,7 @@ def test_sft_command_under_accelerate_launch_full_precision_prints_before_and_af
 @pytest.mark.slow
 def test_reward_command_prints_held_out_pair_metrics(write_recipe, tmp_path, capfd, wide_terminal):
     held_out = first_rows(PREF_HELDOUT, 16, tmp_path / "held_out.jsonl")
-    recipe = write_recipe(data={"preference": {"train": str(PREF_TRAIN), "eval": str(held_out)}},
+    recipe = write_recipe(data={"preference": {"train": str(few_rows(PREF_TRAIN, tmp_path)), "eval": str(held_out)}},
                           reward={"max_steps": 3, "max_length": 128, "activation_checkpointing": False})
     assert main(["reward", str(recipe), "run.name=cli"]) == 0
     out = capfd.readouterr().out
@@ -71,7 +71,8 @@ def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path, caplog)
     section = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4, "max_completion_length": 8,
                "max_length": 64, "activation_checkpointing": False, "eval_generations": 0, "init_from": "base",
                "rewards": [{"name": "length", "args": {"max_tokens": 4}}]}
-    recipe = write_recipe(data={"prompts": {"train": str(QA_TRAIN)}, "columns": {"prompt": "question"}}, ppo=section)
+    recipe = write_recipe(data={"prompts": {"train": str(few_rows(QA_TRAIN, tmp_path))}, "columns": {"prompt": "question"}},
+                          ppo=section)
     result = accelerate_launch("ppo", recipe, "run.name=launched")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "launched" / "ppo"

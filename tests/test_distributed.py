@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, first_rows, recipe_writer, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, few_rows, first_rows, recipe_writer, sft_section
 
 from align.recipe import load_recipe
 
@@ -65,10 +65,10 @@ def two_process_run(tmp_path_factory):
     offline = {"max_steps": 2, "eval_generations": 4, "per_device_train_batch_size": 8}
     recipe = recipe_writer(tmp)(
         lora={"dropout": 0.0},  # nothing random in a step: 1 x 16 can be compared with 2 x 8 loss for loss
-        data={"sft": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},
-              "preference": {"train": str(PREF_TRAIN), "eval": str(pairs)},
+        data={"sft": {"train": str(few_rows(QA_TRAIN, tmp)), "eval": str(QA_HELDOUT)},
+              "preference": {"train": str(few_rows(PREF_TRAIN, tmp)), "eval": str(pairs)},
               "feedback": kto_data(tmp, held_out=16)["feedback"],
-              "prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, **QA},
+              "prompts": {"train": str(few_rows(QA_TRAIN, tmp)), "eval": str(QA_HELDOUT)}, **QA},
         sft=sft_section(max_steps=4, per_device_train_batch_size=8, logging_steps=1, eval_generations=4),
         reward={"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 128, "logging_steps": 1,
                 "activation_checkpointing": False, "learning_rate": 1e-3},

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import torch
 from transformers import TrainerCallback
 
-from conftest import QA_HELDOUT, QA_TRAIN, ROOT, sft_recipe, sft_section
+from conftest import QA_HELDOUT, QA_TRAIN, ROOT, few_rows, sft_recipe, sft_section
 
 from align.callbacks import NonFinite
 from align.cli import main
@@ -34,7 +34,7 @@ class PoisonAt(TrainerCallback):
             next(p for n, p in model.named_parameters() if "lora_B" in n).data.fill_(float("nan"))
 
 
-def test_a_nan_in_sft_stops_at_its_step_and_keeps_the_last_good_checkpoint(write_recipe, monkeypatch):
+def test_a_nan_in_sft_stops_at_its_step_and_keeps_the_last_good_checkpoint(write_recipe, tmp_path, monkeypatch):
     build = sft.build_trainer
 
     def poisoned(*args, **kwargs):
@@ -43,7 +43,7 @@ def test_a_nan_in_sft_stops_at_its_step_and_keeps_the_last_good_checkpoint(write
         return trainer
 
     monkeypatch.setattr(sft, "build_trainer", poisoned)
-    recipe = load_recipe(write_recipe(data={"sft": {"train": str(QA_TRAIN)}},
+    recipe = load_recipe(write_recipe(data={"sft": {"train": str(few_rows(QA_TRAIN, tmp_path))}},
                                       sft=sft_section(max_steps=8, save_steps=2, logging_steps=1)))
     with pytest.raises(NonFinite, match=r"sft: the trainable weight .* is not finite at step 4; training stopped "
                                         r"without saving.*fp16.*bfloat16.*sft.learning_rate.*reward plug-in"):
@@ -55,10 +55,11 @@ def test_a_nan_in_sft_stops_at_its_step_and_keeps_the_last_good_checkpoint(write
     assert all(w.isfinite().all() for w in weights.values())
 
 
-def test_a_nan_in_ppo_stops_with_the_step_logged(write_recipe, sft_adapter, monkeypatch):
+def test_a_nan_in_ppo_stops_with_the_step_logged(write_recipe, sft_adapter, tmp_path, monkeypatch):
     real = ppo.value_loss
     monkeypatch.setattr(ppo, "value_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    recipe = load_recipe(write_recipe(sft={}, data={"prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)},
+    prompts = few_rows(QA_TRAIN, tmp_path)
+    recipe = load_recipe(write_recipe(sft={}, data={"prompts": {"train": str(prompts), "eval": str(QA_HELDOUT)},
                                                     "columns": {"prompt": "question"}},
                                       ppo={"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 64,
                                            "max_completion_length": 8, "activation_checkpointing": False,
@@ -163,7 +164,8 @@ def test_a_reward_plugin_that_hangs_or_raises_is_one_line_with_the_resume_hint(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_plugin", raising=False)
     path = write_recipe(
-        data={"prompts": {"train": str(QA_TRAIN), "eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}},
+        data={"prompts": {"train": str(few_rows(QA_TRAIN, tmp_path)), "eval": str(QA_HELDOUT)},
+              "columns": {"prompt": "question"}},
         grpo={"init_from": "base", "max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4,
               "max_completion_length": 8, "max_length": 64, "eval_generations": 4, "activation_checkpointing": False,
               "rewards": [{"name": "my_plugin:plug", "timeout_s": 1}]})

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import QA_HELDOUT, QA_TRAIN, first_rows, sft_section
+from conftest import QA_HELDOUT, QA_TRAIN, few_rows, first_rows, sft_section
 from test_dpo import data as dpo_data
 from test_dpo import dpo_section
 from test_kto import data as kto_data
@@ -25,7 +25,8 @@ def test_align_run_then_compare_and_export_its_checkpoint(write_recipe, tmp_path
     """A short run: what is checked is where each checkpoint comes from, not how much it learned."""
     section, data, printed_result = STAGES[stage]
     prompts = first_rows(QA_HELDOUT, 16, tmp_path / "prompts.jsonl")
-    path = write_recipe(data={**data(tmp_path, held_out=16), "sft": {"train": str(QA_TRAIN), "eval": str(prompts)}},
+    path = write_recipe(data={**data(tmp_path, held_out=16),
+                              "sft": {"train": str(few_rows(QA_TRAIN, tmp_path)), "eval": str(prompts)}},
                         sft=sft_section(max_steps=2, eval_generations=0), rl={"algorithm": stage},
                         **{stage: section(max_steps=2)})
     assert main(["run", str(path), "run.name=cli"]) == 0

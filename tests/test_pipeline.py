@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, finished, first_rows, sft_section
+from conftest import PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, QA_TRAIN, finished, few_rows, first_rows, sft_section
 
 from align import pipeline
 from align.recipe import RecipeError, load_recipe, to_yaml
@@ -21,10 +21,11 @@ def recipe_path(write_recipe, tmp_path):
     """SFT -> reward -> GRPO on the tiny base, a few steps each, small held-out files."""
     qa_heldout = first_rows(QA_HELDOUT, 8, tmp_path / "qa_heldout.jsonl")
     pref_heldout = first_rows(PREF_HELDOUT, 16, tmp_path / "pref_heldout.jsonl")
+    qa = few_rows(QA_TRAIN, tmp_path)
     return write_recipe(
-        data={"sft": {"train": str(QA_TRAIN), "eval": str(qa_heldout)},
-              "preference": {"train": str(PREF_TRAIN), "eval": str(pref_heldout)},
-              "prompts": {"train": str(QA_TRAIN), "eval": str(qa_heldout)},
+        data={"sft": {"train": str(qa), "eval": str(qa_heldout)},
+              "preference": {"train": str(few_rows(PREF_TRAIN, tmp_path)), "eval": str(pref_heldout)},
+              "prompts": {"train": str(qa), "eval": str(qa_heldout)},
               "columns": {"prompt": "question", "completion": "answer"}},
         sft=sft_section(max_steps=6, eval_generations=4),
         reward={"max_steps": 4, "max_length": 128, "activation_checkpointing": False, "logging_steps": 2},

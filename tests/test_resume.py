@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QA_TRAIN, ROOT, sft_section
+from conftest import QA_TRAIN, ROOT, few_rows, sft_section
 from test_dpo import data as dpo_data
 from test_dpo import dpo_section
 from test_kto import data as kto_data
@@ -131,8 +131,9 @@ def test_kill_9_mid_stage_then_run_again_resumes_and_ends_with_every_checkpoint(
     """Killed mid-SFT or mid-GRPO (under accelerate launch), `align run` again (here in the test's process) resumes
     that stage from its last complete trainer checkpoint and ends with the checkpoints an uninterrupted run leaves."""
     rewards = [{"name": "exact_match", "args": {"column": "answer"}}]
+    qa = few_rows(QA_TRAIN, tmp_path)
     recipe = write_recipe(
-        data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(QA_TRAIN)},
+        data={"sft": {"train": str(qa)}, "prompts": {"train": str(qa)},
               "columns": {"prompt": "question", "completion": "answer"}},
         # the killed stage runs well past the checkpoint it is killed at, so the kill lands mid-stage
         sft=sft_section(max_steps=20 if stage == "sft" else 4, save_steps=5, eval_generations=0),

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QA_HELDOUT, QA_TRAIN, ROOT, first_rows, sft_section
+from conftest import PREF_TRAIN, QA_HELDOUT, QA_TRAIN, ROOT, few_rows, first_rows, sft_section
 
 from align.cli import main
 from align.registry import BY_NAME
@@ -33,13 +33,13 @@ def finished_run(tmp_path_factory):
     held-out answer of samples.jsonl, as a model could write one, and `align report` again."""
     tmp = tmp_path_factory.mktemp("report")
     held_out = first_rows(QA_HELDOUT, 8, tmp / "qa_heldout.jsonl")
-    recipe = tmp / "r.yaml"
+    qa, recipe = few_rows(QA_TRAIN, tmp), tmp / "r.yaml"
     recipe.write_text(json.dumps({
         "model": {"name_or_path": str(ROOT / "data" / "tiny-base"), "compute_dtype": "float32"},
         "run": {"root": str(tmp / "runs"), "name": "shown"}, "rl": {"min_reward_accuracy": 0},
-        "data": {"sft": {"train": str(QA_TRAIN), "eval": str(held_out)},
-                 "preference": {"train": str(ROOT / "data" / "arithmetic" / "preference_train.jsonl")},
-                 "prompts": {"train": str(QA_TRAIN), "eval": str(held_out)},
+        "data": {"sft": {"train": str(qa), "eval": str(held_out)},
+                 "preference": {"train": str(few_rows(PREF_TRAIN, tmp))},
+                 "prompts": {"train": str(qa), "eval": str(held_out)},
                  "columns": {"prompt": "question", "completion": "answer"}},
         "sft": sft_section(max_steps=4, eval_generations=4, logging_steps=1),
         "reward": {"max_steps": 3, "max_length": 128, "activation_checkpointing": False, "logging_steps": 1},
@@ -108,8 +108,9 @@ def test_a_failed_run_still_writes_its_report_saying_why(write_recipe, tmp_path,
     (tmp_path / "broken_reward.py").write_text("def plug(prompts, completions, **kwargs):\n    return [1 / 0]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "broken_reward", raising=False)
+    qa = few_rows(QA_TRAIN, tmp_path)
     path = write_recipe(
-        data={"sft": {"train": str(QA_TRAIN)}, "prompts": {"train": str(QA_TRAIN)},
+        data={"sft": {"train": str(qa)}, "prompts": {"train": str(qa)},
               "columns": {"prompt": "question", "completion": "answer"}},
         sft=sft_section(max_steps=2, eval_generations=0),
         grpo={"max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8,
