@@ -71,8 +71,8 @@ def test_ppo_under_accelerate_launch_then_resume(write_recipe, tmp_path, caplog)
     section = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4, "max_completion_length": 8,
                "max_length": 64, "activation_checkpointing": False, "eval_generations": 0, "init_from": "base",
                "rewards": [{"name": "length", "args": {"max_tokens": 4}}]}
-    recipe = write_recipe(data={"prompts": {"train": str(few_rows(QA_TRAIN, tmp_path))}, "columns": {"prompt": "question"}},
-                          ppo=section)
+    prompts = few_rows(QA_TRAIN, tmp_path)
+    recipe = write_recipe(data={"prompts": {"train": str(prompts)}, "columns": {"prompt": "question"}}, ppo=section)
     result = accelerate_launch("ppo", recipe, "run.name=launched")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "launched" / "ppo"

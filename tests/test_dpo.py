@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import (LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, assert_reference_is_the_sft_policy, first_rows,
-                      run_keeping_trainer)
+from conftest import (LEARNING_SEED, PREF_HELDOUT, PREF_TRAIN, QA_HELDOUT, assert_reference_is_the_sft_policy, few_rows,
+                      first_rows, run_keeping_trainer)
 from safetensors.torch import load_file
 
 from align import pipeline
@@ -26,14 +26,15 @@ def dpo_section(**overrides):
 def data(tmp_path, held_out: int = 64):
     """The stage's data; `held_out` pairs, each scored before and after training."""
     held_out_pairs = first_rows(PREF_HELDOUT, held_out, tmp_path / "pairs_heldout.jsonl")
-    return {"preference": {"train": str(PREF_TRAIN), "eval": str(held_out_pairs)},
+    return {"preference": {"train": str(few_rows(PREF_TRAIN, tmp_path)), "eval": str(held_out_pairs)},
             "prompts": {"eval": str(QA_HELDOUT)}, "columns": {"prompt": "question"}}
 
 
 @pytest.mark.slow
 def test_first_margin_is_zero_the_reference_is_the_sft_policy_and_held_out_accuracy_rises(
         write_recipe, sft_adapter, tmp_path):
-    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-06)."""
+    """Passes on seeds 42, 1 and 2 (LEARNING_SEED; checked 2026-12-07 on the first 256 pairs: held-out pair
+    accuracy 0.81-0.86, margin 0.50-0.67)."""
     path = write_recipe(sft={}, data=data(tmp_path), run={"seed": LEARNING_SEED}, dpo=dpo_section())
     recipe = load_recipe(path)
     results, trainer = run_keeping_trainer(dpo, recipe)
