@@ -141,8 +141,9 @@ def first_rows(source: Path, n: int, out: Path) -> Path:
 
 
 def few_rows(source: Path, tmp: Path) -> Path:
-    """The first 256 rows of `source`, written in `tmp`: for a run that only has to reach its checkpoints (a few
-    steps), checking and tokenising all 2,000-3,000 rows of an arithmetic training file took longer than training."""
+    """The first 256 rows of `source`, written in `tmp`, for a test's training file: checking and tokenising all
+    2,000-3,000 rows of an arithmetic file took longer than the few steps most tests train (a learning test that
+    reads them states the seeds its bar was re-checked on)."""
     return first_rows(source, 256, tmp / f"first_rows_of_{source.name}")
 
 
