@@ -15,12 +15,14 @@ from align.recipe import load_recipe
 from align.rundir import RunDir
 from align.stages import sft
 
-def few(tmp_path) -> dict:
+
+def sft_data(tmp_path) -> dict:
+    """The first 256 training rows (`few_rows`) and the whole held-out file."""
     return {"sft": {"train": str(few_rows(QA_TRAIN, tmp_path)), "eval": str(QA_HELDOUT)}}
 
 
 def test_labels_cover_the_answer_only(write_recipe, tmp_path):
-    recipe = load_recipe(write_recipe(data=few(tmp_path), sft=sft_section()))
+    recipe = load_recipe(write_recipe(data=sft_data(tmp_path), sft=sft_section()))
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, _ = sft.load_data(recipe, tokenizer)
     trainer = sft.build_trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
@@ -51,7 +53,7 @@ def trained(tmp_path_factory):
     """One SFT run of the quickstart data through `sft.run`, keeping the in-memory trainer for comparison."""
     tmp = tmp_path_factory.mktemp("sft")
     recipe_path = tmp / "r.yaml"
-    data = {**few(tmp), "answer_style": "align.arithmetic:answer_style"}
+    data = {**sft_data(tmp), "answer_style": "align.arithmetic:answer_style"}
     # float32 as every test's (conftest.float32_on_every_cpu, which a module fixture does not see)
     recipe_path.write_text(json.dumps({"model": {"name_or_path": str(TINY_BASE), "compute_dtype": "float32"}, "data": data,
                                        "run": {"root": str(tmp / "runs"), "seed": LEARNING_SEED},
@@ -151,7 +153,7 @@ def test_saved_adapter_reloads_with_stock_peft_and_gives_the_same_logits(trained
 def test_the_trainer_trains_on_the_tokens_the_loader_made(write_recipe, tmp_path):
     """The stage hands TRL the loader's input_ids and answer masks (qa.load tokenises as it checks): TRL keeps
     them as they are instead of tokenising the conversations its own way, in the training and the held-out set."""
-    recipe = load_recipe(write_recipe(data=few(tmp_path), sft=sft_section(eval_loss_rows=8)))
+    recipe = load_recipe(write_recipe(data=sft_data(tmp_path), sft=sft_section(eval_loss_rows=8)))
     tokenizer = load_tokenizer(recipe.model)
     train, held_out, _ = sft.load_data(recipe, tokenizer)
     trainer = sft.build_trainer(recipe, load_model(recipe.model), tokenizer, train, held_out, RunDir(recipe, "sft"))
@@ -214,7 +216,7 @@ def test_checkpointing_every_second_layer_recomputes_half_the_layers_and_trains_
     for every in (1, 2):
         section = sft_section(max_steps=3, logging_steps=1, activation_checkpointing=True,
                               activation_checkpointing_every_n_layers=every, eval_generations=0)
-        recipe = load_recipe(write_recipe(name=f"every{every}", data=few(tmp_path), sft=section))
+        recipe = load_recipe(write_recipe(name=f"every{every}", data=sft_data(tmp_path), sft=section))
         tokenizer = load_tokenizer(recipe.model)
         train, held_out, _ = sft.load_data(recipe, tokenizer)
         model = load_model(recipe.model, activation_checkpointing=checkpointing(recipe.sft))
