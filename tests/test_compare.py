@@ -125,7 +125,6 @@ def test_a_checkpoint_against_itself_wins_half_by_ties_with_zero_kl(sft_adapter,
     assert "| checkpoint | reward | win rate vs baseline |" in markdown and "![reward_vs_kl](reward_vs_kl.png)" in markdown
 
 
-
 @pytest.mark.parametrize("merged", [True, False])
 def test_adapters_of_one_base_load_it_once_and_answer_as_each_loaded_alone(sft_adapter, eval_file, tmp_path,
                                                                             monkeypatch, merged):
@@ -133,17 +132,17 @@ def test_adapters_of_one_base_load_it_once_and_answer_as_each_loaded_alone(sft_a
     of the base: one load_model call, and each checkpoint's greedy answers are those it gives on a copy of its own
     (so the active adapter is the checkpoint's, and none for the base), with merged generation (a CPU's default)
     and without it (a GPU's: the LoRA layers run token by token)."""
-    import align.generation
-    import align.modeling
-
-    use_merged = align.generation.use_merged_generation
-    monkeypatch.setattr(align.generation, "use_merged_generation", lambda model, setting: use_merged(model, merged))
     from peft import PeftModel
     from safetensors.torch import load_file, save_file
 
+    import align.generation
+    import align.modeling
     from align.data import prompts as prompt_data
     from align.generation import generate
     from align.modeling import load_tokenizer
+
+    use_merged = align.generation.use_merged_generation
+    monkeypatch.setattr(align.generation, "use_merged_generation", lambda model, setting: use_merged(model, merged))
 
     other = tmp_path / "other"  # the SFT adapter with its LoRA updates negated: other weights, same base
     shutil.copytree(sft_adapter, other)
@@ -169,6 +168,7 @@ def test_adapters_of_one_base_load_it_once_and_answer_as_each_loaded_alone(sft_a
         answers = [sample["answers"][name] for sample in results["samples"]]
         assert len(answers) == 12 and answers == generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
     assert len({tuple(s["answers"][n] for s in results["samples"]) for n in alone}) == 3  # three different policies
+
 
 def rl_stage(tmp_path, parent: Path, **lineage) -> Path:
     """A finished GRPO stage (its checkpoint a copy of `parent`) that started from `parent`, as RunDir records it."""
