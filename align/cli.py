@@ -262,21 +262,24 @@ def _write_report(recipe, failure: str | None) -> None:
 
 
 def _stage(args) -> int:
-    import importlib
-
     from rich.console import Console
 
     from align.recipe import load_recipe
 
+    from align.memory import imports_left_out_of_garbage_collection, keep_freed_memory
+
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
-    import torch
+    with imports_left_out_of_garbage_collection():
+        import torch
 
-    from align.processes import state
-    from align.rewards import RewardFailed
+        from align import pipeline
+        from align.processes import state
+        from align.rewards import RewardFailed
 
+        names = pipeline.stage_names(recipe) if args.command == "run" else [args.command]
+        for name in names:
+            BY_NAME[name].module  # imports it, and what it trains with
     state()  # the process group, before any model or trainer: every rank decision below reads it
-    from align.memory import keep_freed_memory
-
     log.info("memory: %s", keep_freed_memory())
 
     running = {"stage": args.command, "failure": None}
@@ -284,13 +287,10 @@ def _stage(args) -> int:
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.command == "run":
-            from align import pipeline
-
-            names = pipeline.stage_names(recipe)
             outcomes = pipeline.run(recipe, start=args.start, only=args.only, fresh=args.fresh,
                                     on_stage=lambda name: running.update(stage=name))
         else:
-            results = importlib.import_module(f"align.stages.{args.command}").run(recipe, resume=args.resume)
+            results = BY_NAME[args.command].module.run(recipe, resume=args.resume)
     except torch.OutOfMemoryError as e:
         running["failure"] = _out_of_memory(running["stage"], recipe, e)
         _print_failure(running["failure"])
@@ -461,11 +461,12 @@ def _compare(args) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from align.compare import compare
-    from align.memory import keep_freed_memory
+    from align.memory import imports_left_out_of_garbage_collection, keep_freed_memory
     from align.recipe import Quantization
     from align.report import metrics_table, paired_table
 
+    with imports_left_out_of_garbage_collection():
+        from align.compare import compare
     log.info("memory: %s", keep_freed_memory())
     started = time.monotonic()
     results = compare(args.checkpoints, args.eval, out=args.out, reward=args.reward, baseline=args.baseline,

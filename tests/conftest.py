@@ -61,20 +61,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def imports_left_out_of_garbage_collection():
-    """What the stages import (torch, transformers, TRL, PEFT, datasets: about half a million objects that live as
-    long as the process) is moved out of the garbage collector's reach before the first test: otherwise every full
-    collection (accelerate's and `align run`'s between stages, and Python's own as training allocates) scans all of
-    it again. A test process runs hundreds of stages: test_pipeline's skipped-and-rerun test alone took 20.5 s
-    without this and 15.3 s with it. Objects created later are collected as usual."""
-    import gc
-
+def imports_frozen_before_the_first_test():
+    """What the stages import is moved out of the garbage collector's reach before the first test, as the align
+    command does before its first model: a test process runs hundreds of stages, and test_pipeline's
+    skipped-and-rerun test alone took 20.5 s without this and 15.3 s with it."""
+    from align.memory import imports_left_out_of_garbage_collection
     from align.registry import STAGES
 
-    for stage in STAGES:
-        stage.module  # imports it
-    gc.collect()
-    gc.freeze()
+    with imports_left_out_of_garbage_collection():
+        for stage in STAGES:
+            stage.module  # imports it
 
 
 @pytest.fixture(autouse=True)

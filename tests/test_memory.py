@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, estimated_peak, peak_memory, short_recipe, smollm2_dir
+from conftest import QA_TRAIN, ROOT, estimated_peak, few_rows, peak_memory, sft_section, short_recipe, smollm2_dir
 
 from align.cli import main
 
@@ -31,7 +31,8 @@ def test_the_estimate_is_within_2x_of_the_measured_peak_on_the_tiny_base(tmp_pat
     """A batch big enough that its activations, not the Python process, make most of the peak."""
     peak, err = peak_memory([sys.executable, "-m", "align", "sft", str(ROOT / "recipes" / "quickstart.yaml"),
                              "sft.per_device_train_batch_size=256", "sft.max_steps=1", "sft.eval_generations=8",
-                             "sft.eval_loss_rows=8", f"run.root={tmp_path}"], cwd=ROOT)
+                             "sft.eval_loss_rows=8", f"data.sft.train={few_rows(QA_TRAIN, tmp_path)}",
+                             f"run.root={tmp_path}"], cwd=ROOT)
     estimate = estimated_peak(err)
     assert 0.5 <= peak / estimate <= 2, (peak, estimate)
 
@@ -114,3 +115,57 @@ def test_memory_kept_by_one_stage_is_released_before_the_next(on_the_cpu):
     del block
     assert resident() - before >= 500 << 20  # kept for the next tensors
     assert release_freed_memory() >= 500 << 20 and resident() - before < 64 << 20
+
+
+FREEZE = """
+import gc, weakref
+from align.memory import imports_left_out_of_garbage_collection
+class Node: pass
+with imports_left_out_of_garbage_collection():
+    during = gc.isenabled()
+    garbage = Node(); garbage.self = garbage; collected_first = weakref.ref(garbage); del garbage
+    alive = [Node() for _ in range(10_000)]  # what imports leave: it lives as long as the process
+later = Node(); later.self = later; collected_later = weakref.ref(later); del later
+gc.collect()
+try:
+    with imports_left_out_of_garbage_collection():
+        raise ImportError
+except ImportError:
+    pass
+print(during, collected_first() is None, gc.get_freeze_count() >= 10_000, collected_later() is None, gc.isenabled())
+"""
+
+
+def test_imports_run_without_collections_then_what_they_left_is_frozen_and_later_garbage_still_collected():
+    """No collection while the imports run; then their garbage is collected before the freeze (frozen, a
+    reference cycle would never be freed), every object alive is frozen, a cycle made after it (a model's) is
+    collected as usual, and the collector is back on even when an import failed."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True", "True", "True", "True"]
+
+
+def test_a_stage_command_freezes_its_imports_before_its_model_loads(write_recipe, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import align.memory
+    from align.stages import sft
+
+    events = []
+
+    @contextmanager
+    def imports():
+        yield
+        events.append("freeze")
+
+    def load_model(*args, **kwargs):
+        events.append("load")
+        raise KeyboardInterrupt  # the stage has reached its first model: enough
+
+    monkeypatch.setattr(align.memory, "imports_left_out_of_garbage_collection", imports)
+    monkeypatch.setattr(sft, "load_model", load_model)
+    recipe = write_recipe(data={"sft": {"train": str(few_rows(QA_TRAIN, tmp_path))},
+                                "columns": {"prompt": "question", "completion": "answer"}}, sft=sft_section())
+    assert main(["sft", str(recipe)]) == 130
+    assert events == ["freeze", "load"]
