@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import torch
 from transformers import TrainerCallback
 
-from conftest import QA_HELDOUT, QA_TRAIN, ROOT, few_rows, sft_recipe, sft_section
+from conftest import QA, QA_HELDOUT, QA_TRAIN, ROOT, few_rows, sft_section
 
 from align.callbacks import NonFinite
 from align.cli import main
@@ -94,7 +94,8 @@ def test_out_of_gpu_memory_is_answered_with_the_settings_to_lower(write_recipe, 
 @pytest.mark.slow
 @pytest.mark.parametrize("sent, code, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_and_sigterm_are_one_line_that_says_how_to_resume(write_recipe, tmp_path, sent, code, how):
-    path = sft_recipe(write_recipe, max_steps=2000)
+    path = write_recipe(data={"sft": {"train": str(few_rows(QA_TRAIN, tmp_path))}, **QA},
+                        sft=sft_section(max_steps=2000, logging_steps=1, eval_generations=0))
     metrics = tmp_path / "runs" / "test" / "sft" / "metrics.jsonl"
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:  # a file, not a pipe: a full pipe would block the run's progress bars
