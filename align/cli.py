@@ -264,9 +264,8 @@ def _write_report(recipe, failure: str | None) -> None:
 def _stage(args) -> int:
     from rich.console import Console
 
-    from align.recipe import load_recipe
-
     from align.memory import imports_left_out_of_garbage_collection, keep_freed_memory
+    from align.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a bad key fails before torch is even imported
     with imports_left_out_of_garbage_collection():
