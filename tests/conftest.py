@@ -45,6 +45,16 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session):
+    """The test modules import torch, transformers, TRL and PEFT as they are collected: with the garbage collector
+    off, then frozen, as the align command imports them (`pytest --collect-only`: 8.6-8.7 s -> 5.6-6.3 s)."""
+    from align.memory import imports_left_out_of_garbage_collection
+
+    with imports_left_out_of_garbage_collection():
+        return (yield)
+
+
 def pytest_collection_modifyitems(config, items):
     """Files marked slow as a whole (the real model, two-process runs) run first, then files with some slow tests,
     then the rest, each group's files with the most tests first: under pytest-xdist each file goes to one worker
