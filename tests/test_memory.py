@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import QA_TRAIN, ROOT, estimated_peak, few_rows, peak_memory, sft_section, short_recipe, smollm2_dir
+from conftest import QA, QA_TRAIN, ROOT, estimated_peak, few_rows, peak_memory, sft_section, short_recipe, smollm2_dir
 
 from align.cli import main
 
@@ -165,7 +165,6 @@ def test_a_stage_command_freezes_its_imports_before_its_model_loads(write_recipe
 
     monkeypatch.setattr(align.memory, "imports_left_out_of_garbage_collection", imports)
     monkeypatch.setattr(sft, "load_model", load_model)
-    recipe = write_recipe(data={"sft": {"train": str(few_rows(QA_TRAIN, tmp_path))},
-                                "columns": {"prompt": "question", "completion": "answer"}}, sft=sft_section())
+    recipe = write_recipe(data={"sft": {"train": str(few_rows(QA_TRAIN, tmp_path))}, **QA}, sft=sft_section())
     assert main(["sft", str(recipe)]) == 130
     assert events == ["freeze", "load"]
