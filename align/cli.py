@@ -275,9 +275,12 @@ def _stage(args) -> int:
         from align.processes import state
         from align.rewards import RewardFailed
 
-        names = pipeline.stage_names(recipe) if args.command == "run" else [args.command]
-        for name in names:
-            BY_NAME[name].module  # imports it, and what it trains with
+        # The stages the command may run: its own, or each one the recipe has a section for (which of those `align
+        # run` runs is decided in the try below, where a recipe error becomes the run's recorded failure).
+        stages = [BY_NAME[args.command]] if args.command in BY_NAME else [
+            s for s in STAGES if getattr(recipe, s.name) is not None]
+        for stage in stages:
+            stage.module  # imports it, and what it trains with
     state()  # the process group, before any model or trainer: every rank decision below reads it
     log.info("memory: %s", keep_freed_memory())
 
@@ -286,6 +289,7 @@ def _stage(args) -> int:
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.command == "run":
+            names = pipeline.stage_names(recipe)
             outcomes = pipeline.run(recipe, start=args.start, only=args.only, fresh=args.fresh,
                                     on_stage=lambda name: running.update(stage=name))
         else:
