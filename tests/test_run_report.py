@@ -122,6 +122,20 @@ def test_a_failed_run_still_writes_its_report_saying_why(write_recipe, tmp_path,
     assert list(sections(page)) == ["sft", "grpo"] and "Not finished" in sections(page)["grpo"]
 
 
+def test_a_run_whose_stages_cannot_be_chosen_records_why_in_its_report(write_recipe, tmp_path, capsys):
+    """A recipe error in `align run`'s choice of stages (a grpo and a ppo section under rl.algorithm auto) is the
+    run's failure: the report of the run dir already there says so."""
+    (tmp_path / "runs" / "test").mkdir(parents=True)
+    qa = str(QA_TRAIN)
+    path = write_recipe(data={"sft": {"train": qa}, "prompts": {"train": qa},
+                              "columns": {"prompt": "question", "completion": "answer"}},
+                        sft={"max_length": 128}, grpo={"max_length": 128}, ppo={"max_length": 128})
+    assert main(["run", str(path)]) == 2
+    assert "the recipe has both a grpo and a ppo section" in capsys.readouterr().err
+    page = (tmp_path / "runs" / "test" / "report.html").read_text()
+    assert "The run stopped: " in page and "RecipeError: the recipe has both a grpo and a ppo section" in page
+
+
 @pytest.mark.slow
 @needs_browser
 def test_the_run_report_renders_in_headless_chromium(finished_run, tmp_path):
