@@ -68,6 +68,50 @@ def test_4bit_lora_gradients_are_those_of_the_dequantised_model_after_an_eval_pa
         torch.testing.assert_close(grad, dequantised[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_on_a_cpu_the_fused_lm_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(monkeypatch):
+    """TRL's fused LM head, as its SFT trainer adds it, on a base that load_model loaded: the vocabulary projection
+    sees the labelled positions only (align/modeling.py: score_labelled_positions_only), not the prompt and the
+    padding as TRL's own choice off Triton does, and the loss, per-token outputs and LoRA gradients are the same."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    ids = torch.tensor([[3, 17, 42, 8, 99, 5, 61, 7, 23, 11], [4, 9, 33, 12, 50, 6, 70, 2, 0, 0]])
+    labels = ids.clone()
+    labels[0, :6] = labels[1, :4] = -100  # the prompts
+    labels[1, 8:] = -100  # padding
+    scored_rows = []
+    projection = trl_utils._ChunkedLogProbFunction
+
+    class Counted:
+        @staticmethod
+        def apply(hidden, *args):
+            scored_rows.append(hidden.shape[0])
+            return projection.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counted)
+
+    def step(trl_s_own_choice=False):
+        base = load_model(ModelConfig(name_or_path=str(TINY_BASE)))
+        if trl_s_own_choice:  # off Triton, every position
+            monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        model, _ = _lora_gradients(base, ids[:, :1])  # the adapter, with lora_B non-zero (seeded)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=(labels != -100) | (ids != 0), labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    labelled, labelled_grads = step()
+    every, every_grads = step(trl_s_own_choice=True)
+    assert scored_rows == [(labels[:, 1:] != -100).sum().item(), ids[:, 1:].numel()] == [8, 18]
+    torch.testing.assert_close(labelled.loss, every.loss)
+    for field in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(labelled, field), getattr(every, field), msg=field)
+    assert labelled_grads.keys() == every_grads.keys() and len(labelled_grads) == 4 * 7 * 2
+    for name, grad in labelled_grads.items():
+        torch.testing.assert_close(grad, every_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_missing_bitsandbytes_names_the_setting(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails, as on a platform without it
     with pytest.raises(ModelLoadError, match="set model.quantization=none"):
