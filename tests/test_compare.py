@@ -69,6 +69,32 @@ def test_paired_differences_cover_every_earlier_checkpoint_with_the_sign_of_late
     assert pairs[2]["ci95"] == (0.0, 0.0)
 
 
+def test_answer_log_probabilities_are_the_sums_over_each_answer_s_own_tokens():
+    """Prompts and answers of different lengths in one batch (left-padded prompts, right-padded answers): each
+    answer's log-probability is the sum, over its tokens only, of log-softmax of the logits at the position before
+    each token, as one unpadded sequence alone computes it at temperature 1 and 0.7."""
+    import torch
+
+    from align.compare import answer_logprobs
+    from align.modeling import load_model, load_tokenizer, prompt_ids
+    from align.recipe import ModelConfig, Quantization
+
+    cfg = ModelConfig(name_or_path=str(TINY_BASE), quantization=Quantization.none)
+    model, tokenizer = load_model(cfg).eval(), load_tokenizer(cfg)
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Compute 118 + 300, please.", "1 + 1?")]
+    answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in ("4", "118 + 300 = 418.", "2. The answer")]
+    for temperature in (1.0, 0.7):
+        batched = answer_logprobs(model, tokenizer, prompts, answers, batch_size=3, temperature=temperature)
+        alone = []
+        for prompt, answer in zip(prompts, answers):
+            ids = torch.tensor([prompt_ids(tokenizer, prompt) + answer])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, -1)
+            start = ids.shape[1] - len(answer)
+            alone.append(sum(logprobs[start - 1 + i, token].item() for i, token in enumerate(answer)))
+        assert batched == pytest.approx(alone, abs=1e-4) and len({round(x, 3) for x in alone}) == 3
+
+
 def test_checkpoints_answer_under_the_system_prompt_their_run_trained_with(sft_adapter):
     from align.recipe import ModelConfig, load_recipe, to_yaml
 

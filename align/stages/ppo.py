@@ -514,10 +514,12 @@ class PPOLoop:
     # Forward passes.
 
     def _logits(self, query_responses, attention_mask, completion_length) -> torch.Tensor:
-        """The policy's next-token logits at the positions that predict the completion's tokens."""
+        """The policy's next-token logits at the positions that predict the completion's tokens (the LM head runs
+        on those positions and the last one only: not through the vocabulary for every prompt token)."""
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
-        logits = self.policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids).logits
-        return logits[:, -completion_length - 1 : -1].float()
+        logits = self.policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
+                             logits_to_keep=completion_length + 1).logits
+        return logits[:, :-1].float()
 
     def _logprobs(self, query_responses, attention_mask, responses) -> torch.Tensor:
         from trl.trainer.utils import selective_log_softmax
