@@ -69,18 +69,27 @@ def test_paired_differences_cover_every_earlier_checkpoint_with_the_sign_of_late
     assert pairs[2]["ci95"] == (0.0, 0.0)
 
 
-def test_answer_log_probabilities_are_the_sums_over_each_answer_s_own_tokens():
+@pytest.mark.parametrize("positions", ["rotary", "learned absolute"])
+def test_answer_log_probabilities_are_the_sums_over_each_answer_s_own_tokens(positions):
     """Prompts and answers of different lengths in one batch (left-padded prompts, right-padded answers): each
     answer's log-probability is the sum, over its tokens only, of log-softmax of the logits at the position before
-    each token, as one unpadded sequence alone computes it at temperature 1 and 0.7."""
+    each token, as one unpadded sequence alone computes it at temperature 1 and 0.7. Each real token keeps the
+    position it has alone (and in generation), which a model with learned absolute positions (GPT-2's) shows."""
     import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from align.compare import answer_logprobs
     from align.modeling import load_model, load_tokenizer, prompt_ids
     from align.recipe import ModelConfig, Quantization
 
     cfg = ModelConfig(name_or_path=str(TINY_BASE), quantization=Quantization.none)
-    model, tokenizer = load_model(cfg).eval(), load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)
+    if positions == "rotary":
+        model = load_model(cfg)
+    else:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2))
+    model.eval()
     prompts = [[{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Compute 118 + 300, please.", "1 + 1?")]
     answers = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in ("4", "118 + 300 = 418.", "2. The answer")]
     for temperature in (1.0, 0.7):
