@@ -295,9 +295,9 @@ def keep_4bit_on_the_autograd_path(model) -> None:
 def score_labelled_positions_only() -> None:
     """TRL's fused LM head (SFT, GRPO, DPO and KTO log-probabilities) projects only the positions that have a label
     through the vocabulary where Triton runs, and every position elsewhere (fixed tile shapes, for compilers such
-    as Neuron's). On a CPU every position is the prompt and the padding too, which the loss masks out afterwards:
-    in SFT on SmolLM2 two thirds of the tokens, through a 49k-token log-softmax and its backward. Here a CPU takes
-    the labelled positions' path as well; the loss, log-probabilities and gradients are the same (tests/
+    as Neuron's). On a CPU that means the prompt and the padding too, which the loss then masks out: in SFT on
+    SmolLM2 two thirds of the tokens, each through a 49k-token log-softmax and its backward. Here a CPU takes the
+    labelled positions' path as well; the loss, log-probabilities and gradients are the same (tests/
     test_modeling.py), the SmolLM2 SFT step 1.3x faster (README "On CPUs"). In TRL 1.16 `trl.trainer.utils.
     _use_triton` makes only that choice there (the kernels read their own copy of it)."""
     import trl.trainer.utils as trl_utils
