@@ -192,6 +192,7 @@ def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[l
     """Sum of log-probabilities of each answer's tokens after its prompt (rendered as in generation)."""
     from trl.trainer.utils import selective_log_softmax
 
+    from align.generation import position_ids
     from align.modeling import prompt_ids
 
     device = next(model.parameters()).device
@@ -205,9 +206,8 @@ def answer_logprobs(model, tokenizer, prompts: list[list[dict]], answers: list[l
         ids = torch.tensor([[pad] * (width - len(p)) + p + a + [pad] * (length - len(a)) for p, a in rows], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + len(a)) + [0] * (length - len(a))
                              for p, a in rows], device=device)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # each token where it is alone, as generate() numbers it
         # the LM head on the positions that predict the answer (and the last), not on every prompt token
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                        logits_to_keep=length + 1).logits[:, :-1].float()
         logprobs = selective_log_softmax(logits, ids[:, width:], temperature=temperature)
         answer_mask = mask[:, width:].bool()

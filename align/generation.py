@@ -77,6 +77,12 @@ def generate_batch(model, tokenizer, batch: list[list[int]], *, max_new_tokens: 
     return repeat(input_ids), repeat(attention_mask), out[:, width:]
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B, T) positions: each real token numbered from 0 at its row's first real token, as generate()
+    numbers a left-padded prompt, so that a batched forward pass sees every token where it is alone (padding 0)."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 def use_merged_generation(model, setting: bool | None) -> None:
     """Turn `merged_weights` on for `model` (a base model as modeling.load_model returns it) per
     model.merged_generation (None: on a CPU, off on a GPU)."""

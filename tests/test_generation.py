@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY_BASE
 
-from align.generation import generate, merged_weights
+from align.generation import generate, merged_weights, position_ids
 from align.modeling import load_model, load_tokenizer, lora_config, prompt_ids
 from align.recipe import LoraConfig, ModelConfig, Quantization
 
@@ -80,3 +80,11 @@ def test_merged_generation_is_off_when_switched_off():
 def test_merged_generation_defaults_to_on_on_a_cpu():
     model, _ = _policy(Quantization.nf4, merged=None)
     assert model.get_base_model().align_merged_generation is True
+
+
+def test_position_ids_number_each_row_s_real_tokens_from_zero_as_if_it_were_alone():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0]])  # left and right padding
+    positions = position_ids(mask)
+    for row, keep in zip(positions, mask.bool()):
+        assert row[keep].tolist() == list(range(int(keep.sum())))
+    assert positions.min() >= 0  # padding gets a valid position (masked out anyway)

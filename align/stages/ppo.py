@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from align import rl
 from align.errors import AlignError
-from align.generation import generate_batch, merged_weights
+from align.generation import generate_batch, merged_weights, position_ids
 from align.processes import check_identical
 from align.modeling import copy_adapter_weights, load_adapter_weights, load_tokenizer, prompt_ids
 from align import memory
@@ -516,9 +516,8 @@ class PPOLoop:
     def _logits(self, query_responses, attention_mask, completion_length) -> torch.Tensor:
         """The policy's next-token logits at the positions that predict the completion's tokens (the LM head runs
         on those positions and the last one only: not through the vocabulary for every prompt token)."""
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
-        logits = self.policy(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
-                             logits_to_keep=completion_length + 1).logits
+        logits = self.policy(input_ids=query_responses, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask), logits_to_keep=completion_length + 1).logits
         return logits[:, :-1].float()
 
     def _logprobs(self, query_responses, attention_mask, responses) -> torch.Tensor:
@@ -529,8 +528,7 @@ class PPOLoop:
 
     def _values(self, query_responses, attention_mask, completion_length: int) -> torch.Tensor:
         """The value of each state a completion token is chosen in (the text before that token)."""
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        values = self.value.token_scores(query_responses, attention_mask, position_ids)
+        values = self.value.token_scores(query_responses, attention_mask, position_ids(attention_mask))
         return values[:, -completion_length - 1 : -1].float()
 
     # Bookkeeping.
