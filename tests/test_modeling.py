@@ -68,8 +68,10 @@ def test_4bit_lora_gradients_are_those_of_the_dequantised_model_after_an_eval_pa
         torch.testing.assert_close(grad, dequantised[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_on_a_cpu_the_fused_lm_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(monkeypatch):
-    """TRL's fused LM head, as its SFT trainer adds it, on a base that load_model loaded: the vocabulary projection
+@pytest.mark.parametrize("temperature", [1.0, 0.7])  # SFT's head; GRPO's at the recipes' sampling temperature
+def test_on_a_cpu_the_fused_lm_head_scores_only_labelled_positions_with_the_same_loss_and_gradients(monkeypatch,
+                                                                                                   temperature):
+    """TRL's fused LM head, as its trainers add it, on a base that load_model loaded: the vocabulary projection
     sees the labelled positions only (align/modeling.py: score_labelled_positions_only), not the prompt and the
     padding as TRL's own choice off Triton does, and the loss, per-token outputs and LoRA gradients are the same."""
     import trl.trainer.utils as trl_utils
@@ -94,7 +96,7 @@ def test_on_a_cpu_the_fused_lm_head_scores_only_labelled_positions_with_the_same
         base = load_model(ModelConfig(name_or_path=str(TINY_BASE)))
         if trl_s_own_choice:  # off Triton, every position
             monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
-        add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy", "is_top1"))
         model, _ = _lora_gradients(base, ids[:, :1])  # the adapter, with lora_B non-zero (seeded)
         model.zero_grad()
         out = model(input_ids=ids, attention_mask=(labels != -100) | (ids != 0), labels=labels, fused_lm_head=True)
